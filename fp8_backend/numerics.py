@@ -1,0 +1,279 @@
+"""The FP8 specification, in plain torch.
+
+Every kernel of this project (C++, CUDA, Triton) is tested against these functions. They are
+written for clarity, not speed, and import neither vLLM nor the kernels.
+
+Conventions (those of AutoFP8, llm-compressor and vLLM):
+- ``scale`` is the *inverse* scale: ``x ≈ q * scale`` with ``scale = amax / fp8_max``.
+- Quantization computes ``x / scale`` in fp32, saturates to ``±fp8_max`` and rounds to nearest,
+  ties to even. NaN stays NaN; ±Inf saturates to ±fp8_max (callers that must reject non-finite
+  input, such as weight loading, check first with :func:`check_finite`).
+- A scale is never 0: amax = 0 (all-zero input) gives :data:`SCALE_FLOOR`-based scale.
+- Dot products accumulate in fp32; per-tensor and per-channel scales are applied once to the
+  fp32 sum (they factor out of the dot product), block scales per K block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+E4M3FNUZ = torch.float8_e4m3fnuz
+
+FP8_DTYPES = (E4M3, E5M2, E4M3FNUZ)
+
+#: Largest finite magnitude of each FP8 format.
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0, E4M3FNUZ: 240.0}
+
+#: Default block shape of block-wise (DeepSeek-style) weight quantization: [N block, K block].
+BLOCK_SIZE = (128, 128)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    if dtype not in FP8_MAX:
+        raise ValueError(f"unsupported FP8 dtype: expected one of {list(FP8_MAX)}, found {dtype}")
+    return FP8_MAX[dtype]
+
+
+def scale_floor(dtype: torch.dtype = E4M3) -> float:
+    """Smallest scale ever produced: 1 / (fp8_max * 512), vLLM's MIN_SCALING_FACTOR.
+
+    It only matters for all-zero (or nearly all-zero) tensors, whose scale would otherwise be 0
+    and turn dequantization into 0 * inf = NaN downstream.
+    """
+    return 1.0 / (fp8_max(dtype) * 512.0)
+
+
+def compute_scale(amax: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """scale = amax / fp8_max in fp32, floored at :func:`scale_floor`."""
+    amax = amax.float()
+    return torch.clamp(amax / fp8_max(dtype), min=scale_floor(dtype))
+
+
+def round_to_fp8(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """Saturate to ±fp8_max, then round to nearest even into ``dtype``.
+
+    torch's float->float8 conversion rounds to nearest even but turns out-of-range values into
+    NaN (e4m3fn) or Inf (e5m2); the clamp makes it saturating. clamp keeps NaN as NaN.
+    """
+    m = fp8_max(dtype)
+    return torch.clamp(x.float(), -m, m).to(dtype)
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming ``name`` if ``t`` holds NaN or Inf."""
+    if t.is_floating_point() and t.dtype not in FP8_DTYPES:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_nan = int(torch.isnan(t).sum())
+            n_inf = int(torch.isinf(t).sum())
+            raise ValueError(
+                f"{name}: expected finite values, found {n_nan} NaN and {n_inf} Inf "
+                f"(of {t.numel()} elements, shape {tuple(t.shape)})"
+            )
+
+
+def check_scale(scale: torch.Tensor, name: str) -> None:
+    """A usable scale is finite and strictly positive."""
+    s = scale.float()
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name}: expected finite scales, found {s[~torch.isfinite(s)][:4].tolist()}")
+    if not bool((s > 0).all()):
+        raise ValueError(f"{name}: expected scales > 0, found {s[s <= 0][:4].tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """q = saturate(round_half_even(x / scale)); ``scale`` broadcasts against ``x``."""
+    return round_to_fp8(x.float() / scale.float(), dtype)
+
+
+def quantize_per_tensor(
+    x: torch.Tensor, dtype: torch.dtype = E4M3, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale for the whole tensor (0-d fp32). Static when ``scale`` is given."""
+    if scale is None:
+        amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+        scale = compute_scale(amax, dtype)
+    scale = scale.float().reshape(())
+    return quantize_with_scale(x, scale, dtype), scale
+
+
+def quantize_per_channel(w: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per output row of a [N, K] weight; scale shape [N, 1] (compressed-tensors)."""
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    scale = compute_scale(amax, dtype)
+    return quantize_with_scale(w, scale, dtype), scale
+
+
+def quantize_per_token(
+    x: torch.Tensor, dtype: torch.dtype = E4M3, scale_ub: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (per-row) activation quantization; scale shape [..., 1].
+
+    ``scale_ub`` caps each row's amax before the scale is computed (vLLM's activation upper
+    bound), so outliers saturate instead of stretching the scale.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    if scale_ub is not None:
+        amax = torch.clamp(amax, max=scale_ub)
+    scale = compute_scale(amax, dtype)
+    return quantize_with_scale(x, scale, dtype), scale
+
+
+def _pad_to_blocks(t: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    n, k = t.shape
+    pn, pk = (-n) % bn, (-k) % bk
+    return torch.nn.functional.pad(t, (0, pk, 0, pn)) if (pn or pk) else t
+
+
+def block_amax(w: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE) -> torch.Tensor:
+    """amax of each [bn, bk] block of a 2-D tensor; a partial last block covers what is left."""
+    bn, bk = block_size
+    n, k = w.shape
+    p = _pad_to_blocks(w.float().abs(), bn, bk)  # zero padding never raises an amax
+    nb, kb = p.shape[0] // bn, p.shape[1] // bk
+    return p.reshape(nb, bn, kb, bk).amax(dim=(1, 3))
+
+
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
+    """Blow a [ceil(N/bn), ceil(K/bk)] scale grid up to one scale per element of ``shape``."""
+    bn, bk = block_size
+    n, k = shape
+    nb, kb = math.ceil(n / bn), math.ceil(k / bk)
+    if tuple(scale.shape) != (nb, kb):
+        raise ValueError(
+            f"block scale: expected shape ({nb}, {kb}) for a [{n}, {k}] tensor with blocks "
+            f"{bn}x{bk}, found {tuple(scale.shape)}"
+        )
+    return scale.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+
+
+def quantize_block(
+    w: torch.Tensor, dtype: torch.dtype = E4M3, block_size: tuple[int, int] = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block scales (``weight_scale_inv`` of DeepSeek / FP8_BLOCK checkpoints)."""
+    scale = compute_scale(block_amax(w, block_size), dtype)
+    q = quantize_with_scale(w, expand_block_scale(scale, tuple(w.shape), block_size), dtype)
+    return q, scale
+
+
+def quantize_group(x: torch.Tensor, group_size: int = 128, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token groups of ``group_size`` along the last dim (activations of block
+    checkpoints); scale shape [..., ceil(K/group_size)]."""
+    k = x.shape[-1]
+    ng = math.ceil(k / group_size)
+    pad = ng * group_size - k
+    xp = torch.nn.functional.pad(x.float(), (0, pad)) if pad else x.float()
+    g = xp.reshape(*x.shape[:-1], ng, group_size)
+    scale = compute_scale(g.abs().amax(dim=-1), dtype)
+    q = round_to_fp8(g / scale.unsqueeze(-1), dtype).reshape(*x.shape[:-1], ng * group_size)[..., :k]
+    return q, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Dequantization
+# ----------------------------------------------------------------------------------------------
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """fp32 values of ``q``: per-tensor ([] or [1]), per-channel ([N, 1] or [N]) or block scales."""
+    qf = q.float()
+    s = scale.float()
+    if block_size is not None:
+        return qf * expand_block_scale(s, tuple(q.shape), block_size)
+    if s.numel() == 1:
+        return qf * s.reshape(())
+    if q.dim() == 2 and s.numel() == q.shape[0]:
+        return qf * s.reshape(-1, 1)
+    return qf * s
+
+
+def e4m3fnuz_to_e4m3fn(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-encode an AMD e4m3fnuz tensor (bias 8, max 240, 0x80 = NaN) as e4m3fn with the same scale.
+
+    Every fnuz value of magnitude >= 2**-6 is exactly representable in e4m3fn (range 448), so
+    decoding and re-rounding keeps all of them; only fnuz values below 2**-6 (fnuz units) are
+    rounded to e4m3fn's subnormal grid (error <= 2**-10 * scale). Reinterpreting the bits and
+    halving the scale instead would turn the fnuz maximum (0x7F = 240) into e4m3fn's NaN.
+    """
+    if q.dtype == torch.uint8:
+        q = q.view(E4M3FNUZ)
+    if q.dtype != E4M3FNUZ:
+        raise ValueError(f"e4m3fnuz_to_e4m3fn: expected float8_e4m3fnuz or uint8, found {q.dtype}")
+    v = q.float()
+    if bool(torch.isnan(v).any()):
+        raise ValueError("e4m3fnuz_to_e4m3fn: tensor holds the fnuz NaN encoding 0x80")
+    return round_to_fp8(v, E4M3), scale.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear
+# ----------------------------------------------------------------------------------------------
+
+
+def w8a16_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Reference W8A16 linear: y = x @ dequant(q, scale)^T + bias, in ``x.dtype``.
+
+    fp32 accumulation. Per-tensor / per-channel scales multiply the fp32 dot product of x with
+    the raw FP8 values (mathematically the same as dequantizing first, and what kernels do);
+    block scales dequantize per block.
+    """
+    n, k = q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"w8a16_linear: x has K={x.shape[-1]}, weight has K={k}")
+    xf = x.float().reshape(-1, k)
+    if block_size is not None:
+        y = xf @ dequantize(q, scale, block_size).T
+    else:
+        s = scale.float().reshape(-1)
+        if s.numel() not in (1, n):
+            raise ValueError(f"w8a16_linear: expected 1 or N={n} scales, found {s.numel()}")
+        y = (xf @ q.float().T) * s.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    w_scale: torch.Tensor,
+    act_scheme: str = "dynamic_token",
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = E4M3,
+) -> torch.Tensor:
+    """Reference W8A8: quantize activations (``static`` per-tensor with ``input_scale``,
+    ``dynamic_tensor`` or ``dynamic_token``), multiply FP8 x FP8 in fp32, apply both scales."""
+    k = q.shape[1]
+    x2 = x.reshape(-1, k)
+    if act_scheme == "static":
+        if input_scale is None:
+            raise ValueError("w8a8_linear: act_scheme 'static' needs input_scale")
+        xq, xs = quantize_per_tensor(x2, dtype, input_scale)
+    elif act_scheme == "dynamic_tensor":
+        xq, xs = quantize_per_tensor(x2, dtype)
+    elif act_scheme == "dynamic_token":
+        xq, xs = quantize_per_token(x2, dtype)
+    else:
+        raise ValueError(f"w8a8_linear: unknown act_scheme {act_scheme!r}")
+    y = (xq.float() @ q.float().T) * xs.reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
