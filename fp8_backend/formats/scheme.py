@@ -1,0 +1,85 @@
+"""One normalized description of what to quantize and how (no vLLM import)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+WEIGHT_STRATEGIES = ("tensor", "channel")
+ACTIVATION_SCHEMES = ("none", "dynamic", "static")
+
+
+@dataclass
+class Fp8Scheme:
+    """What the plugin does to each linear layer.
+
+    weight_strategy: "tensor" (one scale per tensor; for fused q/k/v or gate/up layers one per
+        shard, kept exact as a per-output-channel vector) or "channel" (one per output row).
+    activation_scheme: "none" for online weight-only quantization; "dynamic" / "static" as
+        declared by a checkpoint. On CPU activations stay 16-bit in every case (W8A16).
+    online: True when weights arrive in 16-bit and are quantized while loading.
+    ignore: layer names or patterns ("re:<regex>", fnmatch globs, exact or dotted-suffix names)
+        that stay unquantized. lm_head is never quantized.
+    """
+
+    weight_strategy: str = "tensor"
+    activation_scheme: str = "none"
+    online: bool = True
+    ignore: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.weight_strategy not in WEIGHT_STRATEGIES:
+            raise ValueError(
+                f"weight_strategy: expected one of {WEIGHT_STRATEGIES}, found {self.weight_strategy!r}"
+            )
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise ValueError(
+                f"activation_scheme: expected one of {ACTIVATION_SCHEMES}, found {self.activation_scheme!r}"
+            )
+        for pat in self.ignore:
+            if not isinstance(pat, str):
+                raise ValueError(f"ignore: expected layer names or patterns (str), found {pat!r}")
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise ValueError(f"ignore: {pat!r} is not a valid regex: {e}") from e
+
+    def describe(self) -> str:
+        act = "16-bit activations" if self.activation_scheme == "none" else f"{self.activation_scheme} activation scales"
+        src = "online from 16-bit weights" if self.online else "from an FP8 checkpoint"
+        return f"FP8 e4m3 weights, per-{self.weight_strategy} scales, {act}, {src}"
+
+
+def _match_one(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None or re.match(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def match_ignore(prefix: str, patterns: list[str], fused: dict[str, list[str]] | None = None) -> bool:
+    """True if layer ``prefix`` is to stay unquantized.
+
+    A fused layer (e.g. ``qkv_proj`` made of q/k/v_proj) is ignored if its own name matches or
+    all of its shards do; some but not all shards matching is an error, since one fused weight
+    cannot be half quantized.
+    """
+    if any(_match_one(prefix, p) for p in patterns):
+        return True
+    fused = fused or {}
+    proj = prefix.rsplit(".", 1)[-1]
+    if proj not in fused:
+        return False
+    base = prefix[: len(prefix) - len(proj)]
+    hits = [any(_match_one(base + shard, p) for p in patterns) for shard in fused[proj]]
+    if all(hits):
+        return True
+    if any(hits):
+        raise ValueError(
+            f"ignore: the shards {fused[proj]} of fused layer {prefix} must all be ignored or all "
+            f"quantized; found ignored: {[s for s, h in zip(fused[proj], hits) if h]}"
+        )
+    return False

@@ -1,0 +1,1 @@
+"""The only code of fp8-backend that imports vLLM."""

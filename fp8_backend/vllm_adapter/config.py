@@ -1,0 +1,136 @@
+"""fp8-backend's QuantizationConfig, registered under vLLM's name "fp8"."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from ..formats.scheme import Fp8Scheme, match_ignore
+
+logger = logging.getLogger("fp8_backend")
+
+# vLLM's online-quantization shorthands that map onto our weight strategies, for users who pass
+# quantization_config={"linear": "fp8_per_channel"} (vLLM's own --quantization-config schema).
+_LINEAR_SPEC_TO_STRATEGY = {"fp8_per_tensor": "tensor", "fp8_per_channel": "channel"}
+
+
+class Fp8Config(QuantizationConfig):
+    """FP8 (e4m3) weights for every linear layer but lm_head and the ignore list.
+
+    Checkpoints without a ``quantization_config`` are quantized online while loading;
+    vLLM finds this class for them through :meth:`get_config_filenames`.
+    """
+
+    def __init__(self, scheme: Fp8Scheme | None = None) -> None:
+        super().__init__()
+        self.scheme = scheme or Fp8Scheme()
+        self._logged = False
+
+    # -- vLLM's QuantizationConfig interface ----------------------------------------------------
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "fp8"
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        # fp32 activations are refused by vLLM at engine start with this list in the message.
+        return [torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # Only consulted on GPUs; Ampere (sm_80) is the oldest with a planned path.
+        return 80
+
+    @classmethod
+    def get_config_filenames(cls) -> list[str]:
+        # For a checkpoint WITHOUT quantization_config, vLLM's get_quant_config hands an "fp8"
+        # request to its built-in online method (which does not run on CPU) unless the config
+        # class names a file to read. The model's own config.json always exists: vLLM matches
+        # names with str.endswith, so "/config.json" selects exactly it (not tokenizer_config.json
+        # or generation_config.json), and from_config then receives the model config, which has
+        # no "quant_method": that is how from_config knows to quantize online.
+        return ["/config.json"]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        if "quant_method" not in config:
+            return cls(Fp8Scheme(online=True))
+        method = config["quant_method"]
+        if method != "fp8":
+            raise ValueError(
+                f"quantization_config.quant_method: expected 'fp8', found {method!r}"
+            )
+        raise NotImplementedError(
+            "fp8-backend: serialized FP8 checkpoints (quant_method 'fp8') are not supported yet; "
+            "load the 16-bit checkpoint with quantization='fp8' instead"
+        )
+
+    # vLLM attaches the user's --quantization-config (QuantizationConfigArgs) to the checkpoint
+    # config as an OnlineQuantizationConfig, which would route layers to vLLM's own online
+    # methods. Take the options it carries for ourselves instead and hand vLLM None.
+    @property
+    def online_quantization_config(self):  # type: ignore[override]
+        return None
+
+    @online_quantization_config.setter
+    def online_quantization_config(self, online_cfg) -> None:
+        if online_cfg is None:
+            return
+        args = getattr(online_cfg, "args", online_cfg)
+        self.apply_user_options(args)
+
+    def apply_user_options(self, args: Any) -> None:
+        """Honor vLLM's quantization_config schema: ``linear`` (fp8_per_tensor |
+        fp8_per_channel) and ``ignore``. Anything else is refused by name."""
+        if getattr(args, "targets", None):
+            raise ValueError("quantization_config.targets: not supported by fp8-backend; use 'ignore'")
+        if getattr(args, "moe", None) is not None and getattr(args, "linear", None) is None:
+            raise ValueError("quantization_config.moe: MoE layers are not supported by fp8-backend")
+        linear = getattr(args, "linear", None)
+        strategy = self.scheme.weight_strategy
+        if linear is not None:
+            strategy = _strategy_from_spec(linear)
+        ignore = list(getattr(args, "ignore", None) or [])
+        self.scheme = Fp8Scheme(
+            weight_strategy=strategy,
+            activation_scheme=self.scheme.activation_scheme,
+            online=self.scheme.online,
+            ignore=self.scheme.ignore + ignore,
+        )
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from .linear import Fp8OnlineLinearMethod
+
+        if not isinstance(layer, LinearBase):
+            return None  # lm_head (ParallelLMHead) and embeddings stay 16-bit
+        if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
+            return UnquantizedLinearMethod()
+        if not self._logged:
+            logger.info("fp8-backend: %s", self.scheme.describe())
+            self._logged = True
+        return Fp8OnlineLinearMethod(self.scheme, prefix)
+
+
+def _strategy_from_spec(linear: Any) -> str:
+    """Map vLLM's QuantSpec (or shorthand string) onto "tensor" / "channel"."""
+    if isinstance(linear, str):
+        if linear not in _LINEAR_SPEC_TO_STRATEGY:
+            raise ValueError(
+                f"quantization_config.linear: expected one of {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
+                f"found {linear!r}"
+            )
+        return _LINEAR_SPEC_TO_STRATEGY[linear]
+    from vllm.config.quantization import _ONLINE_SHORTHANDS
+
+    for name, strategy in _LINEAR_SPEC_TO_STRATEGY.items():
+        if _ONLINE_SHORTHANDS[name].linear == linear:
+            return strategy
+    raise ValueError(
+        f"quantization_config.linear: fp8-backend supports {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
+        f"found {linear}"
+    )

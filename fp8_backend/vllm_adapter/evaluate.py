@@ -1,0 +1,50 @@
+"""Measure an engine: prompt log-probs, what each linear layer runs, weight bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def prompt_logprobs(llm, token_ids: list[list[int]]) -> list[list[float]]:
+    """Log-prob of each prompt token given the ones before it (the first token has none)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False)
+    result = []
+    for ids, out in zip(token_ids, outs):
+        lps = []
+        for pos, d in enumerate(out.prompt_logprobs[1:], start=1):
+            lps.append(float(d[ids[pos]].logprob))
+        result.append(lps)
+    return result
+
+
+def _layer_report(model) -> dict[str, Any]:
+    """Runs inside the worker: quant method and weight dtype of every linear layer."""
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase
+
+    layers = {}
+    weight_bytes = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            w = module.weight
+            layers[name] = {
+                "quant_method": type(module.quant_method).__module__ + "." + type(module.quant_method).__qualname__,
+                "weight_dtype": str(w.dtype),
+                "weight_shape": list(w.shape),
+                "scale_numel": int(module.weight_scale.numel()) if hasattr(module, "weight_scale") else None,
+            }
+    for p in model.parameters():
+        weight_bytes += p.numel() * p.element_size()
+    for b in model.buffers():
+        if b.dtype != torch.bool:
+            weight_bytes += b.numel() * b.element_size()
+    return {"linear": layers, "param_bytes": weight_bytes}
+
+
+def layer_report(llm) -> dict[str, Any]:
+    """Quant method / dtype per linear layer and total parameter bytes, from the worker."""
+    return llm.apply_model(_layer_report)[0]

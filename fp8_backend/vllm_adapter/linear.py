@@ -1,0 +1,105 @@
+"""Linear methods: 16-bit weights quantized to FP8 as they load, W8A16 kernel at run time."""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.model_loader.reload.layerwise import initialize_online_processing
+from vllm.model_executor.parameter import ModelWeightParameter
+
+from .. import kernels, numerics
+from ..formats.scheme import Fp8Scheme
+
+
+def quantize_linear_weight(
+    weight: torch.Tensor, strategy: str, logical_widths: list[int], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 weight [N, K] and its fp32 scale: shape [1] (one tensor scale) or [N].
+
+    Per-tensor quantization of a fused layer (q/k/v, gate/up) gives each shard its own scale,
+    as separate layers would have, and keeps all of them exactly as a per-channel vector,
+    instead of forcing the whole fused weight onto one scale.
+    """
+    numerics.check_finite(weight, name)
+    if strategy == "channel":
+        q, s = numerics.quantize_per_channel(weight)
+        return q, s.reshape(-1)
+    if strategy != "tensor":
+        raise ValueError(f"{name}: unsupported weight strategy {strategy!r}")
+    if len(logical_widths) <= 1:
+        q, s = numerics.quantize_per_tensor(weight)
+        return q, s.reshape(1)
+    if sum(logical_widths) != weight.shape[0]:
+        raise ValueError(
+            f"{name}: shard widths {logical_widths} do not add up to the weight's {weight.shape[0]} rows"
+        )
+    qs, scales = [], []
+    for shard in torch.split(weight, logical_widths, dim=0):
+        q, s = numerics.quantize_per_tensor(shard)
+        qs.append(q)
+        scales.append(s.expand(shard.shape[0]))
+    return torch.cat(qs), torch.cat(scales).contiguous()
+
+
+@register_weight_loader_v2_supported_method
+class Fp8OnlineLinearMethod(LinearMethodBase):
+    """Online FP8: the 16-bit weight is declared on the meta device and each layer is quantized
+    as soon as all of its shards have arrived (vLLM's layerwise online-processing loader), so the
+    full-precision model is never resident at once."""
+
+    uses_meta_device: bool = True
+
+    def __init__(self, scheme: Fp8Scheme, prefix: str = "") -> None:
+        self.scheme = scheme
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        if params_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{self.prefix}: fp8-backend runs W8A16 with bf16 or fp16 activations; "
+                f"found model dtype {params_dtype}"
+            )
+        layer.logical_widths = list(output_partition_sizes)
+        layer.input_size_per_partition = input_size_per_partition
+        layer.output_size_per_partition = sum(output_partition_sizes)
+        layer.orig_dtype = params_dtype
+        weight = ModelWeightParameter(
+            data=torch.empty(
+                layer.output_size_per_partition,
+                input_size_per_partition,
+                device="meta",  # materialized by the layerwise loader, then quantized
+                dtype=params_dtype,
+            ),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=extra_weight_attrs.get("weight_loader"),
+        )
+        layer.register_parameter("weight", weight)
+        initialize_online_processing(layer)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.weight.dtype == torch.float8_e4m3fn:
+            return  # already quantized (processing can be requested twice on reload)
+        q, scale = quantize_linear_weight(
+            layer.weight.data,
+            self.scheme.weight_strategy,
+            layer.logical_widths,
+            f"{self.prefix}.weight",
+        )
+        layer.weight = torch.nn.Parameter(kernels.w8a16_prepack(q), requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return kernels.w8a16_linear(x, layer.weight, layer.weight_scale, bias)
