@@ -1,0 +1,33 @@
+// Internal interface between the op layer (ops.cpp) and the W8A16 CPU kernels.
+//
+// Every kernel computes raw fp32 dot products with the unscaled FP8 values,
+//     D[m, n] = sum_k x[m, k] * fp8_value(w[n, k])      for n in [n0, n1), m in [0, M)
+// and the op layer applies the epilogue (scale, bias, rounding to bf16/fp16), exactly as
+// numerics.w8a16_linear defines it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fp8_backend {
+
+enum class CpuIsa : int { portable = 0, avx512 = 1, avx512_vbmi = 2 };
+
+const char* isa_name(CpuIsa isa);
+bool isa_supported(CpuIsa isa);
+CpuIsa best_isa();
+
+// x: fp32 rows of stride ldx (>= K rounded up to 64, zero-padded), natural k order, except
+// gemv_avx512_vbmi which wants the vbmi_source_index order within each 64-block.
+void gemv_portable(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
+                   int64_t n0, int64_t n1, float* D, int64_t ldd);
+void gemv_avx512(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
+                 int64_t n0, int64_t n1, float* D, int64_t ldd);
+void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
+                      int64_t n0, int64_t n1, float* D, int64_t ldd);
+
+// Decode rows [n0, n1) of w [N, K] into out (fp32, natural order, row stride K).
+void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
+void decode_rows_avx512(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
+
+}  // namespace fp8_backend

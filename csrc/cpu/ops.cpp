@@ -1,0 +1,219 @@
+// The fp8_backend torch ops on CPU: argument checks, activation staging, the choice between
+// the register-blocked GEMV (small M, bandwidth-bound) and decode-then-GEMM (large M,
+// compute-bound), and the epilogue (scale, bias, rounding) of numerics.w8a16_linear.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+#include "fp8_e4m3.h"
+#include "kernels.h"
+
+namespace fp8_backend {
+namespace {
+
+std::atomic<int> g_isa{-1};           // -1: not chosen yet (best available on first use)
+std::atomic<int64_t> g_small_m_max{16};  // M <= this: GEMV kernel; above: decode + GEMM
+
+CpuIsa current_isa() {
+  int v = g_isa.load();
+  if (v < 0) {
+    v = static_cast<int>(best_isa());
+    g_isa.store(v);
+  }
+  return static_cast<CpuIsa>(v);
+}
+
+CpuIsa parse_isa(const std::string& name) {
+  if (name == "avx512_vbmi") return CpuIsa::avx512_vbmi;
+  if (name == "avx512") return CpuIsa::avx512;
+  if (name == "portable") return CpuIsa::portable;
+  TORCH_CHECK(false, "fp8_backend: unknown CPU kernel path '", name,
+              "'; expected one of auto, avx512_vbmi, avx512, portable");
+}
+
+constexpr int64_t kBlock = 64;  // GEMV k-block; activations are zero-padded to a multiple
+
+// Activations -> fp32 [M, Kp] (Kp = K rounded up to 64, zero tail), in the order the decoder
+// of `isa` produces weights.
+template <typename T>
+void stage_activations(const at::Tensor& x2, int64_t Kp, bool permuted, float* out) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  const T* src = x2.data_ptr<T>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* s = src + m * K;
+      float* o = out + m * Kp;
+      if (!permuted) {
+        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(s[k]);
+        std::fill(o + K, o + Kp, 0.f);
+        continue;
+      }
+      for (int64_t b = 0; b < Kp; b += kBlock)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 16; ++l) {
+            const int64_t k = b + vbmi_source_index(j, l);
+            o[b + 16 * j + l] = k < K ? static_cast<float>(s[k]) : 0.f;
+          }
+    }
+  });
+}
+
+void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
+                   int64_t N, float* D) {
+  // Parallel over blocks of 4 output rows; aim for >= ~64k multiply-adds per task.
+  const int64_t nblk = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 4 * K * M));
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
+    switch (isa) {
+      case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(x, ldx, M, w, K, n0, n1, D, N); break;
+      case CpuIsa::avx512: gemv_avx512(x, ldx, M, w, K, n0, n1, D, N); break;
+      case CpuIsa::portable: gemv_portable(x, ldx, M, w, K, n0, n1, D, N); break;
+    }
+  });
+}
+
+// Large M: decode blocks of weight rows to fp32 (raw FP8 values, exact) and multiply with
+// torch's fp32 GEMM; the decode is O(N*K), amortized over M.
+void decode_gemm(CpuIsa isa, const at::Tensor& x2, const uint8_t* w, int64_t K, int64_t N,
+                 at::Tensor& D) {
+  const at::Tensor xf = x2.to(at::kFloat);
+  const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) & ~int64_t(15)));
+  at::Tensor wbuf = at::empty({nb, K}, x2.options().dtype(at::kFloat));
+  float* wb = wbuf.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t rows = std::min(nb, N - n0);
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      if (isa == CpuIsa::portable)
+        decode_rows_portable(w + n0 * K, K, r0, r1, wb + r0 * K);
+      else
+        decode_rows_avx512(w + n0 * K, K, r0, r1, wb + r0 * K);
+    });
+    at::Tensor Dn = D.narrow(1, n0, rows);
+    at::mm_out(Dn, xf, wbuf.narrow(0, 0, rows).t());
+  }
+}
+
+template <typename T>
+void epilogue(const at::Tensor& D, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+              at::Tensor& y) {
+  const int64_t M = D.size(0), N = D.size(1);
+  const float* d = D.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
+  const bool per_channel = scale.numel() != 1;
+  at::Tensor bf;
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    bf = bias->to(at::kFloat).contiguous();
+    b = bf.data_ptr<float>();
+  }
+  T* out = y.data_ptr<T>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float v = d[m * N + n] * s[per_channel ? n : 0];  // scale the fp32 sum, as numerics.py
+        if (b) v += b[n];
+        out[m * N + n] = static_cast<T>(v);  // round to nearest even
+      }
+  });
+}
+
+at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& bias) {
+  const char* op = "fp8_backend.w8a16_linear";
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), op,
+              ": CPU tensors expected; found x on ", x.device(), ", weight on ", w.device(),
+              ", scale on ", scale.device());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": activations x must be bfloat16 or float16 (W8A16 keeps activations 16-bit); found ",
+              x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn, op, ": weight must be float8_e4m3fn; found ",
+              w.scalar_type());
+  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D [N, K]; found shape ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous (use w8a16_prepack)");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.size(-1) == K, op, ": x has K=", x.size(-1), " (shape ", x.sizes(),
+              "), weight has K=", K, " (shape ", w.sizes(), ")");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": weight scale must be float32; found ",
+              scale.scalar_type());
+  TORCH_CHECK(scale.numel() == 1 || scale.numel() == N, op,
+              ": weight scale must have 1 (per-tensor) or N=", N, " (per-channel) elements; found shape ",
+              scale.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->numel() == N && bias->dim() == 1, op,
+                ": bias must be a 1-D CPU tensor of N=", N, " elements; found shape ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point; found ",
+                bias->scalar_type());
+  }
+
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = N;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  if (M == 0 || N == 0) return y;
+
+  const at::Tensor s = scale.contiguous().reshape({-1});
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  const CpuIsa isa = current_isa();
+  at::Tensor D = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (K == 0) {
+    D.zero_();
+  } else if (M <= g_small_m_max.load()) {
+    const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;
+    at::Tensor xs = at::empty({M, Kp}, x.options().dtype(at::kFloat));
+    const bool permuted = isa == CpuIsa::avx512_vbmi;
+    if (x2.scalar_type() == at::kBFloat16)
+      stage_activations<at::BFloat16>(x2, Kp, permuted, xs.data_ptr<float>());
+    else
+      stage_activations<at::Half>(x2, Kp, permuted, xs.data_ptr<float>());
+    gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>());
+  } else {
+    decode_gemm(isa, x2, wp, K, N, D);
+  }
+  at::Tensor y2 = y.view({M, N});
+  if (y.scalar_type() == at::kBFloat16)
+    epilogue<at::BFloat16>(D, s, bias, y2);
+  else
+    epilogue<at::Half>(D, s, bias, y2);
+  return y;
+}
+
+}  // namespace
+
+std::string cpu_isa() { return isa_name(current_isa()); }
+
+void set_cpu_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa.store(static_cast<int>(best_isa()));
+    return;
+  }
+  const CpuIsa isa = parse_isa(name);
+  TORCH_CHECK(isa_supported(isa), "fp8_backend: CPU kernel path '", name,
+              "' needs instructions this CPU lacks (best available: ", isa_name(best_isa()), ")");
+  g_isa.store(static_cast<int>(isa));
+}
+
+bool cpu_isa_supported(const std::string& name) { return isa_supported(parse_isa(name)); }
+
+}  // namespace fp8_backend
+
+TORCH_LIBRARY(fp8_backend, m) {
+  m.def("w8a16_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) { m.impl("w8a16_linear", &fp8_backend::w8a16_linear); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fp8-backend CPU kernels (ops are registered as torch.ops.fp8_backend.*)";
+  m.def("cpu_isa", &fp8_backend::cpu_isa, "The W8A16 code path in use");
+  m.def("set_cpu_isa", &fp8_backend::set_cpu_isa, "Select auto|avx512_vbmi|avx512|portable");
+  m.def("cpu_isa_supported", &fp8_backend::cpu_isa_supported, "Whether this CPU can run a path");
+  m.def("set_small_m_max", [](int64_t v) { fp8_backend::g_small_m_max.store(v); },
+        "Largest M served by the GEMV kernel (larger M: decode + fp32 GEMM)");
+  m.def("small_m_max", []() { return fp8_backend::g_small_m_max.load(); });
+}

@@ -1,0 +1,69 @@
+"""The kernel op surface: one thin Python function per torch op (as vLLM's ``_custom_ops.py``).
+
+Ops live in the compiled extension ``fp8_backend._C`` (csrc/cpu) and are registered as
+``torch.ops.fp8_backend.*`` with fake implementations here, so they trace under torch.compile.
+The CPU code path is chosen by CPUID; ``FP8_BACKEND_CPU_ISA=auto|avx512_vbmi|avx512|portable``
+overrides it (an unsupported choice is an error, not a silent fallback).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _C  # noqa: F401  (registers torch.ops.fp8_backend)
+
+ISAS = ("avx512_vbmi", "avx512", "portable")
+ISA_ENV = "FP8_BACKEND_CPU_ISA"
+
+
+@torch.library.register_fake("fp8_backend::w8a16_linear")
+def _w8a16_linear_fake(x, w, scale, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def cpu_isa() -> str:
+    """The W8A16 CPU code path in use."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Select the CPU code path (``auto`` = best this CPU supports); raises if unsupported."""
+    _C.set_cpu_isa(name)
+
+
+def supported_cpu_isas() -> list[str]:
+    return [name for name in ISAS if _C.cpu_isa_supported(name)]
+
+
+def w8a16_prepack(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Check an FP8 weight [N, K] and return it in the layout the kernels read (contiguous
+    float8_e4m3fn rows). NaN encodings (0x7F/0xFF) are refused here, once at load time."""
+    if w.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name}: expected float8_e4m3fn, found {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [N, K] weight, found shape {tuple(w.shape)}")
+    w = w.contiguous()
+    nan = (w.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        idx = tuple(int(i) for i in nan.nonzero()[0])
+        raise ValueError(
+            f"{name}: FP8 weight contains {int(nan.sum())} NaN encodings (first at index {idx})"
+        )
+    return w
+
+
+def w8a16_linear(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ (w * scale)^T + bias with x bf16/fp16 [..., K], w float8_e4m3fn [N, K], scale fp32
+    with 1 or N elements; fp32 accumulation, output in x.dtype (numerics.w8a16_linear)."""
+    return torch.ops.fp8_backend.w8a16_linear(x, w, scale, bias)
+
+
+_env_isa = os.environ.get(ISA_ENV, "auto").strip() or "auto"
+try:
+    set_cpu_isa(_env_isa)
+except RuntimeError as e:  # unknown or unsupported: say which variable caused it
+    raise RuntimeError(f"{ISA_ENV}={_env_isa!r}: {e}") from None
