@@ -30,4 +30,8 @@ void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, 
 void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
 void decode_rows_avx512(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
 
+// Benchmark helpers: XOR of all 64-bit words of p[0, bytes), bytes a multiple of 4096.
+uint64_t stream_xor_portable(const uint8_t* p, int64_t bytes);
+uint64_t stream_xor_avx512(const uint8_t* p, int64_t bytes);
+
 }  // namespace fp8_backend

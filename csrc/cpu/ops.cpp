@@ -200,6 +200,23 @@ void set_cpu_isa(const std::string& name) {
 
 bool cpu_isa_supported(const std::string& name) { return isa_supported(parse_isa(name)); }
 
+// Benchmark helper: read every byte of a contiguous tensor once, split over the intra-op
+// threads; each thread streams 4 far-apart regions at once, as the GEMV reads 4 weight rows.
+// The machine's attainable streaming read rate, measured with the same threads as the kernels.
+int64_t stream_read(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && t.nbytes() % 4096 == 0,
+              "stream_read: contiguous tensor of a 4096-byte multiple expected");
+  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t pages = static_cast<int64_t>(t.nbytes() / 4096);
+  std::atomic<uint64_t> total{0};
+  at::parallel_for(0, pages, 16, [&](int64_t b0, int64_t b1) {
+    const uint64_t v = isa_supported(CpuIsa::avx512) ? stream_xor_avx512(p + b0 * 4096, (b1 - b0) * 4096)
+                                                     : stream_xor_portable(p + b0 * 4096, (b1 - b0) * 4096);
+    total.fetch_xor(v);
+  });
+  return static_cast<int64_t>(total.load());
+}
+
 }  // namespace fp8_backend
 
 TORCH_LIBRARY(fp8_backend, m) {
@@ -215,5 +232,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_supported", &fp8_backend::cpu_isa_supported, "Whether this CPU can run a path");
   m.def("set_small_m_max", [](int64_t v) { fp8_backend::g_small_m_max.store(v); },
         "Largest M served by the GEMV kernel (larger M: decode + fp32 GEMM)");
+  m.def("stream_read", &fp8_backend::stream_read, "Benchmark helper: read a tensor once");
   m.def("small_m_max", []() { return fp8_backend::g_small_m_max.load(); });
 }

@@ -80,7 +80,7 @@ struct F16cDecoder {
 // Each decoded 64-weight block is used for all MT activation rows while it sits in registers.
 template <class Dec, int R, int MT>
 inline void gemv_tile(const Dec& dec, const float* x, int64_t ldx, const uint8_t* w, int64_t K,
-                      float* D, int64_t ldd) {
+                      float* D, int64_t ldd, bool prefetch_next) {
   __m512 acc[R][MT];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -90,6 +90,9 @@ inline void gemv_tile(const Dec& dec, const float* x, int64_t ldx, const uint8_t
   auto step = [&](int64_t k, __mmask64 mask) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
+      // Rows are only K bytes long, too short for the hardware prefetcher to ramp up: fetch the
+      // next tile's rows (R*K bytes ahead) while this one computes.
+      if (prefetch_next) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
       __m512 v[4];
       dec.decode64(w + r * K + k, mask, v);
 #pragma GCC unroll 16
@@ -116,12 +119,13 @@ inline void gemv_tile(const Dec& dec, const float* x, int64_t ldx, const uint8_t
 template <class Dec, int R>
 inline void gemv_rows(const Dec& dec, const float* x, int64_t ldx, int64_t M, const uint8_t* w,
                       int64_t K, float* D, int64_t ldd) {
+  // Only the first pass over these rows prefetches; later m-tiles find them in cache.
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemv_tile<Dec, R, 4>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd);
+  for (; m + 4 <= M; m += 4) gemv_tile<Dec, R, 4>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0);
   switch (M - m) {
-    case 3: gemv_tile<Dec, R, 3>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd); break;
-    case 2: gemv_tile<Dec, R, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd); break;
-    case 1: gemv_tile<Dec, R, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd); break;
+    case 3: gemv_tile<Dec, R, 3>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0); break;
+    case 2: gemv_tile<Dec, R, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0); break;
+    case 1: gemv_tile<Dec, R, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0); break;
     default: break;
   }
 }
@@ -163,6 +167,25 @@ void decode_rows_avx512(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, flo
       _mm512_mask_storeu_ps(o + k, mask, decode16_f16c(wr + k, mask));
     }
   }
+}
+
+uint64_t stream_xor_avx512(const uint8_t* p, int64_t bytes) {
+  // Four concurrent streams, one per quarter (page-aligned), 64 bytes from each per step.
+  const int64_t pages = bytes / 4096, q = pages / 4 * 4096;
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < q; i += 64) {
+    a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + q + i));
+    a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + 2 * q + i));
+    a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + 3 * q + i));
+  }
+  for (int64_t i = 4 * q; i < bytes; i += 64) a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+  const __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, a);
+  uint64_t r = 0;
+  for (int j = 0; j < 8; ++j) r ^= lanes[j];
+  return r;
 }
 
 }  // namespace fp8_backend

@@ -48,4 +48,14 @@ void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, f
   }
 }
 
+uint64_t stream_xor_portable(const uint8_t* p, int64_t bytes) {
+  uint64_t acc = 0;
+  for (int64_t i = 0; i < bytes; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    acc ^= v;
+  }
+  return acc;
+}
+
 }  // namespace fp8_backend
