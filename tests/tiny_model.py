@@ -96,3 +96,32 @@ if __name__ == "__main__":
     import sys
 
     print(build_tiny_llama(sys.argv[1]))
+
+
+LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def fake_quant_copy(src: Path, dst: Path, strategy: str = "tensor", skip: tuple[str, ...] = ()) -> Path:
+    """Copy of a checkpoint whose linear weights are replaced by dequantize(quantize(w)) per
+    numerics.py, stored in the original 16-bit dtype: the FP8 model simulated in plain
+    weights, for comparing the plugin's engine against the same math run by vLLM's bf16 path.
+    (Storing the dequantized values in bf16 rounds them once more, by <= 2^-9 relative.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fp8_backend import numerics
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            if name.endswith(LINEAR_SUFFIXES) and not name.endswith(skip):
+                if strategy == "tensor":
+                    q, s = numerics.quantize_per_tensor(t.float())
+                else:
+                    q, s = numerics.quantize_per_channel(t.float())
+                tensors[name] = numerics.dequantize(q, s).to(t.dtype)
+        save_file(tensors, f, metadata={"format": "pt"})
+    return dst

@@ -35,6 +35,11 @@ def _layer_report(model) -> dict[str, Any]:
                 "quant_method": type(module.quant_method).__module__ + "." + type(module.quant_method).__qualname__,
                 "weight_dtype": str(w.dtype),
                 "weight_shape": list(w.shape),
+                "weight_nbytes": w.numel() * w.element_size(),
+                # Logical size: vLLM's CPU bf16 path moves the weight into a oneDNN handle and
+                # leaves an empty tensor behind, so shapes alone do not tell the layer's size.
+                "in_features": int(module.input_size_per_partition),
+                "out_features": int(module.output_size_per_partition),
                 "scale_numel": int(module.weight_scale.numel()) if hasattr(module, "weight_scale") else None,
             }
     for p in model.parameters():

@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from tiny_model import PROMPTS, build_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    return PROMPTS
+
+
+class EngineError(RuntimeError):
+    def __init__(self, msg: str, output: str):
+        super().__init__(msg)
+        self.output = output
+
+
+def run_engine(
+    model: os.PathLike,
+    llm_kwargs: dict | None = None,
+    prompts: list[str] | None = None,
+    max_tokens: int = 8,
+    multiprocess: bool = False,
+    timeout: int = 600,
+    env: dict | None = None,
+) -> dict:
+    """Build a vLLM engine in a fresh interpreter; return run_engine.py's JSON result.
+
+    Single-process eager mode unless ``multiprocess`` (vLLM's default: engine-core and worker
+    processes, where the plugin must load again). Raises EngineError carrying the output.
+    """
+    e = dict(os.environ)
+    e.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if not multiprocess:
+        e["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    e.update(env or {})
+    cmd = [
+        sys.executable,
+        str(HERE / "run_engine.py"),
+        "--model",
+        str(model),
+        "--llm-kwargs",
+        json.dumps(llm_kwargs or {}),
+        "--prompts",
+        json.dumps(prompts or []),
+        "--max-tokens",
+        str(max_tokens),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+    out = p.stdout + "\n" + p.stderr
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise EngineError(f"engine failed (exit {p.returncode}):\n{out[-6000:]}", out)
