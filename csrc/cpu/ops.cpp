@@ -155,8 +155,9 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = N;
   at::Tensor y = at::empty(out_sizes, x.options());
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
   if (M == 0 || N == 0) return y;
 
   const at::Tensor s = scale.contiguous().reshape({-1});

@@ -1,0 +1,269 @@
+"""The C++ W8A16 CPU kernel (every code path this CPU can run) against numerics.py.
+
+Paths: avx512_vbmi (byte-LUT decode, permuted lanes), avx512 (F16C decode), portable (scalar),
+each in both regimes: register-blocked GEMV (M <= small_m_max) and decode + fp32 GEMM (above).
+All of them run here on real hardware; a path this CPU lacks is skipped with the reason.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fp8_backend import _C, kernels, numerics
+
+ISAS = ["avx512_vbmi", "avx512", "portable"]
+REGIMES = {"gemv": 1 << 30, "decode_gemm": 0}  # value for _C.set_small_m_max
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not _C.cpu_isa_supported(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    before = kernels.cpu_isa()
+    kernels.set_cpu_isa(request.param)
+    yield request.param
+    kernels.set_cpu_isa(before)
+
+
+@pytest.fixture(params=list(REGIMES))
+def regime(request):
+    before = _C.small_m_max()
+    _C.set_small_m_max(REGIMES[request.param])
+    yield request.param
+    _C.set_small_m_max(before)
+
+
+def all_codes(n_rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """[n_rows, k] FP8 weight whose bytes cover every non-NaN encoding in shuffled order (NaN
+    encodings 0x7F/0xFF replaced by 0: one NaN would make its whole output row NaN)."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat((n_rows * k + 255) // 256)[: n_rows * k]
+    codes = codes[torch.randperm(codes.numel(), generator=gen)]
+    codes[(codes & 0x7F) == 0x7F] = 0
+    return codes.reshape(n_rows, k).view(torch.float8_e4m3fn)
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias=None):
+    """|y - exact| within what fp32 accumulation plus one rounding to x.dtype allow.
+
+    exact: float64 x @ q^T * s + bias. The kernel sums K fp32 products in another order than
+    numerics.w8a16_linear does; either sum is within K * 2^-24 * sum|x*q| of the exact one
+    (products of a bf16/fp16 and an e4m3 value are exact in fp32), times |s|. The final rounding
+    to bf16 (fp16) adds at most 2^-8 (2^-11) relative; we allow 2^-8 / 2^-10 to cover rounding
+    a slightly different fp32 value (a double rounding across a tie).
+    """
+    n, k = q.shape
+    xd, qd = x.double().reshape(-1, k), q.double()
+    sd = s.double().reshape(1, -1)
+    exact = (xd @ qd.T) * sd
+    spread = (xd.abs() @ qd.abs().T) * sd.abs()
+    if bias is not None:
+        exact = exact + bias.double()
+    rel = 2.0**-8 if x.dtype == torch.bfloat16 else 2.0**-10
+    tol = k * 2.0**-24 * spread + rel * exact.abs() + 1e-30
+    err = (y.double().reshape(-1, n) - exact).abs()
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], n)
+    assert bool((err <= tol).all()), f"max err {err.max():.3g}, worst ratio {(err / tol).max():.3g}"
+    # And the specification itself agrees with the exact value under the same bound.
+    ref = numerics.w8a16_linear(x, q, s, bias).double().reshape(-1, n)
+    assert bool(((ref - exact).abs() <= tol).all())
+
+
+def test_every_encoding_in_every_lane(isa):
+    """x = identity (M = K = 64): y[m, n] = fp8 value of w[n, m] exactly, for all 256 bytes in
+    every lane position of a 64-block (the VBMI path permutes lanes)."""
+    gen = torch.Generator().manual_seed(0)
+    q = all_codes(512, 64, gen)
+    x = torch.eye(64, dtype=torch.bfloat16)
+    y = kernels.w8a16_linear(x, q, torch.ones(1))
+    expected = q.float().T  # torch's own e4m3fn decoding
+    assert torch.equal(y.float(), expected)  # bit-exact: every e4m3 value is a bf16
+    assert len(set(q.view(torch.uint8).flatten().tolist())) == 254
+
+
+@pytest.mark.parametrize("k", [64, 70])
+def test_nan_encodings_propagate(isa, k):
+    """0x7F / 0xFF decode to NaN as in torch (w8a16_prepack refuses them at load time; the op
+    itself must still not turn them into a finite number): the row's output is NaN."""
+    q = torch.zeros(4, k).to(torch.float8_e4m3fn)
+    q.view(torch.uint8)[1, 5] = 0x7F
+    q.view(torch.uint8)[3, k - 1] = 0xFF
+    y = kernels.w8a16_linear(torch.ones(2, k, dtype=torch.bfloat16), q, torch.ones(1))
+    assert torch.equal(y.isnan(), torch.tensor([[False, True, False, True]] * 2))
+
+
+@pytest.mark.parametrize("k", [1, 5, 63, 65, 127])
+def test_every_encoding_in_the_tail(isa, k):
+    """K not a multiple of 64: masked tail bytes must not leak into the sums."""
+    gen = torch.Generator().manual_seed(k)
+    q = all_codes(256, k, gen)
+    x = torch.eye(k, dtype=torch.bfloat16)
+    y = kernels.w8a16_linear(x, q, torch.ones(1))
+    assert torch.equal(y.float(), q.float().T)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_random_odd_shapes(isa, regime, dtype, per_channel, with_bias):
+    gen = torch.Generator().manual_seed(1)
+    for m, n, k in [(1, 1, 1), (1, 7, 5), (2, 3, 64), (3, 33, 65), (4, 5, 130), (5, 17, 200),
+                    (17, 9, 257), (64, 40, 96), (65, 11, 33), (130, 6, 1000)]:
+        w = torch.randn(n, k, generator=gen) * 0.1
+        q, s = numerics.quantize_per_channel(w) if per_channel else numerics.quantize_per_tensor(w)
+        s = s.reshape(-1)
+        x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+        check_close(kernels.w8a16_linear(x, q, s, b), x, q, s, b)
+
+
+def test_leading_dims_and_noncontiguous_x(isa, regime):
+    gen = torch.Generator().manual_seed(2)
+    q, s = numerics.quantize_per_tensor(torch.randn(12, 70, generator=gen))
+    x = torch.randn(3, 70, 5, generator=gen).to(torch.bfloat16).transpose(1, 2)  # [3, 5, 70], strided
+    y = kernels.w8a16_linear(x, q, s)
+    assert y.shape == (3, 5, 12)
+    check_close(y, x.contiguous(), q, s)
+
+
+def test_edge_values(isa, regime):
+    """Zeros, -0, subnormal weights (2^-9 .. 7*2^-9), +-448, huge and tiny activations,
+    inf and NaN activations: finite results within the bound, inf/NaN where fp math puts them."""
+    vals = torch.tensor([0.0, -0.0, 2**-9, -(2**-9), 7 * 2**-9, 2**-6, 448.0, -448.0, 1.0, -1.75])
+    q = vals.to(torch.float8_e4m3fn).repeat(6, 7)[:, :67].contiguous()  # [6, 67]
+    assert torch.equal(q.float()[0, :10], vals)
+    xs = torch.tensor([
+        [1.0] * 67,
+        [3.0e38] + [0.0] * 66,              # near bf16 max times 448 overflows fp32 -> inf
+        [1e-38] * 67,                       # bf16 subnormal-range activations
+        [float("inf")] + [1.0] * 66,        # inf * 0 (first weight column is 0) -> NaN
+        [float("nan")] + [0.0] * 66,
+        [0.0] * 66 + [float("inf")],        # inf in the masked tail region's last lane
+    ]).to(torch.bfloat16)
+    s = torch.tensor([0.5])
+    y = kernels.w8a16_linear(xs, q, s).float()
+    ref = ((xs.float() @ q.float().T) * s)  # fp32, same products
+    assert torch.equal(y.isnan(), ref.isnan()), (y, ref)
+    assert torch.equal(y.isinf(), ref.isinf()) and torch.equal(y[y.isinf()], ref[ref.isinf()].to(torch.bfloat16).float())
+    fin = ref.isfinite()
+    check_close(kernels.w8a16_linear(xs[[0, 2]], q, s), xs[[0, 2]], q, s)
+    assert fin[0].all() and fin[2].all()
+
+
+def test_paths_agree_and_threads_do_not_change_gemv_results():
+    gen = torch.Generator().manual_seed(3)
+    q, s = numerics.quantize_per_channel(torch.randn(301, 517, generator=gen))
+    s = s.reshape(-1)
+    x = torch.randn(7, 517, generator=gen).to(torch.bfloat16)
+    before, threads = kernels.cpu_isa(), torch.get_num_threads()
+    try:
+        outs = {}
+        for name in kernels.supported_cpu_isas():
+            kernels.set_cpu_isa(name)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                outs[(name, t)] = kernels.w8a16_linear(x, q, s)
+        for name in kernels.supported_cpu_isas():
+            # Each output row's sum is computed by one thread in a fixed order: bit-identical.
+            assert torch.equal(outs[(name, 1)], outs[(name, 2)]), name
+        for y in outs.values():
+            check_close(y, x, q, s)
+    finally:
+        kernels.set_cpu_isa(before)
+        torch.set_num_threads(threads)
+
+
+def test_empty_and_degenerate_shapes(isa):
+    q = torch.zeros(5, 8).to(torch.float8_e4m3fn)
+    assert kernels.w8a16_linear(torch.zeros(0, 8, dtype=torch.bfloat16), q, torch.ones(1)).shape == (0, 5)
+    b = torch.arange(5, dtype=torch.bfloat16)
+    y = kernels.w8a16_linear(torch.ones(2, 0, dtype=torch.bfloat16), torch.zeros(5, 0).to(torch.float8_e4m3fn), torch.ones(1), b)
+    assert torch.equal(y, b.expand(2, 5))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda q: (torch.ones(2, 8), q, torch.ones(1), None), "bfloat16 or float16"),
+        (lambda q: (torch.ones(2, 8, dtype=torch.bfloat16), q.float(), torch.ones(1), None), "float8_e4m3fn"),
+        (lambda q: (torch.ones(2, 9, dtype=torch.bfloat16), q, torch.ones(1), None), "x has K=9"),
+        (lambda q: (torch.ones(2, 8, dtype=torch.bfloat16), q, torch.ones(3), None), "N=5"),
+        (lambda q: (torch.ones(2, 8, dtype=torch.bfloat16), q, torch.ones(1, dtype=torch.bfloat16), None), "float32"),
+        (lambda q: (torch.ones(2, 8, dtype=torch.bfloat16), q, torch.ones(1), torch.ones(4)), "bias"),
+        (lambda q: (torch.ones(2, 8, dtype=torch.bfloat16), q.t().contiguous().t(), torch.ones(1), None), "contiguous"),
+        (lambda q: (torch.ones(2, 8, dtype=torch.bfloat16), q[0], torch.ones(1), None), "2-D"),
+    ],
+    ids=["fp32-activations", "weight-dtype", "k-mismatch", "scale-count", "scale-dtype", "bias-size",
+         "noncontiguous-weight", "weight-rank"],
+)
+def test_bad_input_is_refused_with_a_clear_error(make, message):
+    q = torch.zeros(5, 8).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match=message):
+        kernels.w8a16_linear(*make(q))
+
+
+def test_prepack_refuses_nan_encodings_and_names_the_tensor():
+    q = torch.zeros(4, 6).to(torch.float8_e4m3fn)
+    q.view(torch.uint8)[2, 3] = 0xFF
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj\.weight.*NaN.*\(2, 3\)"):
+        kernels.w8a16_prepack(q, "layers.0.mlp.down_proj.weight")
+    with pytest.raises(ValueError, match="expected float8_e4m3fn"):
+        kernels.w8a16_prepack(torch.zeros(4, 6), "w")
+    p = kernels.w8a16_prepack(torch.zeros(6, 4).to(torch.float8_e4m3fn).t())
+    assert p.is_contiguous()
+
+
+def test_isa_detection_matches_cpuinfo():
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert _C.cpu_isa_supported("avx512") == avx512
+    assert _C.cpu_isa_supported("avx512_vbmi") == (avx512 and "avx512vbmi" in flags)
+    assert _C.cpu_isa_supported("portable")
+    with pytest.raises(RuntimeError, match="unknown CPU kernel path 'sse9'"):
+        kernels.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("value, expect", [("portable", "portable"), ("bogus", "FP8_BACKEND_CPU_ISA='bogus'")])
+def test_isa_environment_variable(value, expect):
+    env = dict(os.environ, FP8_BACKEND_CPU_ISA=value)
+    p = subprocess.run([sys.executable, "-c", "import fp8_backend.kernels as k; print(k.cpu_isa())"],
+                       capture_output=True, text=True, env=env)
+    assert expect in (p.stdout + p.stderr)
+
+
+def test_fake_impl_and_schema_opcheck():
+    q, s = numerics.quantize_per_tensor(torch.randn(9, 70))
+    x = torch.randn(3, 70).to(torch.bfloat16)
+    # test_schema is left out: its mutation check does arithmetic on every input, which torch
+    # does not implement for float8 tensors.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    op = torch.ops.fp8_backend.w8a16_linear.default
+    torch.library.opcheck(op, (x, q, s, None), test_utils=utils)
+    torch.library.opcheck(op, (x, q, s, torch.randn(9).to(torch.bfloat16)), test_utils=utils)
+
+
+def test_torch_compile_fullgraph_dynamic():
+    q, s = numerics.quantize_per_channel(torch.randn(24, 100))
+    s = s.reshape(-1)
+
+    def f(x):
+        return kernels.w8a16_linear(x, q, s) * 2 + 1
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for m in (1, 3, 17):
+        x = torch.randn(m, 100).to(torch.bfloat16)
+        assert torch.equal(cf(x), f(x))
