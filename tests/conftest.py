@@ -46,6 +46,10 @@ def run_engine(
     e.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     if not multiprocess:
         e["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:
+        # layer_report sends a function to the worker process (LLM.apply_model); vLLM pickles
+        # callables only when allowed. Test-only: the function is ours.
+        e["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     e.update(env or {})
     cmd = [
         sys.executable,

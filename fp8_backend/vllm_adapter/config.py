@@ -11,7 +11,8 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from ..formats.scheme import Fp8Scheme, match_ignore
 
-logger = logging.getLogger("fp8_backend")
+# A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
+logger = logging.getLogger("vllm.fp8_backend")
 
 # vLLM's online-quantization shorthands that map onto our weight strategies, for users who pass
 # quantization_config={"linear": "fp8_per_channel"} (vLLM's own --quantization-config schema).

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("fp8_backend")
+# A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
+logger = logging.getLogger("vllm.fp8_backend")
 
 _done = False
 
