@@ -1,0 +1,246 @@
+"""The tensors of one FP8 linear layer (and KV-cache scale names), checked against a
+:class:`~fp8_backend.formats.checkpoint.CheckpointScheme` before anything is served.
+
+No vLLM import. Every error names the full tensor name, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .checkpoint import CheckpointFormatError, CheckpointScheme, KVCacheScheme
+
+#: Scale tensors may be stored in these dtypes; they are returned as float32 (exactly).
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Tensors a quantized linear layer may carry besides weight and scales, and that loading drops:
+# zero points of symmetric schemes (older llm-compressor writes them, all zero).
+_ZERO_POINTS = ("weight_zero_point", "input_zero_point")
+
+
+@dataclass
+class LayerTensors:
+    """One linear layer's checkpoint tensors, validated and normalized.
+
+    weight: float8_e4m3fn [N, K], as stored.
+    weight_scale: float32 in the canonical shape: [] (tensor), [N, 1] (channel) or
+        [ceil(N/bn), ceil(K/bk)] (block).
+    input_scale: float32 [] for static activations, else None.
+    unused: names of tensors that were given but that the scheme does not use (for example an
+        ``input_scale`` in a dynamic checkpoint, or all-zero zero points); callers may log them.
+    """
+
+    prefix: str
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    unused: tuple[str, ...] = ()
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.float8_e4m3fn: "float8_e4m3fn (F8_E4M3)"}.get(dt, str(dt).replace("torch.", ""))
+
+
+def _local(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept keys as full names ("<prefix>.weight") or as local names ("weight")."""
+    out: dict[str, torch.Tensor] = {}
+    p = prefix + "."
+    for k, v in tensors.items():
+        out[k[len(p):] if k.startswith(p) else k] = v
+    return out
+
+
+def _scale_fp32(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointFormatError(f"{name}: expected a tensor, found {type(t).__name__}")
+    if t.dtype not in SCALE_DTYPES:
+        raise CheckpointFormatError(
+            f"{name}: expected a float32, bfloat16 or float16 scale, found dtype {_dtype_name(t.dtype)}"
+        )
+    s = t.float()
+    finite = torch.isfinite(s)
+    if not bool(finite.all()):
+        bad = s[~finite]
+        raise CheckpointFormatError(
+            f"{name}: expected finite scales, found {int(torch.isnan(bad).sum())} NaN and "
+            f"{int(torch.isinf(bad).sum())} Inf of {s.numel()} (e.g. {bad[:4].tolist()})"
+        )
+    nonpos = s <= 0
+    if bool(nonpos.any()):
+        bad = s[nonpos]
+        raise CheckpointFormatError(
+            f"{name}: expected scales > 0, found {int(nonpos.sum())} of {s.numel()} <= 0 "
+            f"(e.g. {bad[:4].tolist()})"
+        )
+    return s
+
+
+def _scalar(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.numel() != 1:
+        raise CheckpointFormatError(
+            f"{name}: expected one {what} scale (shape [] or [1]), found shape {list(t.shape)}"
+        )
+    return t.reshape(())
+
+
+def validate_layer_tensors(
+    prefix: str,
+    tensors: Mapping[str, torch.Tensor],
+    scheme: CheckpointScheme,
+    *,
+    check_weight_values: bool = True,
+) -> LayerTensors:
+    """Check one quantized linear layer's tensors against ``scheme`` and normalize them.
+
+    ``tensors`` holds the layer's tensors keyed by full name ("model.layers.0.mlp.up_proj.weight")
+    or by local name ("weight"). Checks: the weight is float8_e4m3fn and 2-D (and, with
+    ``check_weight_values``, holds no NaN encodings); the weight scale exists under the scheme's
+    name with the strategy's shape (per-tensor [] or [1]; per-channel [N, 1] or [N]; block
+    [ceil(N/bn), ceil(K/bk)], a partial last block allowed); ``input_scale`` is present and scalar
+    when activations are static; every scale is finite and > 0 (bf16 / fp16 scales are converted
+    to fp32 exactly); zero points, if present, are all zero.
+    Raises :class:`CheckpointFormatError` naming the full tensor name, expected vs found.
+    """
+    t = _local(prefix, tensors)
+    names = scheme.tensor_names(prefix)
+    used = {"weight", "bias", scheme.weight_scale_name}
+
+    # -- weight --------------------------------------------------------------------------------
+    wname = names["weight"]
+    if "weight" not in t:
+        hint = ""
+        if "weight_packed" in t:
+            hint = " (found weight_packed: a packed int/FP4 checkpoint, not FP8)"
+        raise CheckpointFormatError(
+            f"{wname}: missing; expected a float8_e4m3fn (F8_E4M3) [N, K] weight{hint}; "
+            f"found tensors {sorted(f'{prefix}.{k}' for k in t)}"
+        )
+    w = t["weight"]
+    if w.dtype != scheme.fp8_dtype:
+        raise CheckpointFormatError(
+            f"{wname}: expected dtype {_dtype_name(scheme.fp8_dtype)} (the config declares FP8 "
+            f"weights), found {_dtype_name(w.dtype)}; if this layer is meant to stay unquantized "
+            f"it must be in the config's ignore list"
+        )
+    if w.dim() != 2:
+        raise CheckpointFormatError(f"{wname}: expected a 2-D [N, K] weight, found shape {list(w.shape)}")
+    n, k = w.shape
+    if check_weight_values and w.numel():
+        nan = (w.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only non-finite encodings
+        if bool(nan.any()):
+            raise CheckpointFormatError(
+                f"{wname}: expected finite FP8 values, found {int(nan.sum())} NaN encodings "
+                f"(0x7F/0xFF) of {w.numel()}"
+            )
+
+    # -- weight scale ---------------------------------------------------------------------------
+    sname = names["weight_scale"]
+    if scheme.weight_scale_name not in t:
+        others = ("weight_scale", "weight_scale_inv")
+        other = next((o for o in others if o != scheme.weight_scale_name and o in t), None)
+        hint = ""
+        if other is not None:
+            hint = (
+                f" (found {prefix}.{other}: the config says {scheme.weight_strategy} scales, "
+                f"stored as {scheme.weight_scale_name} in the {scheme.source} format)"
+            )
+        raise CheckpointFormatError(
+            f"{sname}: missing; expected the {scheme.weight_strategy} weight scale of shape "
+            f"{list(scheme.weight_scale_shape(n, k))} for weight {list(w.shape)}{hint}"
+        )
+    ws = _scale_fp32(sname, t[scheme.weight_scale_name])
+    if scheme.weight_strategy == "tensor":
+        ws = _scalar(sname, ws, "per-tensor")
+    elif scheme.weight_strategy == "channel":
+        if tuple(ws.shape) not in ((n, 1), (n,)):
+            raise CheckpointFormatError(
+                f"{sname}: expected per-channel scale shape [{n}, 1] (or [{n}]) for weight "
+                f"{list(w.shape)}, found {list(ws.shape)}"
+            )
+        ws = ws.reshape(n, 1)
+    else:
+        bn, bk = scheme.block_size  # type: ignore[misc]
+        exp = (math.ceil(n / bn), math.ceil(k / bk))
+        if tuple(ws.shape) != exp:
+            raise CheckpointFormatError(
+                f"{sname}: expected block scale shape {list(exp)} (= [ceil({n}/{bn}), ceil({k}/{bk})]) "
+                f"for weight {list(w.shape)} with {bn}x{bk} blocks, found {list(ws.shape)}"
+            )
+
+    # -- input scale ----------------------------------------------------------------------------
+    xs = None
+    if scheme.input_scale_name is not None:
+        iname = names["input_scale"]
+        if scheme.input_scale_name not in t:
+            raise CheckpointFormatError(
+                f"{iname}: missing; expected a scalar per-tensor input scale (the config declares "
+                f"static activations)"
+            )
+        xs = _scalar(iname, _scale_fp32(iname, t[scheme.input_scale_name]), "per-tensor input")
+        used.add(scheme.input_scale_name)
+
+    # -- zero points and anything else ---------------------------------------------------------
+    for zp in _ZERO_POINTS:
+        if zp in t:
+            z = t[zp]
+            if z.numel() and bool((z.float() != 0).any()):
+                raise CheckpointFormatError(
+                    f"{prefix}.{zp}: expected all zeros (symmetric FP8), found nonzero values "
+                    f"{z.float().flatten()[:4].tolist()}"
+                )
+    unused = tuple(sorted(f"{prefix}.{k}" for k in t if k not in used))
+    return LayerTensors(prefix, w, ws, xs, unused)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cache scales
+# ----------------------------------------------------------------------------------------------
+
+# Suffix → which scale, for the names checkpoints use for attention K/V scales:
+#   self_attn.k_scale / v_scale         (compressed-tensors, vLLM, ModelOpt)
+#   self_attn.k_proj.output_scale / ... (AutoFP8 and older llm-compressor)
+#   self_attn.kv_scale                  (deprecated: one scale for both)
+_KV_SUFFIXES = (
+    (".k_proj.output_scale", "k"),
+    (".v_proj.output_scale", "v"),
+    (".k_scale", "k"),
+    (".v_scale", "v"),
+    (".kv_scale", "kv"),
+)
+
+
+def kv_scale_role(name: str) -> tuple[str, str] | None:
+    """(attention module prefix, "k" | "v" | "kv") if tensor ``name`` is a KV-cache scale, else
+    None. "model.layers.3.self_attn.k_proj.output_scale" → ("model.layers.3.self_attn", "k")."""
+    for suffix, role in _KV_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role
+    return None
+
+
+def validate_kv_scale(
+    name: str, t: torch.Tensor, kv: KVCacheScheme | None = None, num_kv_heads: int | None = None
+) -> torch.Tensor:
+    """A KV-cache scale as float32: [] for per-tensor, [num_kv_heads] for per-head; finite, > 0."""
+    s = _scale_fp32(name, t)
+    if kv is not None and kv.strategy == "head":
+        if num_kv_heads is not None and s.numel() not in (1, num_kv_heads):
+            raise CheckpointFormatError(
+                f"{name}: expected per-head scales of shape [{num_kv_heads}] (or one scale), "
+                f"found {list(s.shape)}"
+            )
+        return s.reshape(-1) if s.numel() > 1 else s.reshape(())
+    return _scalar(name, s, "per-tensor KV-cache")
+
+
+__all__ = [
+    "LayerTensors",
+    "SCALE_DTYPES",
+    "kv_scale_role",
+    "validate_kv_scale",
+    "validate_layer_tensors",
+]
