@@ -85,7 +85,7 @@ CHECK_TEXTS = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure helpers (unit-tested in tests/test_scripts_data.py)
+# Pure helpers (no network, no model; not yet covered by tests/)
 # ----------------------------------------------------------------------------------------------
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character table."""

@@ -57,7 +57,7 @@ KEEP_LAST_ARG_TEMPLATES = {"lang", "nowrap", "nobr", "small", "smaller", "big", 
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure helpers (unit-tested in tests/test_scripts_data.py)
+# Pure helpers (no network, no model; not yet covered by tests/)
 # ----------------------------------------------------------------------------------------------
 def _template_text(body: str) -> str:
     """Text a few inline templates stand for; "" for every other template."""
