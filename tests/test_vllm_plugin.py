@@ -150,15 +150,3 @@ def test_bad_option_named_in_error(tiny_model):
             {"enforce_eager": True, "quantization": "fp8", "quantization_config": {"linear": "fp8_per_block"}},
         )
     assert "quantization_config.linear" in ei.value.output
-
-
-def test_config_json_route_only_for_plain_checkpoints(tiny_model, tmp_path):
-    """A checkpoint that already declares an FP8 quantization_config is not treated as 16-bit."""
-    d = tmp_path / "declared"
-    shutil.copytree(tiny_model, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
-    (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EngineError) as ei:
-        run_engine(d, {"enforce_eager": True})
-    assert "fp8-backend" in ei.value.output

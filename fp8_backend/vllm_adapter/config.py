@@ -9,6 +9,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
+from ..formats.checkpoint import CheckpointScheme, parse_quantization_config
 from ..formats.scheme import Fp8Scheme, match_ignore
 
 # A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
@@ -26,9 +27,10 @@ class Fp8Config(QuantizationConfig):
     vLLM finds this class for them through :meth:`get_config_filenames`.
     """
 
-    def __init__(self, scheme: Fp8Scheme | None = None) -> None:
+    def __init__(self, scheme: Fp8Scheme | None = None, checkpoint: CheckpointScheme | None = None) -> None:
         super().__init__()
         self.scheme = scheme or Fp8Scheme()
+        self.checkpoint = checkpoint  # set for FP8 checkpoints: how their tensors are stored
         self._logged = False
 
     # -- vLLM's QuantizationConfig interface ----------------------------------------------------
@@ -61,15 +63,14 @@ class Fp8Config(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         if "quant_method" not in config:
             return cls(Fp8Scheme(online=True))
-        method = config["quant_method"]
-        if method != "fp8":
-            raise ValueError(
-                f"quantization_config.quant_method: expected 'fp8', found {method!r}"
+        checkpoint = parse_quantization_config(config)  # names the bad field on error
+        if checkpoint.weight_strategy == "block":
+            raise NotImplementedError(
+                "fp8-backend: block-scaled FP8 checkpoints (weight_block_size "
+                f"{list(checkpoint.block_size or ())}) are not served yet; per-tensor and "
+                "per-channel FP8 checkpoints are"
             )
-        raise NotImplementedError(
-            "fp8-backend: serialized FP8 checkpoints (quant_method 'fp8') are not supported yet; "
-            "load the 16-bit checkpoint with quantization='fp8' instead"
-        )
+        return cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
 
     # vLLM attaches the user's --quantization-config (QuantizationConfigArgs) to the checkpoint
     # config as an OnlineQuantizationConfig, which would route layers to vLLM's own online
@@ -105,10 +106,18 @@ class Fp8Config(QuantizationConfig):
         )
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from .checkpoint_linear import Fp8CheckpointLinearMethod
         from .linear import Fp8OnlineLinearMethod
 
         if not isinstance(layer, LinearBase):
             return None  # lm_head (ParallelLMHead) and embeddings stay 16-bit
+        if self.checkpoint is not None:
+            if not self.checkpoint.is_quantized(prefix, self.packed_modules_mapping):
+                return UnquantizedLinearMethod()
+            if not self._logged:
+                logger.info("fp8-backend: %s", self.checkpoint.describe())
+                self._logged = True
+            return Fp8CheckpointLinearMethod(self.checkpoint, prefix)
         if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
         if not self._logged:

@@ -1,0 +1,161 @@
+"""Linear method for FP8 checkpoints (AutoFP8 / vLLM "fp8" format): FP8 weights and their
+scales are loaded as stored, then served by the W8A16 kernel.
+
+Fused layers (q/k/v, gate/up) arrive as separate checkpoint tensors with one scale each. vLLM's
+own method re-quantizes every shard to the largest scale, which rounds again; here each shard
+keeps its own scale, exactly, as a per-output-channel vector.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
+
+from .. import kernels
+from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
+
+logger = logging.getLogger("vllm.fp8_backend")
+
+_NAN_CODE = 0x7F  # e4m3fn NaN: weights start as NaN so a tensor the checkpoint lacks is caught
+# Scales start as a NaN with a payload of our own, told apart from a NaN stored in a checkpoint
+# (0x7FC00000 as torch writes it) so the error can say "missing" rather than "nan".
+_MISSING_BITS = 0x7FC0BAD0
+
+
+def _missing(shape) -> torch.Tensor:
+    return torch.full(shape, _MISSING_BITS, dtype=torch.int32).view(torch.float32)
+_static_logged = False
+
+
+def _checked_loader(loader, name: str, expect: str):
+    """Wrap vLLM's weight loader: a copy into our parameter would silently convert any dtype."""
+
+    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        if expect == "fp8" and loaded_weight.dtype != torch.float8_e4m3fn:
+            raise CheckpointFormatError(
+                f"{name}: expected F8_E4M3 (float8_e4m3fn) as quantization_config declares FP8, "
+                f"found {loaded_weight.dtype}"
+            )
+        if expect == "scale" and not loaded_weight.is_floating_point():
+            raise CheckpointFormatError(f"{name}: expected a float32/bf16/fp16 scale, found {loaded_weight.dtype}")
+        return loader(param, loaded_weight, *args, **kwargs)
+
+    return load
+
+
+@register_weight_loader_v2_supported_method
+class Fp8CheckpointLinearMethod(LinearMethodBase):
+    """FP8 weights stored in the checkpoint; per-tensor or per-channel weight scales."""
+
+    def __init__(self, scheme: CheckpointScheme, prefix: str = "") -> None:
+        if scheme.weight_strategy not in ("tensor", "channel"):
+            raise CheckpointFormatError(
+                f"{prefix}: {scheme.weight_strategy} weight scales are not served by fp8-backend yet "
+                f"(supported: per-tensor, per-channel)"
+            )
+        self.scheme = scheme
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        if params_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{self.prefix}: fp8-backend runs W8A16 with bf16 or fp16 activations; "
+                f"found model dtype {params_dtype}"
+            )
+        loader = extra_weight_attrs.get("weight_loader")
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        layer.logical_widths = list(output_partition_sizes)
+        layer.orig_dtype = params_dtype
+        weight = ModelWeightParameter(
+            data=torch.full((n, k), _NAN_CODE, dtype=torch.uint8).view(torch.float8_e4m3fn),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=_checked_loader(loader, f"{self.prefix}.weight", "fp8"),
+        )
+        layer.register_parameter("weight", weight)
+        scale_name = f"{self.prefix}.{self.scheme.weight_scale_name}"
+        if self.scheme.weight_strategy == "tensor":
+            scale = PerTensorScaleParameter(
+                data=_missing((len(output_partition_sizes),)),
+                weight_loader=_checked_loader(loader, scale_name, "scale"),
+            )
+        else:
+            scale = ChannelQuantScaleParameter(
+                data=_missing((n, 1)),
+                output_dim=0,
+                weight_loader=_checked_loader(loader, scale_name, "scale"),
+            )
+        layer.register_parameter(self.scheme.weight_scale_name, scale)
+        if self.scheme.activation_scheme == "static":
+            input_scale = PerTensorScaleParameter(
+                data=_missing((len(output_partition_sizes),)),
+                weight_loader=_checked_loader(loader, f"{self.prefix}.input_scale", "scale"),
+            )
+            layer.register_parameter("input_scale", input_scale)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if getattr(layer, "_fp8_backend_ready", False):
+            return
+        w = layer.weight.data
+        if bool(((w.view(torch.uint8) & 0x7F) == _NAN_CODE).all(dim=1).any()):
+            rows = ((w.view(torch.uint8) & 0x7F) == _NAN_CODE).all(dim=1).nonzero().flatten()
+            raise CheckpointFormatError(
+                f"{self.prefix}.weight: rows {int(rows[0])}..{int(rows[-1])} were not in the checkpoint "
+                f"(expected an F8_E4M3 tensor for every shard of {layer.logical_widths})"
+            )
+        w = kernels.w8a16_prepack(w, f"{self.prefix}.weight")
+        raw = getattr(layer, self.scheme.weight_scale_name).data  # fp32: created so, loaded by copy
+        scale = self._checked_scale(raw, f"{self.prefix}.{self.scheme.weight_scale_name}", layer)
+        if self.scheme.weight_strategy == "tensor" and len(layer.logical_widths) > 1:
+            # One exact scale per shard, expanded to one per output row.
+            scale = torch.cat([s.expand(width) for s, width in zip(scale, layer.logical_widths)])
+        scale = scale.reshape(-1).contiguous()
+        delattr(layer, self.scheme.weight_scale_name)
+        if self.scheme.activation_scheme == "static":
+            self._checked_scale(layer.input_scale.data, f"{self.prefix}.input_scale", layer)
+            _log_static_once()
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        layer._fp8_backend_ready = True
+
+    def _checked_scale(self, s: torch.Tensor, name: str, layer) -> torch.Tensor:
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            value = float(s.flatten()[i])
+            missing = int(s.flatten()[i : i + 1].view(torch.int32)) == _MISSING_BITS
+            what = "missing from the checkpoint" if missing else f"{value!r}"
+            where = f" (shard {i} of {len(layer.logical_widths)})" if s.numel() == len(layer.logical_widths) > 1 else ""
+            raise CheckpointFormatError(
+                f"{name}{where}: expected a finite scale > 0, found {what}"
+            )
+        return s
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return kernels.w8a16_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+def _log_static_once() -> None:
+    global _static_logged
+    if not _static_logged:
+        _static_logged = True
+        logger.info(
+            "fp8-backend: static input scales loaded and checked; this CPU has no FP8 arithmetic, "
+            "so activations stay 16-bit (W8A16), as vLLM's Marlin path does on GPUs without FP8"
+        )
