@@ -141,3 +141,92 @@ def test_bad_or_unsupported_configs_named(tiny_model, tmp_path, qcfg, message):
     with pytest.raises(EngineError) as ei:
         run_engine(d, {"enforce_eager": True}, ["hi"])
     assert re.search(message, ei.value.output), ei.value.output[-3000:]
+
+
+def ct_args(strategy: str, dynamic: bool) -> dict:
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": dynamic,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
+            "observer_kwargs": {}}
+
+
+def write_llm_compressor(src: Path, dst: Path, preset: str, scale_dtype=torch.float32) -> Path:
+    """llm-compressor's compressed-tensors layout ("float-quantized"): FP8 (static per-tensor
+    weights and inputs, scales of shape [1]) or FP8_DYNAMIC (per-channel weight_scale [N, 1],
+    dynamic per-token activations). Scales stored in ``scale_dtype`` (llm-compressor writes the
+    model's dtype); weights quantized with the stored (rounded) scale, as it does."""
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    out = {}
+    for name, t in sd.items():
+        layer = name[: -len(".weight")]
+        if not name.endswith(LINEAR_SUFFIXES):
+            out[name] = t
+            continue
+        amax = t.float().abs().amax(dim=1, keepdim=True) if preset == "FP8_DYNAMIC" else t.float().abs().max().reshape(1)
+        scale = (amax / 448.0).to(scale_dtype)
+        out[name] = (t.float() / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[layer + ".weight_scale"] = scale
+        if preset == "FP8":
+            out[layer + ".input_scale"] = torch.tensor([0.02], dtype=scale_dtype)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    weights = ct_args("channel" if preset == "FP8_DYNAMIC" else "tensor", False)
+    inputs = ct_args("token", True) if preset == "FP8_DYNAMIC" else ct_args("tensor", False)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": inputs, "output_activations": None}},
+        "format": "float-quantized", "global_compression_ratio": None, "ignore": ["lm_head"],
+        "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+    }
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The FP8 checkpoint as a bf16 one: weight * weight_scale per row (or tensor), no config."""
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    out = {}
+    for name, t in sd.items():
+        if name.endswith((".weight_scale", ".input_scale")):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            out[name] = (t.float() * sd[name[: -len("weight")] + "weight_scale"].float()).to(torch.bfloat16)
+        else:
+            out[name] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_llm_compressor_fp8_static_is_the_online_per_tensor_model(tiny_model, prompts, tmp_path, online_run):
+    r = run_engine(write_llm_compressor(tiny_model, tmp_path / "ct", "FP8"), {"enforce_eager": True}, prompts)
+    assert all(v["quant_method"] == CKPT for v in r["report"]["linear"].values())
+    assert torch.allclose(lp(r), lp(online_run), atol=1e-3)
+
+
+def test_llm_compressor_fp8_dynamic_bf16_scales(tiny_model, prompts, tmp_path):
+    r = run_engine(write_llm_compressor(tiny_model, tmp_path / "ct", "FP8_DYNAMIC", torch.bfloat16),
+                   {"enforce_eager": True}, prompts)
+    layers = r["report"]["linear"]
+    assert all(v["quant_method"] == CKPT and v["scale_numel"] == v["out_features"] for v in layers.values())
+    # Against vLLM's bf16 path on the same checkpoint dequantized in plain torch: what is left is
+    # bf16 noise, bounded as in test_vllm_plugin.test_fp8_engine_reproduces_simulated_fp8.
+    ref = run_engine(dequantized_copy(tmp_path / "ct", tmp_path / "deq"), {"enforce_eager": True}, prompts)
+    d = (lp(r) - lp(ref)).abs()
+    assert d.mean() < 0.03 and d.max() < 0.15, (d.mean(), d.max())
+
+
+def test_non_fp8_compressed_tensors_left_to_vllm(tiny_model, tmp_path):
+    d = write_llm_compressor(tiny_model, tmp_path / "int8", "FP8")
+    cfg = json.loads((d / "config.json").read_text())
+    for role in ("weights", "input_activations"):
+        cfg["quantization_config"]["config_groups"]["group_0"][role].update(type="int")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EngineError) as ei:
+        run_engine(d, {"enforce_eager": True}, ["hi"])
+    out = ei.value.output
+    assert "not an FP8 checkpoint fp8-backend serves" in out and "leaving it to vLLM" in out
+    assert "Fp8CheckpointLinearMethod" not in out

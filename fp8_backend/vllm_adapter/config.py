@@ -9,7 +9,11 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ..formats.checkpoint import CheckpointScheme, parse_quantization_config
+from ..formats.checkpoint import (
+    CheckpointScheme,
+    NotFp8CheckpointError,
+    parse_quantization_config,
+)
 from ..formats.scheme import Fp8Scheme, match_ignore
 
 # A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
@@ -144,3 +148,46 @@ def _strategy_from_spec(linear: Any) -> str:
         f"quantization_config.linear: fp8-backend supports {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
         f"found {linear}"
     )
+
+
+class Fp8CompressedTensorsConfig(Fp8Config):
+    """FP8 checkpoints in the compressed-tensors format (llm-compressor's FP8, FP8_DYNAMIC).
+
+    Registered under the custom name "fp8_backend": vLLM asks every custom config first whether
+    it overrides a checkpoint's quant_method (``override_quantization_method``), so FP8
+    compressed-tensors checkpoints come here instead of to vLLM's compressed-tensors path, which
+    does not run FP8 on this CPU. Every other compressed-tensors scheme stays with vLLM.
+    """
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "fp8_backend"
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        if not isinstance(hf_quant_cfg, dict) or hf_quant_cfg.get("quant_method") != "compressed-tensors":
+            return None
+        if user_quant not in (None, "compressed-tensors", "fp8", "fp8_backend"):
+            return None  # the user asked for another method by name: let vLLM decide
+        try:
+            parse_quantization_config(hf_quant_cfg)
+        except NotFp8CheckpointError as e:
+            logger.info("fp8-backend: %s", e)
+            return None
+        # A malformed FP8 config raises CheckpointFormatError here, naming the field.
+        return cls.get_name()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        checkpoint = parse_quantization_config(config)
+        if checkpoint.weight_strategy == "block":
+            raise NotImplementedError(
+                "fp8-backend: block-scaled FP8 checkpoints (FP8_BLOCK) are not served yet; "
+                "per-tensor (FP8) and per-channel (FP8_DYNAMIC) checkpoints are"
+            )
+        if checkpoint.kv_cache is not None:
+            raise NotImplementedError(
+                "fp8-backend: compressed-tensors kv_cache_scheme (FP8 KV-cache scales) is not "
+                "served yet; the same checkpoint without kv_cache_scheme is"
+            )
+        return cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
