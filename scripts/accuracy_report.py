@@ -15,6 +15,12 @@ is scored) with three engines, each in its own process (single-process vLLM, enf
 and reports perplexity and |delta log-prob| vs bf16 (mean, 99th percentile, max over all scored
 tokens). Rewrites the "accuracy" section of benchmarks/RESULTS.md unless --no-write.
 
+As an independent reference (no vLLM, no fp8-backend kernel) it also runs the first --hf-windows
+windows through Hugging Face transformers in fp32, with the checkpoint's bf16 weights and with
+the same weights fake-quantized by fp8_backend/numerics.py (q/k/v and gate/up quantized
+separately, as the engine's per-shard scales do): the delta log-prob that FP8 rounding of the
+weights alone causes on this model, to read the engine's numbers against.
+
 The default model is SmolLM2-135M-Instruct converted from a Q4_1 GGUF (scripts/get_smollm2.py):
 its weights sit on a coarse grid, so FP8 errors measured here are not those of an original bf16
 checkpoint.
@@ -72,6 +78,47 @@ def _worker(spec_path: str) -> None:
     os._exit(0)
 
 
+def hf_reference(model: str, windows: list[list[int]], threads: int) -> dict:
+    """bf16 weights vs FP8 fake-quant weights in HF transformers, fp32 compute."""
+    import math
+
+    import torch
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    from fp8_backend import numerics
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    shards = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    def logprobs(m) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for w in windows:
+                ids = torch.tensor([w])
+                lp = torch.log_softmax(m(ids).logits.float()[0, :-1], -1)
+                out.append(lp.gather(1, ids[0, 1:, None])[:, 0])
+        return torch.cat(out)
+
+    ref = logprobs(LlamaForCausalLM.from_pretrained(model, dtype=torch.float32))
+    res = {"windows": len(windows), "tokens": int(ref.numel()), "ppl_bf16": math.exp(-ref.mean().item())}
+    for strategy in ("tensor", "channel"):
+        m = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32)
+        for name, mod in m.named_modules():
+            if name.split(".")[-1] in shards:
+                w = mod.weight.data.to(torch.bfloat16)
+                if strategy == "tensor":
+                    q, sc = numerics.quantize_per_tensor(w)
+                else:
+                    q, sc = numerics.quantize_per_channel(w)
+                mod.weight.data = q.float() * sc.float().reshape(-1, 1)
+        d = (ref - logprobs(m)).abs()
+        res[strategy] = {"mean_abs": d.mean().item(), "max_abs": d.max().item()}
+    return res
+
+
 def score(name: str, quant, qcfg, model: str, windows_path: Path, window_len: int, threads: int, tmp: Path) -> dict:
     spec = {"model": model, "quantization": quant, "quantization_config": qcfg, "windows": str(windows_path),
             "window_len": window_len, "out": str(tmp / f"{name.replace(' ', '_')}.json")}
@@ -102,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--window-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hf-windows", type=int, default=4, help="windows for the transformers reference (0: skip)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -123,6 +171,13 @@ def main(argv=None) -> int:
                   f"linear layers {', '.join(results[name]['linear']['quant_methods'])}, "
                   f"scale sizes {results[name]['scale_numels']})", flush=True)
 
+    hf = None
+    if args.hf_windows:
+        print(f"transformers reference on {args.hf_windows} windows ...", flush=True)
+        hf = hf_reference(args.model, windows[: args.hf_windows], args.threads)
+        print(f"  FP8 weight rounding alone: mean abs. delta log-prob {hf['tensor']['mean_abs']:.4f} "
+              f"(per-tensor), {hf['channel']['mean_abs']:.4f} (per-channel)", flush=True)
+
     ref = results["bf16"]["logprobs"]
     rows = [["", "perplexity", "vs bf16", "mean abs. delta log-prob", "p99", "max", "linear weights, MiB"]]
     for name, _, _ in CONFIGS:
@@ -136,7 +191,21 @@ def main(argv=None) -> int:
                      f"{a['p99_abs']:.3f}", f"{a['max_abs']:.3f}", f"{r['linear']['bytes'] / 2**20:.1f}"])
     n_tok = sum(len(w) for w in ref)
     text = table(rows)
-    print("\n" + text + f"\n\n{n_tok} scored tokens; total {time.time() - t_start:.0f}s")
+    hf_text = ""
+    if hf:
+        n = hf["windows"]
+        eng = {name: logprob_agreement(ref[:n], results[name]["logprobs"][:n])
+               for name in ("fp8 per-tensor", "fp8 per-channel")}
+        hf_text = (
+            f"Reference without vLLM or this plugin's kernels: the first {hf['windows']} windows "
+            f"({hf['tokens']} tokens) through Hugging Face transformers in fp32, bf16 weights vs the same "
+            "weights fake-quantized by fp8_backend/numerics.py (q/k/v and gate/up quantized separately): "
+            f"mean abs. delta log-prob {hf['tensor']['mean_abs']:.4f} per-tensor / {hf['channel']['mean_abs']:.4f} "
+            f"per-channel (max {hf['tensor']['max_abs']:.3f} / {hf['channel']['max_abs']:.3f}); the engines on "
+            f"the same windows: {eng['fp8 per-tensor']['mean_abs']:.4f} / {eng['fp8 per-channel']['mean_abs']:.4f}. "
+            "So the deltas above are what FP8 rounding of this model's weights costs, not kernel error "
+            "(the engines also carry bf16 activation rounding, which the fp32 reference does not).")
+    print("\n" + text + ("\n\n" + hf_text if hf_text else "") + f"\n\n{n_tok} scored tokens; total {time.time() - t_start:.0f}s")
     if args.no_write:
         return 0
 
@@ -160,6 +229,7 @@ def main(argv=None) -> int:
         "",
         text,
         "",
+        *([hf_text, ""] if hf_text else []),
         "Every linear layer (q/k/v, o, gate/up, down in all 30 layers) is FP8 e4m3 in the FP8 rows; "
         "lm_head (tied to the embeddings) and the embeddings stay bf16. Per-tensor gives each shard of a "
         "fused layer (q/k/v, gate/up) its own scale. bf16 linear sizes are logical (in x out x 2 bytes); "
