@@ -254,6 +254,8 @@ def test_fake_impl_and_schema_opcheck():
     op = torch.ops.fp8_backend.w8a16_linear.default
     torch.library.opcheck(op, (x, q, s, None), test_utils=utils)
     torch.library.opcheck(op, (x, q, s, torch.randn(9).to(torch.bfloat16)), test_utils=utils)
+    qb, sb = numerics.quantize_block(torch.randn(9, 70), block_size=(8, 64))
+    torch.library.opcheck(op, (x, qb, sb, None, [8, 64]), test_utils=utils)
 
 
 def test_torch_compile_fullgraph_dynamic():
@@ -267,3 +269,26 @@ def test_torch_compile_fullgraph_dynamic():
     for m in (1, 3, 17):
         x = torch.randn(m, 100).to(torch.bfloat16)
         assert torch.equal(cf(x), f(x))
+
+
+@pytest.mark.parametrize("block", [(128, 128), (128, 96), (1, 128), (64, 64)],
+                         ids=["128x128", "bk96-decode-path", "per-row-1x128", "64x64"])
+def test_block_scales_with_partial_blocks(isa, regime, block):
+    """y = x @ dequant(q, s[ceil(N/bn), ceil(K/bk)])^T; N and K not multiples of the block (the
+    last block of each is partial, as llm-compressor writes for e.g. hidden size 576)."""
+    gen = torch.Generator().manual_seed(4)
+    for m, n, k in [(1, 576, 576), (3, 130, 200), (66, 257, 300)]:
+        w = torch.randn(n, k, generator=gen) * 0.05
+        q, s = numerics.quantize_block(w, block_size=block)
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        b = torch.randn(n, generator=gen).to(torch.bfloat16)
+        y = kernels.w8a16_linear(x, q, s, b, list(block))
+        # Bound as in check_close, with the block scale inside the sum: each product
+        # x * s * q is rounded once more in fp32 (2^-24 relative), inside the K-term bound.
+        deq = numerics.dequantize(q, s, block).double()
+        exact = x.double() @ deq.T + b.double()
+        tol = (k + 2) * 2.0**-24 * (x.double().abs() @ deq.abs().T) + 2.0**-8 * exact.abs()
+        assert bool(((y.double() - exact).abs() <= tol).all()), (m, n, k)
+    with pytest.raises(RuntimeError, match=r"must have shape \[5, 5\].*found \[5, 4\]"):
+        q, s = numerics.quantize_block(torch.randn(576, 576), block_size=(128, 128))
+        kernels.w8a16_linear(torch.ones(1, 576, dtype=torch.bfloat16), q, s[:, :4].contiguous(), None, [128, 128])

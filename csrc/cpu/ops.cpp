@@ -80,8 +80,14 @@ void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uin
 
 // Large M: decode blocks of weight rows to fp32 (raw FP8 values, exact) and multiply with
 // torch's fp32 GEMM; the decode is O(N*K), amortized over M.
+struct BlockScales {  // 128x128-style block scales: s[n / bn][k / bk], row stride kb
+  const float* s = nullptr;
+  int64_t bn = 0, bk = 0, kb = 0;
+  explicit operator bool() const { return s != nullptr; }
+};
+
 void decode_gemm(CpuIsa isa, const at::Tensor& x2, const uint8_t* w, int64_t K, int64_t N,
-                 at::Tensor& D) {
+                 at::Tensor& D, const BlockScales& blk) {
   const at::Tensor xf = x2.to(at::kFloat);
   const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) & ~int64_t(15)));
   at::Tensor wbuf = at::empty({nb, K}, x2.options().dtype(at::kFloat));
@@ -93,10 +99,45 @@ void decode_gemm(CpuIsa isa, const at::Tensor& x2, const uint8_t* w, int64_t K, 
         decode_rows_portable(w + n0 * K, K, r0, r1, wb + r0 * K);
       else
         decode_rows_avx512(w + n0 * K, K, r0, r1, wb + r0 * K);
+      if (blk) {  // dequantize: value * s[n / bn][k / bk]
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* sr = blk.s + ((n0 + r) / blk.bn) * blk.kb;
+          float* o = wb + r * K;
+          for (int64_t k = 0; k < K; ++k) o[k] *= sr[k / blk.bk];
+        }
+      }
     });
     at::Tensor Dn = D.narrow(1, n0, rows);
     at::mm_out(Dn, xf, wbuf.narrow(0, 0, rows).t());
   }
+}
+
+// Block scales at small M: y[n] = sum_kb s[nb][kb] * sum_{k in kb} x[k] w[n][k]
+//                               = sum_k (x[k] * s[nb][k / bk]) * w[n][k],
+// so each block of bn weight rows runs the plain GEMV on its own copy of the staged activations
+// scaled per K block (bk a multiple of 64: one scale per 64-wide staging block, whatever the lane
+// order). The extra work is M*K multiplies per bn rows, against M*K*bn multiply-adds.
+void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, const uint8_t* w,
+                         int64_t K, int64_t N, float* D, const BlockScales& blk) {
+  const int64_t nblocks = (N + blk.bn - 1) / blk.bn;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor xb = at::empty({M, Kp}, at::TensorOptions().dtype(at::kFloat));  // 64-byte aligned
+    float* xp = xb.data_ptr<float>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* sr = blk.s + b * blk.kb;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k0 = 0; k0 < Kp; k0 += kBlock) {
+          const float sc = sr[std::min(k0, K - 1) / blk.bk];
+          for (int64_t j = 0; j < kBlock; ++j) xp[m * Kp + k0 + j] = xs[m * Kp + k0 + j] * sc;
+        }
+      const int64_t n0 = b * blk.bn, n1 = std::min(N, n0 + blk.bn);
+      switch (isa) {
+        case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(xp, Kp, M, w, K, n0, n1, D, N); break;
+        case CpuIsa::avx512: gemv_avx512(xp, Kp, M, w, K, n0, n1, D, N); break;
+        case CpuIsa::portable: gemv_portable(xp, Kp, M, w, K, n0, n1, D, N); break;
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -124,7 +165,7 @@ void epilogue(const at::Tensor& D, const at::Tensor& scale, const std::optional<
 }
 
 at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias, at::OptionalIntArrayRef block_size) {
   const char* op = "fp8_backend.w8a16_linear";
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), op,
               ": CPU tensors expected; found x on ", x.device(), ", weight on ", w.device(),
@@ -142,9 +183,24 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
               "), weight has K=", K, " (shape ", w.sizes(), ")");
   TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": weight scale must be float32; found ",
               scale.scalar_type());
-  TORCH_CHECK(scale.numel() == 1 || scale.numel() == N, op,
-              ": weight scale must have 1 (per-tensor) or N=", N, " (per-channel) elements; found shape ",
-              scale.sizes());
+  BlockScales blk;
+  if (block_size.has_value()) {
+    const auto bs = *block_size;
+    TORCH_CHECK(bs.size() == 2 && bs[0] > 0 && bs[1] > 0, op,
+                ": block_size must be [block_n, block_k] with positive sizes; found ", bs);
+    blk.bn = bs[0];
+    blk.bk = bs[1];
+    blk.kb = (K + blk.bk - 1) / blk.bk;
+    const int64_t nb = (N + blk.bn - 1) / blk.bn;
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == nb && scale.size(1) == blk.kb, op,
+                ": block scales for weight [", N, ", ", K, "] and block_size [", blk.bn, ", ", blk.bk,
+                "] must have shape [", nb, ", ", blk.kb, "] (partial last blocks included); found ",
+                scale.sizes());
+  } else {
+    TORCH_CHECK(scale.numel() == 1 || scale.numel() == N, op,
+                ": weight scale must have 1 (per-tensor) or N=", N,
+                " (per-channel) elements; found shape ", scale.sizes());
+  }
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->numel() == N && bias->dim() == 1, op,
                 ": bias must be a 1-D CPU tensor of N=", N, " elements; found shape ", bias->sizes());
@@ -160,7 +216,13 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const at::Tensor x2 = x.reshape({M, K}).contiguous();
   if (M == 0 || N == 0) return y;
 
-  const at::Tensor s = scale.contiguous().reshape({-1});
+  at::Tensor s = scale.contiguous();
+  if (block_size.has_value()) {
+    blk.s = s.data_ptr<float>();
+    s = at::ones({1}, scale.options());  // block scales are applied inside; the epilogue adds bias
+  } else {
+    s = s.reshape({-1});
+  }
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const CpuIsa isa = current_isa();
   at::Tensor D = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -174,9 +236,14 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
       stage_activations<at::BFloat16>(x2, Kp, permuted, xs.data_ptr<float>());
     else
       stage_activations<at::Half>(x2, Kp, permuted, xs.data_ptr<float>());
-    gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>());
+    if (!blk)
+      gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>());
+    else if (blk.bk % kBlock == 0)
+      gemv_block_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>(), blk);
+    else
+      decode_gemm(isa, x2, wp, K, N, D, blk);  // K blocks not aligned to the GEMV's 64
   } else {
-    decode_gemm(isa, x2, wp, K, N, D);
+    decode_gemm(isa, x2, wp, K, N, D, blk);
   }
   at::Tensor y2 = y.view({M, N});
   if (y.scalar_type() == at::kBFloat16)
@@ -223,7 +290,7 @@ int64_t stream_read(const at::Tensor& t) {
 }  // namespace fp8_backend
 
 TORCH_LIBRARY(fp8_backend, m) {
-  m.def("w8a16_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w8a16_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, int[]? block_size=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) { m.impl("w8a16_linear", &fp8_backend::w8a16_linear); }

@@ -19,7 +19,7 @@ ISA_ENV = "FP8_BACKEND_CPU_ISA"
 
 
 @torch.library.register_fake("fp8_backend::w8a16_linear")
-def _w8a16_linear_fake(x, w, scale, bias):
+def _w8a16_linear_fake(x, w, scale, bias, block_size=None):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
@@ -55,11 +55,17 @@ def w8a16_prepack(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
 
 
 def w8a16_linear(
-    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_size: list[int] | None = None,
 ) -> torch.Tensor:
-    """y = x @ (w * scale)^T + bias with x bf16/fp16 [..., K], w float8_e4m3fn [N, K], scale fp32
-    with 1 or N elements; fp32 accumulation, output in x.dtype (numerics.w8a16_linear)."""
-    return torch.ops.fp8_backend.w8a16_linear(x, w, scale, bias)
+    """y = x @ dequant(w, scale)^T + bias with x bf16/fp16 [..., K], w float8_e4m3fn [N, K] and
+    fp32 scales: 1 or N elements, or with ``block_size`` [bn, bk] a [ceil(N/bn), ceil(K/bk)]
+    grid (partial last blocks included). fp32 accumulation, output in x.dtype
+    (numerics.w8a16_linear)."""
+    return torch.ops.fp8_backend.w8a16_linear(x, w, scale, bias, block_size)
 
 
 _env_isa = os.environ.get(ISA_ENV, "auto").strip() or "auto"
