@@ -13,6 +13,7 @@ import logging
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
+    BlockQuantScaleParameter,
     ChannelQuantScaleParameter,
     ModelWeightParameter,
     PerTensorScaleParameter,
@@ -52,14 +53,9 @@ def _checked_loader(loader, name: str, expect: str):
 
 @register_weight_loader_v2_supported_method
 class Fp8CheckpointLinearMethod(LinearMethodBase):
-    """FP8 weights stored in the checkpoint; per-tensor or per-channel weight scales."""
+    """FP8 weights stored in the checkpoint; per-tensor, per-channel or block weight scales."""
 
     def __init__(self, scheme: CheckpointScheme, prefix: str = "") -> None:
-        if scheme.weight_strategy not in ("tensor", "channel"):
-            raise CheckpointFormatError(
-                f"{prefix}: {scheme.weight_strategy} weight scales are not served by fp8-backend yet "
-                f"(supported: per-tensor, per-channel)"
-            )
         self.scheme = scheme
         self.prefix = prefix
 
@@ -95,11 +91,24 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
                 data=_missing((len(output_partition_sizes),)),
                 weight_loader=_checked_loader(loader, scale_name, "scale"),
             )
-        else:
+        elif self.scheme.weight_strategy == "channel":
             scale = ChannelQuantScaleParameter(
                 data=_missing((n, 1)),
                 output_dim=0,
                 weight_loader=_checked_loader(loader, scale_name, "scale"),
+            )
+        else:
+            bn, bk = self.scheme.block_size  # type: ignore[misc]
+            # Each shard's scale grid has ceil(width / bn) rows (its last block may be partial),
+            # stacked shard after shard. vLLM's loader places shard i at ceil(offset_i / bn),
+            # which overlaps grids when a shard is not a multiple of bn: load them ourselves.
+            rows = [-(-width // bn) for width in output_partition_sizes]
+            layer.block_rows = rows
+            scale = BlockQuantScaleParameter(
+                data=_missing((sum(rows), -(-k // bk))),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=_block_scale_loader(scale_name, rows),
             )
         layer.register_parameter(self.scheme.weight_scale_name, scale)
         if self.scheme.activation_scheme == "static":
@@ -125,7 +134,12 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         if self.scheme.weight_strategy == "tensor" and len(layer.logical_widths) > 1:
             # One exact scale per shard, expanded to one per output row.
             scale = torch.cat([s.expand(width) for s, width in zip(scale, layer.logical_widths)])
-        scale = scale.reshape(-1).contiguous()
+        block = None
+        if self.scheme.weight_strategy == "block":
+            scale, block = self._block_layout(scale, layer)
+        else:
+            scale = scale.reshape(-1).contiguous()
+        layer.block_size = block
         delattr(layer, self.scheme.weight_scale_name)
         if self.scheme.activation_scheme == "static":
             self._checked_scale(layer.input_scale.data, f"{self.prefix}.input_scale", layer)
@@ -133,6 +147,21 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         layer._fp8_backend_ready = True
+
+    def _block_layout(self, scale: torch.Tensor, layer) -> tuple[torch.Tensor, list[int]]:
+        """Block grid for the kernel, which maps row n to scale row n // bn. Exact as loaded when
+        every shard but the last is a multiple of bn; otherwise expanded to one scale row per
+        output row (block [1, bk]), which keeps every shard's blocks exact."""
+        bn, bk = self.scheme.block_size  # type: ignore[misc]
+        widths = layer.logical_widths
+        if all(w % bn == 0 for w in widths[:-1]):
+            return scale.contiguous(), [bn, bk]
+        index = []
+        start = 0
+        for width, rows in zip(widths, layer.block_rows):
+            index += [start + r // bn for r in range(width)]
+            start += rows
+        return scale[torch.tensor(index)].contiguous(), [1, bk]
 
     def _checked_scale(self, s: torch.Tensor, name: str, layer) -> torch.Tensor:
         bad = ~(torch.isfinite(s) & (s > 0))
@@ -148,7 +177,34 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         return s
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return kernels.w8a16_linear(x, layer.weight, layer.weight_scale, bias)
+        return kernels.w8a16_linear(x, layer.weight, layer.weight_scale, bias, layer.block_size)
+
+
+_QKV = {"q": 0, "k": 1, "v": 2}
+
+
+def _block_scale_loader(name: str, rows: list[int]):
+    """Copy one shard's block-scale grid to rows [sum(rows[:i]), +rows[i]) of the fused grid."""
+
+    def load(param, loaded_weight: torch.Tensor, shard_id=None, *args, **kwargs):
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        if get_tensor_model_parallel_world_size() != 1:
+            raise NotImplementedError(f"{name}: block-scaled FP8 with tensor parallelism is not supported yet")
+        if not loaded_weight.is_floating_point():
+            raise CheckpointFormatError(f"{name}: expected a float32/bf16/fp16 scale, found {loaded_weight.dtype}")
+        i = 0 if shard_id is None else (_QKV[shard_id] if isinstance(shard_id, str) else int(shard_id))
+        start = sum(rows[:i])
+        expected = (rows[i], param.data.shape[1])
+        if tuple(loaded_weight.shape) != expected:
+            raise CheckpointFormatError(
+                f"{name}" + (f" (shard {shard_id})" if shard_id is not None else "")
+                + f": expected block scales of shape {list(expected)} (ceil(rows / block_n), "
+                f"ceil(K / block_k)), found {list(loaded_weight.shape)}"
+            )
+        param.data[start : start + rows[i]].copy_(loaded_weight)
+
+    return load
 
 
 def _log_static_once() -> None:

@@ -68,12 +68,6 @@ class Fp8Config(QuantizationConfig):
         if "quant_method" not in config:
             return cls(Fp8Scheme(online=True))
         checkpoint = parse_quantization_config(config)  # names the bad field on error
-        if checkpoint.weight_strategy == "block":
-            raise NotImplementedError(
-                "fp8-backend: block-scaled FP8 checkpoints (weight_block_size "
-                f"{list(checkpoint.block_size or ())}) are not served yet; per-tensor and "
-                "per-channel FP8 checkpoints are"
-            )
         return cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
 
     # vLLM attaches the user's --quantization-config (QuantizationConfigArgs) to the checkpoint
@@ -180,11 +174,6 @@ class Fp8CompressedTensorsConfig(Fp8Config):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         checkpoint = parse_quantization_config(config)
-        if checkpoint.weight_strategy == "block":
-            raise NotImplementedError(
-                "fp8-backend: block-scaled FP8 checkpoints (FP8_BLOCK) are not served yet; "
-                "per-tensor (FP8) and per-channel (FP8_DYNAMIC) checkpoints are"
-            )
         if checkpoint.kv_cache is not None:
             raise NotImplementedError(
                 "fp8-backend: compressed-tensors kv_cache_scheme (FP8 KV-cache scales) is not "
