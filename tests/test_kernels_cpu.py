@@ -1,8 +1,10 @@
 """The C++ W8A16 CPU kernel (every code path this CPU can run) against numerics.py.
 
-Paths: avx512_vbmi (byte-LUT decode, permuted lanes), avx512 (F16C decode), portable (scalar),
-each in both regimes: register-blocked GEMV (M <= small_m_max) and decode + fp32 GEMM (above).
-All of them run here on real hardware; a path this CPU lacks is skipped with the reason.
+Paths: amx (AMX-BF16 tile GEMM for bf16 activations at M >= amx_min_m, else avx512_vbmi),
+avx512_vbmi (byte-LUT decode, permuted lanes), avx512 (F16C decode), portable (scalar), each in
+every regime: register-blocked GEMV (M <= small_m_max), decode + fp32 GEMM (above), and on amx
+the tile GEMM for every M. Every path this CPU has runs here on real hardware; a path this CPU
+lacks is skipped with the reason (AMX ran on a Sapphire Rapids-class Xeon).
 """
 
 import os
@@ -14,8 +16,10 @@ import torch
 
 from fp8_backend import _C, kernels, numerics
 
-ISAS = ["avx512_vbmi", "avx512", "portable"]
-REGIMES = {"gemv": 1 << 30, "decode_gemm": 0}  # value for _C.set_small_m_max
+ISAS = ["amx", "avx512_vbmi", "avx512", "portable"]
+# (small_m_max, amx_min_m) per regime; "amx" only differs from the others on the amx path.
+NEVER = 1 << 30
+REGIMES = {"gemv": (NEVER, NEVER), "decode_gemm": (0, NEVER), "amx": (NEVER, 0)}
 
 
 def _cpu_flags() -> set[str]:
@@ -39,11 +43,15 @@ def isa(request):
 
 
 @pytest.fixture(params=list(REGIMES))
-def regime(request):
-    before = _C.small_m_max()
-    _C.set_small_m_max(REGIMES[request.param])
+def regime(request, isa):
+    if request.param == "amx" and isa != "amx":
+        pytest.skip("the AMX tile GEMM runs only on the amx path")
+    before = _C.small_m_max(), _C.amx_min_m()
+    _C.set_small_m_max(REGIMES[request.param][0])
+    _C.set_amx_min_m(REGIMES[request.param][1])
     yield request.param
-    _C.set_small_m_max(before)
+    _C.set_small_m_max(before[0])
+    _C.set_amx_min_m(before[1])
 
 
 def all_codes(n_rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -120,7 +128,8 @@ def test_every_encoding_in_the_tail(isa, k):
 def test_random_odd_shapes(isa, regime, dtype, per_channel, with_bias):
     gen = torch.Generator().manual_seed(1)
     for m, n, k in [(1, 1, 1), (1, 7, 5), (2, 3, 64), (3, 33, 65), (4, 5, 130), (5, 17, 200),
-                    (17, 9, 257), (64, 40, 96), (65, 11, 33), (130, 6, 1000)]:
+                    (17, 9, 257), (64, 40, 96), (65, 11, 33), (130, 6, 1000),
+                    (40, 300, 1100)]:  # several AMX panels (128 rows) and K chunks (512)
         w = torch.randn(n, k, generator=gen) * 0.1
         q, s = numerics.quantize_per_channel(w) if per_channel else numerics.quantize_per_tensor(w)
         s = s.reshape(-1)
@@ -231,7 +240,17 @@ def test_isa_detection_matches_cpuinfo():
         pytest.skip("no /proc/cpuinfo")
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     assert _C.cpu_isa_supported("avx512") == avx512
-    assert _C.cpu_isa_supported("avx512_vbmi") == (avx512 and "avx512vbmi" in flags)
+    vbmi = avx512 and "avx512vbmi" in flags
+    assert _C.cpu_isa_supported("avx512_vbmi") == vbmi
+    # amx also needs the kernel's permission for tile data, which Linux grants on AMX CPUs.
+    amx = vbmi and {"amx_tile", "amx_bf16"} <= flags
+    assert _C.cpu_isa_supported("amx") == amx
+    before = kernels.cpu_isa()
+    try:
+        kernels.set_cpu_isa("auto")  # the best path this CPU has
+        assert kernels.cpu_isa() == kernels.supported_cpu_isas()[0]
+    finally:
+        kernels.set_cpu_isa(before)
     assert _C.cpu_isa_supported("portable")
     with pytest.raises(RuntimeError, match="unknown CPU kernel path 'sse9'"):
         kernels.set_cpu_isa("sse9")

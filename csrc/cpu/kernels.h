@@ -11,7 +11,8 @@
 
 namespace fp8_backend {
 
-enum class CpuIsa : int { portable = 0, avx512 = 1, avx512_vbmi = 2 };
+// Ordered by capability: each path needs every instruction set of the ones before it.
+enum class CpuIsa : int { portable = 0, avx512 = 1, avx512_vbmi = 2, amx = 3 };
 
 const char* isa_name(CpuIsa isa);
 bool isa_supported(CpuIsa isa);
@@ -25,6 +26,12 @@ void gemv_avx512(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
                  int64_t n0, int64_t n1, float* D, int64_t ldd);
 void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                       int64_t n0, int64_t n1, float* D, int64_t ldd);
+
+// bf16 activations on AMX (w8a16_amx.cpp); see gemm_amx's definition for the layouts.
+int64_t amx_panel_rows();
+void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
+              int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
+              int64_t blk_bk);
 
 // Decode rows [n0, n1) of w [N, K] into out (fp32, natural order, row stride K).
 void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);

@@ -18,6 +18,9 @@ std::atomic<int> g_isa{-1};           // -1: not chosen yet (best available on f
 // M <= this: register-blocked GEMV; above: decode + fp32 GEMM. Crossover measured on a 2-core
 // Ice Lake-class Xeon at N=K=4096: GEMV wins up to M=64, decode+GEMM from M~96.
 std::atomic<int64_t> g_small_m_max{64};
+// bf16 activations on AMX CPUs: M >= this runs the AMX tile GEMM (crossover measured with
+// benchmarks/bench_w8a16.py on a 2-core Sapphire Rapids-class Xeon).
+std::atomic<int64_t> g_amx_min_m{16};
 
 CpuIsa current_isa() {
   int v = g_isa.load();
@@ -29,11 +32,12 @@ CpuIsa current_isa() {
 }
 
 CpuIsa parse_isa(const std::string& name) {
+  if (name == "amx") return CpuIsa::amx;
   if (name == "avx512_vbmi") return CpuIsa::avx512_vbmi;
   if (name == "avx512") return CpuIsa::avx512;
   if (name == "portable") return CpuIsa::portable;
   TORCH_CHECK(false, "fp8_backend: unknown CPU kernel path '", name,
-              "'; expected one of auto, avx512_vbmi, avx512, portable");
+              "'; expected one of auto, amx, avx512_vbmi, avx512, portable");
 }
 
 constexpr int64_t kBlock = 64;  // GEMV k-block; activations are zero-padded to a multiple
@@ -63,6 +67,10 @@ void stage_activations(const at::Tensor& x2, int64_t Kp, bool permuted, float* o
   });
 }
 
+// The fp32-activation kernels (GEMV, decode + fp32 GEMM): the amx path runs the VBMI ones there
+// (small M, fp16 activations, block sizes the tile GEMM does not take).
+CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_vbmi : isa; }
+
 void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                    int64_t N, float* D) {
   // Parallel over blocks of 4 output rows; aim for >= ~64k multiply-adds per task.
@@ -70,13 +78,22 @@ void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uin
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 4 * K * M));
   at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
-    switch (isa) {
+    switch (fp32_isa(isa)) {
       case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(x, ldx, M, w, K, n0, n1, D, N); break;
       case CpuIsa::avx512: gemv_avx512(x, ldx, M, w, K, n0, n1, D, N); break;
-      case CpuIsa::portable: gemv_portable(x, ldx, M, w, K, n0, n1, D, N); break;
+      default: gemv_portable(x, ldx, M, w, K, n0, n1, D, N); break;
     }
   });
 }
+
+// bf16 activations for the AMX GEMM: rows x Kp (multiple of 64), zero-padded.
+at::Tensor stage_bf16(const at::Tensor& x2, int64_t rows, int64_t Kp) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  at::Tensor xs = at::zeros({rows, Kp}, x2.options());  // 64-byte aligned (CPU allocator)
+  xs.narrow(0, 0, M).narrow(1, 0, K).copy_(x2);
+  return xs;
+}
+
 
 // Large M: decode blocks of weight rows to fp32 (raw FP8 values, exact) and multiply with
 // torch's fp32 GEMM; the decode is O(N*K), amortized over M.
@@ -95,7 +112,7 @@ void decode_gemm(CpuIsa isa, const at::Tensor& x2, const uint8_t* w, int64_t K, 
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t rows = std::min(nb, N - n0);
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      if (isa == CpuIsa::portable)
+      if (fp32_isa(isa) == CpuIsa::portable)
         decode_rows_portable(w + n0 * K, K, r0, r1, wb + r0 * K);
       else
         decode_rows_avx512(w + n0 * K, K, r0, r1, wb + r0 * K);
@@ -131,10 +148,10 @@ void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, con
           for (int64_t j = 0; j < kBlock; ++j) xp[m * Kp + k0 + j] = xs[m * Kp + k0 + j] * sc;
         }
       const int64_t n0 = b * blk.bn, n1 = std::min(N, n0 + blk.bn);
-      switch (isa) {
+      switch (fp32_isa(isa)) {
         case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(xp, Kp, M, w, K, n0, n1, D, N); break;
         case CpuIsa::avx512: gemv_avx512(xp, Kp, M, w, K, n0, n1, D, N); break;
-        case CpuIsa::portable: gemv_portable(xp, Kp, M, w, K, n0, n1, D, N); break;
+        default: gemv_portable(xp, Kp, M, w, K, n0, n1, D, N); break;
       }
     }
   });
@@ -143,7 +160,7 @@ void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, con
 template <typename T>
 void epilogue(const at::Tensor& D, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
               at::Tensor& y) {
-  const int64_t M = D.size(0), N = D.size(1);
+  const int64_t M = D.size(0), N = D.size(1), ldd = D.stride(0);
   const float* d = D.data_ptr<float>();
   const float* s = scale.data_ptr<float>();
   const bool per_channel = scale.numel() != 1;
@@ -157,7 +174,7 @@ void epilogue(const at::Tensor& D, const at::Tensor& scale, const std::optional<
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t n = 0; n < N; ++n) {
-        float v = d[m * N + n] * s[per_channel ? n : 0];  // scale the fp32 sum, as numerics.py
+        float v = d[m * ldd + n] * s[per_channel ? n : 0];  // scale the fp32 sum, as numerics.py
         if (b) v += b[n];
         out[m * N + n] = static_cast<T>(v);  // round to nearest even
       }
@@ -226,12 +243,25 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const CpuIsa isa = current_isa();
   at::Tensor D = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const bool bf16 = x2.scalar_type() == at::kBFloat16;
   if (K == 0) {
     D.zero_();
+  } else if (isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
+    // AMX tiles: activations padded to 32 rows and 64 columns, D to whole 16-column tiles.
+    const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16;
+    const at::Tensor xs = stage_bf16(x2, Mp, Kp);
+    at::Tensor Dp = at::empty({Mp, Np}, x.options().dtype(at::kFloat));
+    const int64_t panels = (N + amx_panel_rows() - 1) / amx_panel_rows();
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
+    float* dp = Dp.data_ptr<float>();
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      gemm_amx(xp, Kp, Mp, wp, N, K, p0, p1, dp, Np, blk ? blk.s : nullptr, blk.bn, blk.bk);
+    });
+    D = Dp.narrow(0, 0, M).narrow(1, 0, N);
   } else if (M <= g_small_m_max.load()) {
     const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;
     at::Tensor xs = at::empty({M, Kp}, x.options().dtype(at::kFloat));
-    const bool permuted = isa == CpuIsa::avx512_vbmi;
+    const bool permuted = fp32_isa(isa) == CpuIsa::avx512_vbmi;
     if (x2.scalar_type() == at::kBFloat16)
       stage_activations<at::BFloat16>(x2, Kp, permuted, xs.data_ptr<float>());
     else
@@ -298,10 +328,13 @@ TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) { m.impl("w8a16_linear", &fp8_backend::w
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fp8-backend CPU kernels (ops are registered as torch.ops.fp8_backend.*)";
   m.def("cpu_isa", &fp8_backend::cpu_isa, "The W8A16 code path in use");
-  m.def("set_cpu_isa", &fp8_backend::set_cpu_isa, "Select auto|avx512_vbmi|avx512|portable");
+  m.def("set_cpu_isa", &fp8_backend::set_cpu_isa, "Select auto|amx|avx512_vbmi|avx512|portable");
   m.def("cpu_isa_supported", &fp8_backend::cpu_isa_supported, "Whether this CPU can run a path");
   m.def("set_small_m_max", [](int64_t v) { fp8_backend::g_small_m_max.store(v); },
         "Largest M served by the GEMV kernel (larger M: decode + fp32 GEMM)");
   m.def("stream_read", &fp8_backend::stream_read, "Benchmark helper: read a tensor once");
   m.def("small_m_max", []() { return fp8_backend::g_small_m_max.load(); });
+  m.def("set_amx_min_m", [](int64_t v) { fp8_backend::g_amx_min_m.store(v); },
+        "Smallest M served by the AMX tile GEMM (bf16 activations, amx path)");
+  m.def("amx_min_m", []() { return fp8_backend::g_amx_min_m.load(); });
 }

@@ -1,0 +1,251 @@
+// W8A16 GEMM on AMX-BF16 tiles (Sapphire Rapids and newer) for bf16 activations at larger M. FP8 e4m3 values are exact in bf16, and the
+// product of two bf16 values is exact in fp32, so the tile GEMM computes the same fp32-accumulated
+// dot products as numerics.w8a16_linear (in another summation order; the hardware flushes fp32
+// subnormal sums and bf16 subnormal inputs to zero, below 2^-126 — far under any tolerance).
+//
+// Small M stays on the VBMI fp32 GEMV: a vdpbf16ps GEMV over the same byte-LUT decode was
+// measured slower at every M from 1 to 64 on Sapphire Rapids (the decode's shuffles and the
+// dot products compete for one port), so it is not shipped.
+//  * gemm_amx (M >= amx_min_m, compute-bound): GotoBLAS-style blocking. A = activations (bf16 rows,
+//    read in place as 16x32 tiles), B = weights decoded to bf16 once per call and transposed
+//    into AMX's pair-interleaved ("VNNI") layout, 16x16 fp32 C tiles accumulated in place in D.
+//
+// The scalar reference is w8a16_portable.cpp (e4m3fn_to_float); tests compare all paths with
+// numerics.py. Everything here is compiled for AVX-512/AMX and called only after CPUID checks.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "fp8_e4m3.h"
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,amx-tile,amx-bf16,fma")
+
+namespace fp8_backend {
+namespace {
+
+// 64 FP8 bytes -> 64 bf16 words in natural order: out[0] = k 0..31, out[1] = k 32..63.
+struct Bf16Decoder {
+  __m512i lo_a, lo_b, hi_a, hi_b, sign, order;
+
+  Bf16Decoder() {
+    const DecodeTables& t = decode_tables();
+    lo_a = _mm512_loadu_si512(t.bf16_lo);
+    lo_b = _mm512_loadu_si512(t.bf16_lo + 64);
+    hi_a = _mm512_loadu_si512(t.bf16_hi);
+    hi_b = _mm512_loadu_si512(t.bf16_hi + 64);
+    sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    // unpacklo/hi interleave bytes 0-7 / 8-15 of each 128-bit lane L. Pre-permute so that
+    // bytes 16L+j (j < 8) hold source byte 8L+j and bytes 16L+8+j hold byte 32+8L+j: then
+    // unpacklo yields k = 0..31 and unpackhi k = 32..63, in order.
+    alignas(64) uint8_t idx[64];
+    for (int L = 0; L < 4; ++L)
+      for (int j = 0; j < 8; ++j) {
+        idx[16 * L + j] = static_cast<uint8_t>(8 * L + j);
+        idx[16 * L + 8 + j] = static_cast<uint8_t>(32 + 8 * L + j);
+      }
+    order = _mm512_load_si512(idx);
+  }
+
+  inline void decode64(const uint8_t* p, __mmask64 mask, __m512i out[2]) const {
+    __m512i b = _mm512_maskz_loadu_epi8(mask, p);  // masked-off bytes decode to +0
+    b = _mm512_permutexvar_epi8(order, b);
+    // Byte lookup: index bits 0-5 pick the byte, bit 6 the table, bit 7 (sign) is ignored.
+    const __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
+    __m512i hi = _mm512_permutex2var_epi8(hi_a, b, hi_b);
+    hi = _mm512_ternarylogic_epi32(hi, b, sign, 0xF8);  // hi | (b & 0x80)
+    out[0] = _mm512_unpacklo_epi8(lo, hi);
+    out[1] = _mm512_unpackhi_epi8(lo, hi);
+  }
+};
+
+// ---- AMX ------------------------------------------------------------------------------------
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (16 rows m x 16 fp32 n), 4-5: A (16 rows m x 32 bf16 k), 6-7: B (16 rows of
+// k pairs x 16 n pairs). Every tile is 16 rows x 64 bytes.
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+constexpr int64_t kNP = 128;  // weight rows per panel (8 B tiles): activations are re-read N/kNP times
+constexpr int64_t kKC = 256;  // k per chunk: a panel's decoded weights take kNP * kKC * 2 = 64 KiB,
+                              // the activations' 32-row block 16 KiB (L1)
+
+// 16 rows of 16 dwords: out row r = column r of in (in row stride = in_ld dwords).
+inline void transpose16x16(const uint32_t* in, int64_t in_ld, uint32_t* out) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * in_ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + j] holds, in 128-bit lane L, row-quad q's column 4L + c(j) with c = 0, 1, 2, 3 for
+  // j = 0, 1, 2, 3. Gather the four lanes L of rows q = 0..3 into output row 4L + c(j).
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);       // q0 L0, q0 L2, q1 L0, q1 L2
+    const __m512i b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // q0 L1, q0 L3, q1 L1, q1 L3
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // q2 L0, q2 L2, q3 L0, q3 L2
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_si512(out + (0 + j) * 16, _mm512_shuffle_i32x4(a, c, 0x88));   // L0 of q0..q3
+    _mm512_storeu_si512(out + (8 + j) * 16, _mm512_shuffle_i32x4(a, c, 0xDD));   // L2
+    _mm512_storeu_si512(out + (4 + j) * 16, _mm512_shuffle_i32x4(b, d, 0x88));   // L1
+    _mm512_storeu_si512(out + (12 + j) * 16, _mm512_shuffle_i32x4(b, d, 0xDD));  // L3
+  }
+}
+
+// Decode weight rows [n0, n0 + np) x k [k0, k0 + kc) into B tiles: tile (t, kb) for n-tile t and
+// 32-wide k step kb, at bt + (t * kbs + kb) * 256 dwords; dword [r][j] = bf16 pair
+// (w[n0+16t+j][k0+32kb+2r], w[...][k0+32kb+2r+1]). Rows >= N and k >= K are zero.
+void pack_b(const Bf16Decoder& dec, const uint8_t* w, int64_t N, int64_t K, int64_t n0,
+            int64_t np, int64_t k0, int64_t kc, uint32_t* bt, uint16_t* rowbuf) {
+  const int64_t kcp = (kc + 63) / 64 * 64;  // rowbuf row length (bf16)
+  const int64_t kbs = kcp / 32;
+  for (int64_t t = 0; t < np / 16; ++t) {
+    for (int j = 0; j < 16; ++j) {  // decode 16 rows to natural bf16 in rowbuf
+      const int64_t n = n0 + 16 * t + j;
+      uint16_t* o = rowbuf + j * kcp;
+      if (n >= N) {
+        std::memset(o, 0, kcp * 2);
+        continue;
+      }
+      const uint8_t* wr = w + n * K + k0;
+      // Rows are read in kc-byte pieces, too short for the hardware prefetcher: fetch this
+      // row's next piece (or, on the last one, the row a panel further on) into L2 now.
+      const uint8_t* next = k0 + kc < K ? wr + kc : (n + np < N ? w + (n + np) * K : nullptr);
+      if (next)
+        for (int64_t k = 0; k < kc; k += 64) _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T1);
+      for (int64_t k = 0; k < kcp; k += 64) {
+        const int64_t left = kc - k;
+        const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (left <= 0 ? 0 : (__mmask64(1) << left) - 1);
+        __m512i v[2];
+        dec.decode64(wr + k, mask, v);
+        _mm512_storeu_si512(o + k, v[0]);
+        _mm512_storeu_si512(o + k + 32, v[1]);
+      }
+    }
+    for (int64_t kb = 0; kb < kbs; ++kb)
+      transpose16x16(reinterpret_cast<const uint32_t*>(rowbuf) + kb * 16, kcp / 2, bt + (t * kbs + kb) * 256);
+  }
+}
+
+}  // namespace
+
+int64_t amx_panel_rows() { return kNP; }
+
+// D[m, n] for m < Mp (multiple of 32), n in panels [p0, p1) of kNP rows. x: bf16 [Mp, ldx]
+// with ldx >= K rounded up to 32 and zero padding (rows and columns). D: fp32, row stride ldd
+// >= N rounded up to kNP. Block scales: D = sum over K blocks of s[n / bn][kb] * partial sum;
+// blk_bk must then be a multiple of 32 (chunks follow the blocks).
+void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
+              int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
+              int64_t blk_bk) {
+  const Bf16Decoder dec;
+  configure_tiles();
+  const bool block = blk_s != nullptr;
+  const int64_t KC = block ? blk_bk : kKC;
+  const int64_t kb_total = (K + blk_bk - 1) / std::max<int64_t>(blk_bk, 1);
+  const int64_t kcmax = (std::min(KC, K) + 63) / 64 * 64;
+  std::vector<uint32_t> bt(kNP / 16 * (kcmax / 32) * 256 + 16);
+  std::vector<uint16_t> rowbuf(16 * kcmax + 32);
+  alignas(64) float ctmp[16 * 16];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kNP;
+    const int64_t np = std::min<int64_t>(kNP, (N - n0 + 15) / 16 * 16);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64 in pack_b)
+      pack_b(dec, w, N, K, n0, np, k0, kc, bt.data(), rowbuf.data());
+      const bool first = k0 == 0;
+      for (int64_t m = 0; m < Mp; m += 32) {
+        const uint16_t* a0 = x + m * ldx + k0;
+        const uint16_t* a1 = a0 + 16 * ldx;
+        for (int64_t t = 0; t < np / 16; t += 2) {
+          float* c = D + m * ldd + n0 + 16 * t;
+          const bool two = t + 1 < np / 16;
+          if (first || block) {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          } else {
+            _tile_loadd(0, c, ldd * 4);
+            _tile_loadd(2, c + 16 * ldd, ldd * 4);
+            if (two) {
+              _tile_loadd(1, c + 16, ldd * 4);
+              _tile_loadd(3, c + 16 * ldd + 16, ldd * 4);
+            }
+          }
+          const uint32_t* b0 = bt.data() + t * kbs * 256;
+          const uint32_t* b1 = b0 + kbs * 256;
+          for (int64_t kb = 0; kb < kbs; ++kb) {
+            _tile_loadd(4, a0 + 32 * kb, ldx * 2);
+            _tile_loadd(5, a1 + 32 * kb, ldx * 2);
+            _tile_loadd(6, b0 + kb * 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two) {
+              _tile_loadd(7, b1 + kb * 256, 64);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          if (!block) {
+            _tile_stored(0, c, ldd * 4);
+            _tile_stored(2, c + 16 * ldd, ldd * 4);
+            if (two) {
+              _tile_stored(1, c + 16, ldd * 4);
+              _tile_stored(3, c + 16 * ldd + 16, ldd * 4);
+            }
+            continue;
+          }
+          // Block scales: D (+)= s[n / bn][k0 / bk] * C, per column n of each C tile.
+          const int64_t kbi = k0 / blk_bk;
+          for (int q = 0; q < (two ? 4 : 2); ++q) {
+            const int im = q & 1, in = q >> 1;  // q: tile 0 (m0,n0), 2 (m1,n0), 1 (m0,n1), 3 (m1,n1)
+            switch (q) {
+              case 0: _tile_stored(0, ctmp, 64); break;
+              case 1: _tile_stored(2, ctmp, 64); break;
+              case 2: _tile_stored(1, ctmp, 64); break;
+              default: _tile_stored(3, ctmp, 64); break;
+            }
+            alignas(64) float sv[16];
+            for (int j = 0; j < 16; ++j) {
+              const int64_t n = std::min(n0 + 16 * (t + in) + j, N - 1);
+              sv[j] = blk_s[(n / blk_bn) * kb_total + kbi];
+            }
+            const __m512 s = _mm512_load_ps(sv);
+            float* cq = c + 16 * im * ldd + 16 * in;
+            for (int r = 0; r < 16; ++r) {
+              const __m512 v = _mm512_mul_ps(_mm512_load_ps(ctmp + 16 * r), s);
+              _mm512_storeu_ps(cq + r * ldd, first ? v : _mm512_add_ps(_mm512_loadu_ps(cq + r * ldd), v));
+            }
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace fp8_backend
+
+#pragma GCC pop_options
