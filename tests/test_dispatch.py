@@ -164,3 +164,20 @@ def test_interpreter_setting_does_not_leak_into_the_session():
     assert "TRITON_INTERPRET" not in os.environ  # vLLM engines of other tests must not inherit it
     q, _ = quant.quantize_per_token(torch.ones(2, 16))  # and the kernels still run interpreted
     assert bool((q.float() == 448).all())
+
+
+def test_gpu_ops_opcheck_interpreted():
+    """torch.library.opcheck: fake tensors and AOT dispatch (what torch.compile needs). Its
+    test_schema is left out: torch's schema checker multiplies inputs, which fp8 tensors on CPU
+    do not support ("mul_cpu_reduced_float" not implemented for Float8_e4m3fn)."""
+    from fp8_backend.kernels import gpu_ops  # noqa: F401
+    from fp8_backend.kernels.triton.w8a16_repack import repack
+
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic")
+    x = torch.randn(3, 64).bfloat16()
+    wq, ws = nm.quantize_per_channel(torch.randn(48, 64))
+    torch.library.opcheck(torch.ops.fp8_backend.triton_w8a8_linear,
+                          (x, wq, ws.reshape(-1), None, None, "dynamic_token", None), test_utils=utils)
+    p = repack(wq, ws.reshape(-1))
+    torch.library.opcheck(torch.ops.fp8_backend.triton_w8a16_linear, (x, p.tiles, p.scales, None, 48, 64, 0),
+                          test_utils=utils)
