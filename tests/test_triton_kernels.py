@@ -147,12 +147,11 @@ def test_w8a8_gemm_interpreted_tensor_channel(act):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(200, 300), (128, 128), (33, 17)])
-def test_w8a8_gemm_interpreted_block_scales(out_dtype, n, k):
-    m = 21
+@pytest.mark.parametrize("m,n,k", [(21, 200, 300), (1, 128, 128), (70, 33, 17), (1030, 20, 130)])
+def test_w8a8_gemm_interpreted_block_scales(out_dtype, m, n, k):
     x, w, bias = activations(m, k), weight(n, k), torch.randn(n)
     wq, ws = nm.quantize_block(w)  # partial last blocks when n or k is not a multiple of 128
-    xq, xs = quant.quantize_group(x, 128)
+    xq, xs = nm.quantize_group(x, 128)  # = quant.quantize_group bit for bit (tested above), faster here
     y = gemm_w8a8.w8a8_gemm(xq, xs, wq, ws, bias, out_dtype, block_size=(128, 128))
     xd = xq.float() * xs.repeat_interleave(128, 1)[:, :k]
     ref = xd @ nm.dequantize(wq, ws, (128, 128)).T + bias
@@ -210,6 +209,7 @@ def test_w8a16_repack_rejects_bad_input():
     (37, 64, 64, torch.float16, "tensor"),
     (70, 33, 200, torch.bfloat16, "block"),
     (3, 130, 129, torch.float16, "block"),
+    (1030, 33, 64, torch.bfloat16, "channel"),  # thousands of rows: 17 M tiles, last one partial
 ])
 def test_w8a16_marlin_interpreted(m, n, k, dtype, mode):
     w, bias = weight(n, k), torch.randn(n)
