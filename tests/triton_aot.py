@@ -62,6 +62,10 @@ def kernels(cap: int):
              "stride_qh": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_bt": "i32", "stride_cb": "i32",
              "stride_ct": "i32"}, {"GROUP": 4, "G_PAD": 4, "BLOCK_SIZE": 16, "H_KV": 8, "D": 128, "D_PAD": 128}),
     }
+    decode_sig = {k: v for k, v in out["paged_decode_bf16_gqa4"][1].items() if v != C}
+    out["paged_decode_fp16_mha_d80"] = spec(
+        kv_cache.paged_decode_kernel, {**decode_sig, "q_ptr": "*fp16", "o_ptr": "*fp16"},
+        {"GROUP": 1, "G_PAD": 1, "BLOCK_SIZE": 16, "H_KV": 8, "D": 80, "D_PAD": 128})
     for dt in ("bf16", "fp16"):
         for grouped in (0, 128):
             out[f"w8a16_{dt}_group{grouped}"] = spec(
@@ -69,6 +73,8 @@ def kernels(cap: int):
                 {"x_ptr": f"*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}",
                  "M": "i32", "N": "i32", "K": "i32", "n_tiles_n": "i32", "stride_xm": "i32", "stride_ym": "i32",
                  "stride_s": "i32"}, {"HAS_BIAS": True, "GROUP_K": grouped, "BM": 64, "BN": 64, "BK": 64})
+    out["w8a16_bf16_group0_bm16"] = (out["w8a16_bf16_group0"][0], out["w8a16_bf16_group0"][1],
+                                     {**out["w8a16_bf16_group0"][2], "BM": 16})
     if cap >= 89:  # FP8 tensor cores only; dispatch.py never sends sm_80/86 here
         for block in (False, True):
             out[f"w8a8_gemm_{'block' if block else 'channel'}_bf16"] = spec(
