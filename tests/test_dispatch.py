@@ -181,3 +181,23 @@ def test_gpu_ops_opcheck_interpreted():
     p = repack(wq, ws.reshape(-1))
     torch.library.opcheck(torch.ops.fp8_backend.triton_w8a16_linear, (x, p.tiles, p.scales, None, 48, 64, 0),
                           test_utils=utils)
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)])
+def test_gpu_paths_interpreted_per_row_block_grid(cap):
+    """checkpoint_linear expands non-aligned fused block grids to one scale row per output row
+    (block_size [1, bk]); both GPU paths take that layout."""
+    layer, q, s, _ = make_layer("block")
+    s_rows = s.repeat_interleave(128, 0)[:70].contiguous()
+    layer.weight_scale = torch.nn.Parameter(s_rows, requires_grad=False)
+    layer.block_size = [1, 128]
+    path = dispatch.choose_linear_path("cuda", cap, "block", "dynamic")
+    dispatch.prepare_layer(layer, path, "l0")
+    x = torch.randn(4, 300).bfloat16()
+    y = dispatch.apply_linear(layer, x, None)
+    if path.kernel == dispatch.GPU_MARLIN_W8A16:
+        ref = nm.w8a16_linear(x.float(), q, s, None, (128, 128))
+    else:
+        xq, xs = nm.quantize_group(x, 128)
+        ref = (xq.float() * xs.repeat_interleave(128, 1)[:, :300]) @ nm.dequantize(q, s, (128, 128)).T
+    assert bool(((y.float() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3).all())
