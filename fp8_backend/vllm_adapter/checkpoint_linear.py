@@ -20,6 +20,7 @@ from vllm.model_executor.parameter import (
 )
 
 from .. import kernels
+from ..kernels import dispatch
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
 
 logger = logging.getLogger("vllm.fp8_backend")
@@ -147,6 +148,8 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         layer._fp8_backend_ready = True
+        path = dispatch.path_for_device(w.device, self.scheme.weight_strategy, self.scheme.activation_scheme)
+        dispatch.prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def _block_layout(self, scale: torch.Tensor, layer) -> tuple[torch.Tensor, list[int]]:
         """Block grid for the kernel, which maps row n to scale row n // bn. Exact as loaded when
@@ -177,7 +180,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         return s
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return kernels.w8a16_linear(x, layer.weight, layer.weight_scale, bias, layer.block_size)
+        return dispatch.apply_linear(layer, x, bias)
 
 
 _QKV = {"q": 0, "k": 1, "v": 2}

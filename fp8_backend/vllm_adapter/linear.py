@@ -11,6 +11,7 @@ from vllm.model_executor.model_loader.reload.layerwise import initialize_online_
 from vllm.model_executor.parameter import ModelWeightParameter
 
 from .. import kernels, numerics
+from ..kernels import dispatch
 from ..formats.scheme import Fp8Scheme
 
 
@@ -90,7 +91,7 @@ class Fp8OnlineLinearMethod(LinearMethodBase):
         initialize_online_processing(layer)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if layer.weight.dtype == torch.float8_e4m3fn:
+        if layer.weight.dtype == torch.float8_e4m3fn or hasattr(layer, "fp8_path"):
             return  # already quantized (processing can be requested twice on reload)
         q, scale = quantize_linear_weight(
             layer.weight.data,
@@ -100,6 +101,8 @@ class Fp8OnlineLinearMethod(LinearMethodBase):
         )
         layer.weight = torch.nn.Parameter(kernels.w8a16_prepack(q), requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        path = dispatch.path_for_device(layer.weight.device, self.scheme.weight_strategy, "none")
+        dispatch.prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return kernels.w8a16_linear(x, layer.weight, layer.weight_scale, bias)
+        return dispatch.apply_linear(layer, x, bias)

@@ -1,0 +1,123 @@
+"""Which linear kernel serves an FP8 layer, chosen once per layer at load time.
+
+- CPU              -> torch.ops.fp8_backend.w8a16_linear (csrc/cpu), weights as loaded;
+- CUDA sm_89+      -> W8A8: activations quantized to FP8, FP8 tensor-core GEMM (Triton);
+- CUDA sm_80/86/87 -> Marlin-style W8A16: weights repacked into tiles, bit-decoded to fp16/bf16;
+- anything else    -> a clear error at load (no FP8 or fp16 tensor-core path to run on).
+
+:func:`choose_linear_path` is a pure function of (device type, capability, scheme) so that the
+decision is unit-tested on CPU; :func:`prepare_layer` applies it to a layer and
+:func:`apply_linear` runs the chosen op.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("vllm.fp8_backend")
+
+CPU_W8A16 = "cpu_w8a16"
+GPU_W8A8 = "gpu_w8a8"
+GPU_MARLIN_W8A16 = "gpu_marlin_w8a16"
+
+_logged: set[str] = set()
+
+
+@dataclass(frozen=True)
+class LinearPath:
+    kernel: str  # CPU_W8A16 | GPU_W8A8 | GPU_MARLIN_W8A16
+    act: str | None  # W8A8 activation quantization: "static" | "dynamic_token" | "group"
+    reason: str
+
+
+def choose_linear_path(device_type: str, capability: tuple[int, int] | None, weight_strategy: str,
+                       activation_scheme: str) -> LinearPath:
+    """The kernel for a layer on ``device_type`` ("cpu" / "cuda") with CUDA ``capability``."""
+    if device_type == "cpu":
+        return LinearPath(CPU_W8A16, None, "CPU: W8A16 kernels of csrc/cpu (no FP8 arithmetic on CPU)")
+    if device_type != "cuda":
+        raise ValueError(f"fp8-backend: device type: expected 'cpu' or 'cuda', found {device_type!r}")
+    if capability is None or len(capability) != 2:
+        raise ValueError(f"fp8-backend: CUDA capability: expected (major, minor), found {capability!r}")
+    cap = tuple(int(c) for c in capability)
+    if cap >= (8, 9):
+        if weight_strategy == "block":
+            act = "group"
+        elif activation_scheme == "static":
+            act = "static"
+        else:
+            act = "dynamic_token"
+        return LinearPath(GPU_W8A8, act, f"sm_{cap[0]}{cap[1]}: FP8 tensor cores, W8A8 ({act} activations)")
+    if cap >= (8, 0):
+        return LinearPath(GPU_MARLIN_W8A16, None,
+                          f"sm_{cap[0]}{cap[1]}: no FP8 tensor cores, Marlin-style W8A16 (bit-decoded weights)")
+    raise ValueError(
+        f"fp8-backend: GPU compute capability: expected sm_80 or newer (Ampere: W8A16; Ada/Hopper: W8A8), "
+        f"found sm_{cap[0]}{cap[1]}"
+    )
+
+
+def path_for_device(device: torch.device, weight_strategy: str, activation_scheme: str) -> LinearPath:
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    path = choose_linear_path(device.type, cap, weight_strategy, activation_scheme)
+    if path.reason not in _logged:
+        _logged.add(path.reason)
+        logger.info("fp8-backend linear kernel: %s", path.reason)
+    return path
+
+
+def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None:
+    """Bring a layer whose ``weight`` (e4m3 [N, K]), ``weight_scale`` (1 / N / block grid) and
+    ``block_size`` are set into the form ``path`` reads; CPU layers are left untouched."""
+    layer.fp8_path = path
+    if path.kernel == CPU_W8A16:
+        return
+    block = getattr(layer, "block_size", None)
+    w, scale = layer.weight.data, layer.weight_scale.data
+    if path.kernel == GPU_MARLIN_W8A16:
+        from .triton.w8a16_repack import repack
+
+        try:
+            packed = repack(w, scale, tuple(block) if block else None)
+        except ValueError as e:
+            raise ValueError(f"{prefix}: {e}") from None
+        layer.weight = torch.nn.Parameter(packed.tiles, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(packed.scales, requires_grad=False)
+        layer.fp8_shape = (packed.n, packed.k, packed.group_size)
+        return
+    n, k = w.shape
+    if path.act == "group":
+        bn, bk = block
+        if bk < 16 or bk & (bk - 1):
+            raise ValueError(f"{prefix}.weight_scale: W8A8 block K size must be a power of two >= 16, found {bk}")
+        want = (-(-n // bn), -(-k // bk))
+        if tuple(scale.shape) != want:
+            raise ValueError(f"{prefix}.weight_scale: expected block scales {want}, found {tuple(scale.shape)}")
+    elif scale.numel() not in (1, n):
+        raise ValueError(f"{prefix}.weight_scale: expected 1 or N={n} scales, found shape {tuple(scale.shape)}")
+    if path.act == "static":
+        s = getattr(layer, "input_scale", None)
+        if s is None:
+            raise ValueError(f"{prefix}.input_scale: static activations need an input scale")
+        # fused layers carry one input scale per shard; one activation tensor needs one scale
+        layer.fp8_input_scale = s.data.float().max().reshape(1)
+
+
+def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Run the op chosen by :func:`prepare_layer`."""
+    path = layer.fp8_path
+    if path.kernel == CPU_W8A16:
+        from . import w8a16_linear
+
+        return w8a16_linear(x, layer.weight, layer.weight_scale, bias, getattr(layer, "block_size", None))
+    from . import gpu_ops  # noqa: F401  (registers the custom ops)
+
+    if path.kernel == GPU_MARLIN_W8A16:
+        n, k, group = layer.fp8_shape
+        return torch.ops.fp8_backend.triton_w8a16_linear(x, layer.weight, layer.weight_scale, bias, n, k, group)
+    return torch.ops.fp8_backend.triton_w8a8_linear(x, layer.weight, layer.weight_scale, bias,
+                                                    getattr(layer, "fp8_input_scale", None), path.act,
+                                                    getattr(layer, "block_size", None))
