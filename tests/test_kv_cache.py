@@ -177,3 +177,17 @@ def test_bad_scale_refused_at_start(autofp8_kv, tmp_path):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     _, out = engine(d, {"kv_cache_dtype": "fp8"}, expect_fail=True)
     assert "model.layers.1.self_attn.attn.v_scale: KV-cache scales must be finite and > 0" in out, out[-3000:]
+
+
+def test_capacity_fp8_holds_twice_the_tokens(runs):
+    """Same kv_cache_memory_bytes (64 MiB): vLLM sizes an FP8 cache at 2x the tokens (blocks)."""
+    import re
+
+    def tokens(out):
+        m = re.search(r"KV cache size: ([\d,]+) tokens", out)
+        assert m, "vLLM did not log its KV cache size"
+        return int(m.group(1).replace(",", ""))
+
+    bf16, fp8, e5m2 = (tokens(runs[k][1]) for k in ("bf16", "fp8", "e5m2"))
+    print(f"KV cache tokens for 64 MiB: bf16 {bf16} ({bf16 // 128} blocks of 128), fp8 {fp8} ({fp8 // 128} blocks)")
+    assert fp8 == 2 * bf16 and e5m2 == fp8
