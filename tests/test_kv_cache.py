@@ -191,3 +191,13 @@ def test_capacity_fp8_holds_twice_the_tokens(runs):
     bf16, fp8, e5m2 = (tokens(runs[k][1]) for k in ("bf16", "fp8", "e5m2"))
     print(f"KV cache tokens for 64 MiB: bf16 {bf16} ({bf16 // 128} blocks of 128), fp8 {fp8} ({fp8 // 128} blocks)")
     assert fp8 == 2 * bf16 and e5m2 == fp8
+
+
+def test_head_size_80_served(tmp_path):
+    """Head size 80: vLLM's own CPU_ATTN refuses an FP8 cache for it ("FP8 KV cache requires
+    head_size divisible by 32 on CPU"); this project's kernels take any head size."""
+    model = build_tiny_llama(tmp_path / "h80", hidden_size=320, num_heads=4, num_kv_heads=2)
+    r, out = engine(model, {"kv_cache_dtype": "fp8"})
+    assert all(a["own_kernels"] for a in attn(r).values())
+    assert "head size 80" in out
+    assert torch.isfinite(lp(r)).all() and len(r["token_ids"][0]) == 4
