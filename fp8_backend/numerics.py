@@ -277,3 +277,114 @@ def w8a8_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 KV cache and paged attention
+# ----------------------------------------------------------------------------------------------
+
+#: vLLM's kv_cache_dtype strings for FP8 caches -> the FP8 dtype stored.
+KV_CACHE_FP8_DTYPES = {"fp8": E4M3, "fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
+
+
+def kv_scale_per_head(scale: torch.Tensor | float, num_kv_heads: int, name: str = "kv scale") -> torch.Tensor:
+    """A k/v scale as an fp32 vector of ``num_kv_heads`` (per-tensor scales are broadcast)."""
+    s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(num_kv_heads)
+    if s.numel() != num_kv_heads:
+        raise ValueError(f"{name}: expected 1 or {num_kv_heads} (per kv head) scales, found {s.numel()}")
+    check_scale(s, name)
+    return s.contiguous()
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """FP8 K or V for the cache: x [tokens, kv_heads, head_size], scale per tensor or per kv head;
+    q = saturate(round_half_even(x / scale)) (e4m3 ±448, e5m2 ±57344; NaN stays NaN)."""
+    s = kv_scale_per_head(scale, x.shape[-2])
+    return quantize_with_scale(x, s.reshape(-1, 1), dtype)
+
+
+def paged_kv_write(
+    x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, scale: torch.Tensor | float | None = None
+) -> None:
+    """Write x [tokens, kv_heads, head_size] into a paged cache [num_blocks, kv_heads, block_size,
+    head_size] at slots ``slot_mapping`` (slot = block * block_size + offset; -1 skips the token).
+    FP8 caches (float8 dtypes) quantize with ``scale``; 16/32-bit caches store x as is."""
+    bs = cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    xs = x[keep]
+    if cache.dtype in FP8_DTYPES:
+        vals = quantize_kv(xs, 1.0 if scale is None else scale, cache.dtype)
+    else:
+        vals = xs.to(cache.dtype)
+    cache[slots // bs, :, slots % bs, :] = vals
+
+
+def gather_kv(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence, [length, kv_heads, head_size], raw cache dtype."""
+    bs = cache.shape[2]
+    nblk = -(-length // bs)
+    blocks = cache[block_row[:nblk].long()]  # [nblk, H, bs, D]
+    return blocks.permute(0, 2, 1, 3).reshape(nblk * bs, cache.shape[1], cache.shape[3])[:length]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    softmax_scale: float,
+    k_scale: torch.Tensor | float = 1.0,
+    v_scale: torch.Tensor | float = 1.0,
+    sliding_window: int = -1,
+) -> torch.Tensor:
+    """Reference causal paged attention over an FP8 (or 16/32-bit) paged KV cache.
+
+    query [T, Hq, D]: sequence i owns rows query_start_loc[i]:query_start_loc[i+1] (its newest
+    tokens, whose K/V are already in the cache), seq_lens[i] is its whole length (cached prefix +
+    new tokens), so query row j of a sequence with n rows sits at position seq_len - n + j.
+    Decode is n = 1; prefill with a cached prefix (chunked prefill) is n > 1. Caches are
+    [num_blocks, Hkv, block_size, D]; Hq is a multiple of Hkv (GQA: query head h reads kv head
+    h // (Hq / Hkv)). A query at position p attends keys t <= p, and with sliding_window w > 0 only
+    keys with p - t < w. Softmax in fp32. NaN in an attended K or V makes the row NaN.
+
+    k_scale folds into the softmax scale (scores = (q . k_fp8) * softmax_scale * k_scale) and
+    v_scale into the output (out = (P @ v_fp8) * v_scale), per kv head: mathematically identical
+    to dequantizing K and V first, since both scales are constant over the summed index.
+    Output [T, Hq, D] in query.dtype.
+    """
+    T, Hq, D = query.shape
+    Hkv = key_cache.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"paged_attention: {Hq} query heads is not a multiple of {Hkv} kv heads")
+    G = Hq // Hkv
+    ks = kv_scale_per_head(k_scale, Hkv, "k_scale")
+    vs = kv_scale_per_head(v_scale, Hkv, "v_scale")
+    out = torch.empty(T, Hq, D, dtype=torch.float32)
+    for i in range(len(seq_lens)):
+        q0, q1 = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        n, L = q1 - q0, int(seq_lens[i])
+        if n == 0:
+            continue
+        k = gather_kv(key_cache, block_table[i], L).float()  # [L, Hkv, D] raw FP8 values
+        v = gather_kv(value_cache, block_table[i], L).float()
+        q = query[q0:q1].float().reshape(n, Hkv, G, D)
+        s = torch.einsum("nhgd,lhd->hgnl", q, k) * (softmax_scale * ks).reshape(Hkv, 1, 1, 1)
+        pos = torch.arange(L - n, L).reshape(n, 1)
+        t = torch.arange(L).reshape(1, L)
+        mask = t <= pos
+        if sliding_window > 0:
+            mask &= (pos - t) < sliding_window
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)  # [Hkv, G, n, L]
+        if bool(torch.isfinite(v).all()):
+            o = torch.einsum("hgnl,lhd->nhgd", p, v)
+        else:  # masked keys are never read: keep their NaN out of 0 * NaN
+            pv = torch.where(mask.reshape(1, 1, n, L, 1), p.unsqueeze(-1) * v.permute(1, 0, 2).unsqueeze(1).unsqueeze(1), 0.0)
+            o = pv.sum(dim=3).permute(2, 0, 1, 3)
+        out[q0:q1] = (o * vs.reshape(1, Hkv, 1, 1)).reshape(n, Hq, D)
+    return out.to(query.dtype)

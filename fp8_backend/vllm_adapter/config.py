@@ -107,6 +107,10 @@ class Fp8Config(QuantizationConfig):
         from .checkpoint_linear import Fp8CheckpointLinearMethod
         from .linear import Fp8OnlineLinearMethod
 
+        from vllm.model_executor.layers.attention import Attention
+
+        if isinstance(layer, Attention):
+            return self._kv_cache_method(layer)
         if not isinstance(layer, LinearBase):
             return None  # lm_head (ParallelLMHead) and embeddings stay 16-bit
         if self.checkpoint is not None:
@@ -122,6 +126,27 @@ class Fp8Config(QuantizationConfig):
             logger.info("fp8-backend: %s", self.scheme.describe())
             self._logged = True
         return Fp8OnlineLinearMethod(self.scheme, prefix)
+
+    def _kv_cache_method(self, layer: torch.nn.Module) -> QuantizeMethodBase | None:
+        """k/v scales for attention layers (Fp8KVCacheMethod). vLLM refuses fp8_e5m2 with any
+        fp8 scale-loading method, so an e5m2 cache with no scales declared keeps the defaults."""
+        from .kv_cache import Fp8KVCacheMethod
+
+        declared = self.checkpoint is not None and self.checkpoint.kv_cache is not None
+        if getattr(layer, "kv_cache_dtype", None) == "fp8_e5m2" and not declared:
+            return None
+        return Fp8KVCacheMethod(self)
+
+    def get_cache_scale_mapper(self):
+        """AutoFP8's k_proj/v_proj.output_scale -> attn.k_scale/v_scale, plus vLLM's own names
+        (self_attn.k_scale, deprecated kv_scale, ...)."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        own = WeightsMapper(orig_to_new_suffix={
+            ".k_proj.output_scale": ".attn.k_scale",
+            ".v_proj.output_scale": ".attn.v_scale",
+        })
+        return own | QuantizationConfig.get_cache_scale_mapper()
 
 
 def _strategy_from_spec(linear: Any) -> str:
@@ -174,9 +199,8 @@ class Fp8CompressedTensorsConfig(Fp8Config):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         checkpoint = parse_quantization_config(config)
-        if checkpoint.kv_cache is not None:
-            raise NotImplementedError(
-                "fp8-backend: compressed-tensors kv_cache_scheme (FP8 KV-cache scales) is not "
-                "served yet; the same checkpoint without kv_cache_scheme is"
-            )
-        return cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        cfg = cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        # vLLM's Attention reads quant_config.kv_cache_scheme: an FP8 KV cache by default, and
+        # per-head scale parameters for strategy "attn_head" (Fp8KVCacheMethod loads both).
+        cfg.kv_cache_scheme = config.get("kv_cache_scheme")
+        return cfg

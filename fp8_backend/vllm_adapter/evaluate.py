@@ -42,12 +42,28 @@ def _layer_report(model) -> dict[str, Any]:
                 "out_features": int(module.output_size_per_partition),
                 "scale_numel": int(module.weight_scale.numel()) if hasattr(module, "weight_scale") else None,
             }
+    attention = {}
+    from vllm.model_executor.layers.attention import Attention
+
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            kh = getattr(module, "_fp8b_k_heads", None)
+            vh = getattr(module, "_fp8b_v_heads", None)
+            attention[name] = {
+                "impl": type(module.impl).__module__ + "." + type(module.impl).__qualname__,
+                "own_kernels": bool(getattr(module.impl, "own", False)),
+                "kv_cache_dtype": str(module.kv_cache_dtype),
+                "k_scale": float(module._k_scale_float),
+                "v_scale": float(module._v_scale_float),
+                "k_scale_heads": None if kh is None else kh.tolist(),
+                "v_scale_heads": None if vh is None else vh.tolist(),
+            }
     for p in model.parameters():
         weight_bytes += p.numel() * p.element_size()
     for b in model.buffers():
         if b.dtype != torch.bool:
             weight_bytes += b.numel() * b.element_size()
-    return {"linear": layers, "param_bytes": weight_bytes}
+    return {"linear": layers, "attention": attention, "param_bytes": weight_bytes}
 
 
 def layer_report(llm) -> dict[str, Any]:

@@ -38,5 +38,19 @@ def register() -> None:
     register_quantization_config("fp8")(Fp8Config)
     # A custom name, so vLLM lets it claim FP8 compressed-tensors checkpoints (see the class).
     register_quantization_config("fp8_backend")(Fp8CompressedTensorsConfig)
+    _register_attention_backend()
     _done = True
     logger.info("fp8-backend: quantization='fp8' now served by %s", Fp8Config.__qualname__)
+
+
+def _register_attention_backend() -> None:
+    """Serve vLLM's CPU_ATTN name (the CPU platform always selects it) and CUSTOM with this
+    project's backend; it runs vLLM's own kernels unless the KV cache is FP8 (see the module)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if not current_platform.is_cpu():
+        return
+    path = "fp8_backend.vllm_adapter.attention_backend.Fp8CpuAttentionBackend"
+    register_backend(AttentionBackendEnum.CPU_ATTN, path)
+    register_backend(AttentionBackendEnum.CUSTOM, path)

@@ -1,0 +1,43 @@
+// Internal interface between the paged-attention op layer (attention_ops.cpp) and the per-ISA
+// attention kernels (attention_portable.cpp, attention_avx512.cpp).
+//
+// One task = one sequence x one kv head x a run of query rows (all query heads of that kv head,
+// GQA). The op layer stages the query rows in fp32 already multiplied by softmax_scale * k_scale,
+// and applies v_scale and the output rounding; the kernel computes, per row r,
+//     out[r] = sum_t softmax_t(q[r] . k_fp8[t]) * v_fp8[t]
+// over the keys t the row may see (causal, optional sliding window), reading the cache bytes
+// directly and decoding them to fp32 a tile at a time (online softmax, fp32).
+#pragma once
+
+#include <cstdint>
+
+namespace fp8_backend {
+
+enum class KvKind : int { e4m3 = 0, e5m2 = 1, bf16 = 2, f16 = 3, f32 = 4 };
+
+struct AttnTask {
+  const float* q = nullptr;       // [R, D] staged query rows
+  const int64_t* pos = nullptr;   // [R] token position of each row, non-decreasing
+  int64_t R = 0, D = 0;
+  const uint8_t* kc = nullptr;    // key cache at block 0 of this kv head
+  const uint8_t* vc = nullptr;    // value cache at block 0 of this kv head
+  int64_t k_blk = 0, k_tok = 0;   // byte strides: between blocks, between tokens of a block
+  int64_t v_blk = 0, v_tok = 0;
+  const int32_t* blocks = nullptr;  // this sequence's block table row
+  int64_t block_size = 0;
+  int64_t window = 0;             // > 0: row at p sees keys t with p - t < window
+  KvKind kind = KvKind::e4m3;
+  float* out = nullptr;           // [R, D]
+  float* work = nullptr;          // attn_work_floats(R, D) floats
+};
+
+constexpr int64_t kKeyTile = 32;  // keys decoded per tile (never crossing a cache block)
+
+inline int64_t attn_work_floats(int64_t R, int64_t D) {
+  return 2 * kKeyTile * D + R * kKeyTile + 2 * R + 64;
+}
+
+void attend_portable(const AttnTask& t);
+void attend_avx512(const AttnTask& t);  // needs AVX-512F/BW/VL/DQ + F16C and D % 16 == 0
+
+}  // namespace fp8_backend

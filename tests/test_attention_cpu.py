@@ -1,0 +1,272 @@
+"""The C++ FP8 KV-cache kernels (cache write, paged attention) against numerics.py, on every
+attention code path this CPU can run (avx512 and the forced portable path).
+
+Tolerances: the cache write is bit-exact (same RNE + saturation as numerics). Attention sums in
+fp32 in a different order (tiled online softmax, vectorized exp with rel. error < 2e-7), so fp32
+outputs agree to ~1e-6 of the output magnitude (bound used: 2e-5 relative + 2e-6 absolute);
+bf16/fp16 outputs are both rounded from fp32 values that close, so they differ by at most one
+unit in the last place (rtol 2^-7 for bf16, 2^-10 for fp16).
+"""
+
+import pytest
+import torch
+
+from fp8_backend import numerics as N
+from fp8_backend.kernels import attention as A
+
+KV = {"fp8": N.E4M3, "fp8_e4m3": N.E4M3, "fp8_e5m2": N.E5M2}
+TOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2**-7, 1e-5), torch.float16: (2**-10, 1e-5)}
+
+
+@pytest.fixture(params=A.ATTENTION_ISAS)
+def isa(request):
+    if request.param not in A.supported_attention_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} attention path")
+    before = A.attention_isa()
+    A.set_attention_isa(request.param)
+    yield request.param
+    A.set_attention_isa(before)
+
+
+def make_batch(lens, qlens, H, D, bs, gen, nb_extra=3):
+    """Block table (shuffled blocks) and slots of sequences of the given lengths."""
+    nblks = [-(-L // bs) for L in lens]
+    nb = sum(nblks) + nb_extra
+    perm = torch.randperm(nb, generator=gen).int()
+    bt = torch.full((len(lens), max(nblks) + 1), nb - 1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(nblks):
+        bt[i, :n] = perm[used : used + n]
+        used += n
+    slots = torch.cat([bt[i, torch.arange(L) // bs].long() * bs + torch.arange(L) % bs for i, L in enumerate(lens)])
+    qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    return nb, bt, slots, qsl, torch.tensor(lens, dtype=torch.int32)
+
+
+def fill_caches(kv, k, v, nb, H, bs, D, slots, ks, vs):
+    """Kernel-written caches (uint8 / 16-bit) and numerics-written reference caches."""
+    ref_dtype = KV.get(kv, k.dtype)
+    cache_dtype = torch.uint8 if kv in KV else k.dtype
+    kc = torch.zeros(nb, H, bs, D, dtype=cache_dtype)
+    vc = torch.zeros_like(kc)
+    A.kv_cache_write(k, v, kc, vc, slots, kv, ks, vs)
+    kr = torch.zeros(nb, H, bs, D, dtype=ref_dtype)
+    vr = torch.zeros_like(kr)
+    N.paged_kv_write(k, kr, slots, ks if kv in KV else None)
+    N.paged_kv_write(v, vr, slots, vs if kv in KV else None)
+    return kc, vc, kr, vr
+
+
+def check_attention(o, ref):
+    rtol, atol = TOL[o.dtype]
+    scale = max(1.0, ref.float().abs().max().item()) if o.dtype == torch.float32 else 1.0
+    torch.testing.assert_close(o.float(), ref.float(), rtol=rtol, atol=atol * scale, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache write
+# ---------------------------------------------------------------------------------------------
+
+
+def edge_values(dtype):
+    m = N.fp8_max(dtype)
+    tiny = 2.0**-9 if dtype == N.E4M3 else 2.0**-16  # smallest subnormal
+    vals = [0.0, -0.0, tiny, tiny / 2, tiny * 1.5, -tiny * 0.49, 1.0625, 1.1875, -1.0625, m, -m, m * 1.03,
+            m * 1.2, -m * 5, 1e30, float("inf"), float("-inf"), float("nan"), 2.5, 3.5, 0.3]
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0**-20, 1e-30, 3e30])
+def test_cache_write_bit_exact_edges(kv, scale):
+    """Edge values (subnormals, RNE ties, +-max, beyond max, Inf, NaN) and scales near the fp32
+    limits: the bytes equal numerics' saturating round-half-even (not vLLM's round toward zero)."""
+    vals = edge_values(KV[kv])
+    D = 32
+    x = vals.repeat(D * 2 // len(vals) + 1)[: 2 * D].reshape(1, 2, D) * scale  # fp32 input
+    kc = torch.zeros(2, 2, 4, D, dtype=torch.uint8)
+    vc = torch.zeros_like(kc)
+    slots = torch.tensor([5])
+    A.kv_cache_write(x, -x, kc, vc, slots, kv, torch.tensor(scale), torch.tensor([scale, scale * 2]))
+    ref_k = N.quantize_kv(x, scale, KV[kv]).view(torch.uint8)
+    ref_v = N.quantize_kv(-x, torch.tensor([scale, scale * 2]), KV[kv]).view(torch.uint8)
+    got_k, got_v = kc[1, :, 1], vc[1, :, 1]
+    for got, ref in ((got_k, ref_k[0]), (got_v, ref_v[0])):
+        fgot, fref = got.view(KV[kv]).float(), ref.view(KV[kv]).float()
+        assert torch.equal(torch.isnan(fgot), torch.isnan(fref))
+        ok = ~torch.isnan(fref)
+        assert torch.equal(got[ok], ref[ok]), (got[ok], ref[ok])
+        assert not torch.isinf(fgot).any(), "saturating: never Inf"
+    assert kc[0].eq(0).all() and kc[1, :, [0, 2, 3]].eq(0).all(), "only slot 5 written"
+    if kv == "fp8_e4m3" and scale == 1.0:  # the tie 1.0625 rounds to even 1.0, 1.1875 up to 1.25
+        row = kc[1, 0, 1].view(N.E4M3).float()
+        assert row[6].item() == 1.0 and row[7].item() == 1.25 and row[12].item() == 448.0
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2", "auto"])
+def test_cache_write_random_slots(kv):
+    """Random tokens into shuffled slots, per-head scales, slot -1 skipped, 16-bit cache copies."""
+    gen = torch.Generator().manual_seed(1)
+    T, H, D, bs, nb = 37, 3, 80, 16, 5
+    k = (torch.randn(T, H, D, generator=gen) * 4).bfloat16()
+    v = torch.randn(T, H, D, generator=gen).bfloat16()
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    slots[[3, 20]] = -1
+    ks, vs = torch.tensor([0.01, 0.02, 0.05]), torch.tensor([0.004])
+    kc, vc, kr, vr = fill_caches(kv, k, v, nb, H, bs, D, slots, ks, vs)
+    assert torch.equal(kc.view(-1), kr.view(kc.dtype).view(-1))
+    assert torch.equal(vc.view(-1), vr.view(vc.dtype).view(-1))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_scales_refused(bad):
+    kc = torch.zeros(1, 2, 4, 16, dtype=torch.uint8)
+    x = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="v_scale must be finite and > 0"):
+        A.kv_cache_write(x, x, kc, kc.clone(), torch.tensor([0]), "fp8", 1.0, torch.tensor([1.0, bad]))
+    q = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="k_scale must be finite and > 0"):
+        A.paged_attention(q, kc, kc, torch.tensor([0, 1]), torch.tensor([1]), torch.zeros(1, 1, dtype=torch.int32),
+                          0.25, "fp8", bad, 1.0)
+
+
+def test_bad_inputs_named():
+    kc = torch.zeros(2, 2, 4, 16, dtype=torch.uint8)
+    q = torch.randn(1, 2, 16)
+    bt = torch.tensor([[0, 7]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 7 is outside the cache"):
+        A.paged_attention(q, kc, kc, torch.tensor([0, 1]), torch.tensor([6]), bt, 0.25)
+    with pytest.raises(RuntimeError, match="head_size=16"):
+        A.paged_attention(torch.randn(1, 2, 32), kc, kc, torch.tensor([0, 1]), torch.tensor([1]), bt, 0.25)
+    with pytest.raises(RuntimeError, match="kv_cache_dtype must be"):
+        A.kv_cache_write(q, q, kc, kc.clone(), torch.tensor([0]), "int8")
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[0\] = 8 is outside"):
+        A.kv_cache_write(q, q, kc, kc.clone(), torch.tensor([8]), "fp8")
+    with pytest.raises(RuntimeError, match="fp8_e5m2' needs a uint8 or float8_e5m2 cache"):
+        A.kv_cache_write(q, q, kc.view(N.E4M3), kc.view(N.E4M3).clone(), torch.tensor([0]), "fp8_e5m2")
+
+
+# ---------------------------------------------------------------------------------------------
+# paged attention
+# ---------------------------------------------------------------------------------------------
+
+# (seq lens, query lens): decode of one token at block boundaries, prefill with no cached prefix
+# (query = whole sequence), chunked prefill over a cached prefix, a 1-token sequence.
+BATCH = ([1, 16, 17, 33, 64, 5, 40], [1, 1, 1, 7, 64, 5, 1])
+
+
+@pytest.mark.parametrize("D", [128, 64, 80, 72])
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2"])
+def test_attention_head_sizes(isa, D, kv):
+    run_case(isa, D, kv, torch.bfloat16, hq=8, hkv=2, bs=16, window=-1, seed=D)
+
+
+@pytest.mark.parametrize("qdtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "auto"])
+def test_attention_query_dtypes(isa, qdtype, kv):
+    run_case(isa, 128, kv, qdtype, hq=4, hkv=4, bs=32, window=-1, seed=3)
+
+
+@pytest.mark.parametrize("hq,hkv", [(1, 1), (8, 1), (12, 3), (32, 8)])
+@pytest.mark.parametrize("window", [-1, 1, 9, 40])
+def test_attention_gqa_window(isa, hq, hkv, window):
+    run_case(isa, 64, "fp8", torch.bfloat16, hq=hq, hkv=hkv, bs=16, window=window, seed=hq * 100 + window)
+
+
+def run_case(isa, D, kv, qdtype, hq, hkv, bs, window, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lens, qlens = BATCH
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, hkv, D, bs, gen)
+    T = sum(lens)
+    cdt = qdtype if kv == "auto" else torch.bfloat16
+    k = (torch.randn(T, hkv, D, generator=gen) * 2).to(cdt)
+    v = torch.randn(T, hkv, D, generator=gen).to(cdt)
+    ks = torch.rand(hkv, generator=gen) * 0.02 + 0.005
+    vs = torch.tensor(0.004)
+    kc, vc, kr, vr = fill_caches(kv, k, v, nb, hkv, bs, D, slots, ks, vs)
+    q = torch.randn(sum(qlens), hq, D, generator=gen).to(qdtype)
+    o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, kv, ks, vs, window)
+    ks_ref, vs_ref = (ks, vs) if kv != "auto" else (1.0, 1.0)
+    ref = N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, ks_ref, vs_ref, window)
+    check_attention(o, ref)
+
+
+def test_attention_scale_limits_and_extremes(isa):
+    """Large scores (scales near the fp8/fp32 limits: softmax nearly one-hot) and saturated cache
+    values: the online softmax's running max keeps exp() in range like the reference."""
+    gen = torch.Generator().manual_seed(7)
+    lens, qlens = [50, 3], [1, 3]
+    D, H, bs = 64, 2, 16
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, H, D, bs, gen)
+    k = torch.randn(53, H, D, generator=gen) * 1e3  # saturates at e4m3's 448 with scale 1
+    v = torch.randn(53, H, D, generator=gen) * 1e3
+    for ks in (1.0, 1e-3, 40.0):
+        kc, vc, kr, vr = fill_caches("fp8", k, v, nb, H, bs, D, slots, ks, 1.0)
+        q = torch.randn(4, 4, D, generator=gen)
+        o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, "fp8", ks, 1.0)
+        ref = N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, ks, 1.0)
+        check_attention(o, ref)
+        assert torch.isfinite(o).all()
+
+
+def test_attention_nan_policy(isa):
+    """A NaN in an attended K or V makes that row NaN (as dequantize-then-attend would); a NaN in
+    a position the row does not attend (the future, or outside the window) is never read."""
+    gen = torch.Generator().manual_seed(11)
+    D, H, bs = 64, 1, 16
+    lens, qlens = [20], [20]
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, H, D, bs, gen)
+    k = torch.randn(20, H, D, generator=gen)
+    v = torch.randn(20, H, D, generator=gen)
+    v[10, 0, 3] = float("nan")  # token 10
+    kc, vc, kr, vr = fill_caches("fp8", k, v, nb, H, bs, D, slots, 0.01, 0.01)
+    q = torch.randn(20, 2, D, generator=gen)
+    for window in (-1, 4):
+        o = A.paged_attention(q, kc, vc, qsl, sl, bt, 0.125, "fp8", 0.01, 0.01, window)
+        ref = N.paged_attention(q, kr, vr, qsl, sl, bt, 0.125, 0.01, 0.01, window)
+        check_attention(o, ref)
+        nan_rows = torch.isnan(o).any(dim=(1, 2))
+        attends = torch.arange(20) >= 10
+        if window > 0:
+            attends &= torch.arange(20) - 10 < window
+        assert torch.equal(nan_rows, attends)
+
+
+def test_attention_strided_vllm_layout(isa):
+    """vLLM's CPU cache [num_blocks, kv_heads, 2 * block_size, head_size] split into K and V halves
+    (non-contiguous views) reads the same as separate contiguous caches."""
+    gen = torch.Generator().manual_seed(5)
+    D, H, bs = 128, 2, 32
+    lens, qlens = [70, 9], [1, 4]
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, H, D, bs, gen)
+    kv_cache = torch.zeros(nb, H, 2 * bs, D, dtype=torch.uint8)
+    kc, vc = kv_cache.chunk(2, dim=2)
+    k = torch.randn(79, H, D, generator=gen).bfloat16()
+    v = torch.randn(79, H, D, generator=gen).bfloat16()
+    A.kv_cache_write(k, v, kc, vc, slots, "fp8", 0.02, 0.01)
+    kc2, vc2, kr, vr = fill_caches("fp8", k, v, nb, H, bs, D, slots, 0.02, 0.01)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    q = torch.randn(5, 8, D, generator=gen).bfloat16()
+    o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, "fp8", 0.02, 0.01)
+    check_attention(o, N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, 0.02, 0.01))
+
+
+def test_reference_matches_dequantize_then_sdpa():
+    """The spec itself: folding k/v scales equals dequantize-then-attend (torch SDPA, causal)."""
+    gen = torch.Generator().manual_seed(2)
+    D, H, bs, L = 32, 2, 8, 21
+    nb, bt, slots, qsl, sl = make_batch([L], [L], H, D, bs, gen)
+    k, v = torch.randn(L, H, D, generator=gen), torch.randn(L, H, D, generator=gen)
+    ks, vs = torch.tensor([0.01, 0.03]), torch.tensor([0.02, 0.005])
+    kr = torch.zeros(nb, H, bs, D, dtype=N.E4M3)
+    vr = torch.zeros_like(kr)
+    N.paged_kv_write(k, kr, slots, ks)
+    N.paged_kv_write(v, vr, slots, vs)
+    q = torch.randn(L, 4, D, generator=gen)
+    o = N.paged_attention(q, kr, vr, qsl, sl, bt, 0.2, ks, vs)
+    kd = (N.quantize_kv(k, ks).float() * ks.reshape(H, 1)).repeat_interleave(2, 1)
+    vd = (N.quantize_kv(v, vs).float() * vs.reshape(H, 1)).repeat_interleave(2, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1), is_causal=True, scale=0.2
+    ).transpose(0, 1)
+    torch.testing.assert_close(o, sdpa, rtol=1e-5, atol=1e-6)
