@@ -201,3 +201,43 @@ def test_gpu_paths_interpreted_per_row_block_grid(cap):
         xq, xs = nm.quantize_group(x, 128)
         ref = (xq.float() * xs.repeat_interleave(128, 1)[:, :300]) @ nm.dequantize(q, s, (128, 128)).T
     assert bool(((y.float() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3).all())
+
+
+@pytest.mark.parametrize("strategy,scheme", [("tensor", "static"), ("channel", "dynamic"), ("block", "dynamic"),
+                                             ("tensor", "none")])
+def test_cpu_w8a8_emulation_vs_numerics(strategy, scheme):
+    """FP8_BACKEND_EMULATE_W8A8: the CPU kernel with activations fake-quantized as W8A8 does."""
+    layer, q, s, block = make_layer(strategy)
+    layer.input_scale = torch.nn.Parameter(torch.tensor([0.02, 0.03]), requires_grad=False)
+    path = dispatch.choose_linear_path("cpu", None, strategy, scheme, emulate_w8a8=True)
+    assert path.kernel == dispatch.CPU_W8A16 and path.act == {"block": "group", "static": "static"}.get(
+        strategy if strategy == "block" else scheme, "dynamic_token")
+    dispatch.prepare_layer(layer, path, "model.layers.0.mlp")
+    x = torch.randn(5, 300).bfloat16() * 3
+    bias = torch.randn(70).bfloat16()
+    y = dispatch.apply_linear(layer, x, bias)
+    bias = bias.float()
+    if path.act == "group":
+        xq, xs = nm.quantize_group(x, 128)
+        ref = (xq.float() * xs.repeat_interleave(128, 1)[:, :300]) @ nm.dequantize(q, s, (128, 128)).T + bias
+    else:
+        ref = nm.w8a8_linear(x.float(), q, s, path.act, torch.tensor(0.03), bias)
+    w16 = nm.w8a16_linear(x.float(), q, s, bias, tuple(block) if block else None)
+    # Static folds the activation scale into the weight scale: fp32 sums in another order, then one
+    # bf16 rounding (2^-8). Per-token / group emulation rounds each dequantized activation to bf16
+    # once more (2^-9 relative each): bounded by 2^-9 * |x| @ |w| on top.
+    spread = x.float().abs() @ nm.dequantize(q, s, tuple(block) if block else None).abs().T
+    extra = 0 if path.act == "static" else 2.0**-9 * spread
+    assert bool(((y.float() - ref).abs() <= 2.0**-8 * ref.abs() + extra + 1e-3).all())
+    # ... and it is not the W8A16 result: activation quantization is visible.
+    assert float((y.float() - w16).abs().max()) > 1e-3
+
+
+def test_emulation_env_is_read_and_validated(monkeypatch):
+    monkeypatch.setenv(dispatch.EMULATE_ENV, "1")
+    assert dispatch.path_for_device(torch.device("cpu"), "tensor", "static").act == "static"
+    monkeypatch.setenv(dispatch.EMULATE_ENV, "yes please")
+    with pytest.raises(ValueError, match="FP8_BACKEND_EMULATE_W8A8: expected 0 or 1"):
+        dispatch.path_for_device(torch.device("cpu"), "tensor", "static")
+    monkeypatch.delenv(dispatch.EMULATE_ENV)
+    assert dispatch.path_for_device(torch.device("cpu"), "tensor", "static").act is None

@@ -13,6 +13,7 @@ decision is unit-tested on CPU; :func:`prepare_layer` applies it to a layer and
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,27 @@ GPU_MARLIN_W8A16 = "gpu_marlin_w8a16"
 
 _logged: set[str] = set()
 
+#: Set to 1 to emulate W8A8 on CPU: activations are fake-quantized to FP8 the way the GPU's W8A8
+#: path quantizes them (static per-tensor, dynamic per-token or 1x128 groups), so the accuracy of
+#: a GPU deployment can be measured here. Read when layers load (vLLM's child processes inherit it).
+EMULATE_ENV = "FP8_BACKEND_EMULATE_W8A8"
+
+
+def emulate_w8a8_requested() -> bool:
+    value = os.environ.get(EMULATE_ENV, "0").strip().lower()
+    if value not in ("0", "1", "", "false", "true"):
+        raise ValueError(f"{EMULATE_ENV}: expected 0 or 1, found {value!r}")
+    return value in ("1", "true")
+
+
+def _w8a8_activations(weight_strategy: str, activation_scheme: str) -> str:
+    """How the W8A8 path quantizes activations for a layer of this scheme."""
+    if weight_strategy == "block":
+        return "group"
+    if activation_scheme == "static":
+        return "static"
+    return "dynamic_token"
+
 
 @dataclass(frozen=True)
 class LinearPath:
@@ -34,9 +56,15 @@ class LinearPath:
 
 
 def choose_linear_path(device_type: str, capability: tuple[int, int] | None, weight_strategy: str,
-                       activation_scheme: str) -> LinearPath:
-    """The kernel for a layer on ``device_type`` ("cpu" / "cuda") with CUDA ``capability``."""
+                       activation_scheme: str, emulate_w8a8: bool = False) -> LinearPath:
+    """The kernel for a layer on ``device_type`` ("cpu" / "cuda") with CUDA ``capability``.
+
+    ``emulate_w8a8`` (CPU only): fake-quantize activations as the W8A8 GPU path would."""
     if device_type == "cpu":
+        if emulate_w8a8:
+            act = _w8a8_activations(weight_strategy, activation_scheme)
+            return LinearPath(CPU_W8A16, act, f"CPU: W8A16 kernels of csrc/cpu with activations "
+                              f"fake-quantized to FP8 ({act}), emulating the numerics of W8A8")
         return LinearPath(CPU_W8A16, None, "CPU: W8A16 kernels of csrc/cpu (no FP8 arithmetic on CPU)")
     if device_type != "cuda":
         raise ValueError(f"fp8-backend: device type: expected 'cpu' or 'cuda', found {device_type!r}")
@@ -44,12 +72,7 @@ def choose_linear_path(device_type: str, capability: tuple[int, int] | None, wei
         raise ValueError(f"fp8-backend: CUDA capability: expected (major, minor), found {capability!r}")
     cap = tuple(int(c) for c in capability)
     if cap >= (8, 9):
-        if weight_strategy == "block":
-            act = "group"
-        elif activation_scheme == "static":
-            act = "static"
-        else:
-            act = "dynamic_token"
+        act = _w8a8_activations(weight_strategy, activation_scheme)
         return LinearPath(GPU_W8A8, act, f"sm_{cap[0]}{cap[1]}: FP8 tensor cores, W8A8 ({act} activations)")
     if cap >= (8, 0):
         return LinearPath(GPU_MARLIN_W8A16, None,
@@ -62,7 +85,8 @@ def choose_linear_path(device_type: str, capability: tuple[int, int] | None, wei
 
 def path_for_device(device: torch.device, weight_strategy: str, activation_scheme: str) -> LinearPath:
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    path = choose_linear_path(device.type, cap, weight_strategy, activation_scheme)
+    emulate = device.type == "cpu" and emulate_w8a8_requested()
+    path = choose_linear_path(device.type, cap, weight_strategy, activation_scheme, emulate)
     if path.reason not in _logged:
         _logged.add(path.reason)
         logger.info("fp8-backend linear kernel: %s", path.reason)
@@ -74,6 +98,8 @@ def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None
     ``block_size`` are set into the form ``path`` reads; CPU layers are left untouched."""
     layer.fp8_path = path
     if path.kernel == CPU_W8A16:
+        if path.act == "static":
+            _set_static_input_scale(layer, prefix)
         return
     block = getattr(layer, "block_size", None)
     w, scale = layer.weight.data, layer.weight_scale.data
@@ -99,11 +125,43 @@ def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None
     elif scale.numel() not in (1, n):
         raise ValueError(f"{prefix}.weight_scale: expected 1 or N={n} scales, found shape {tuple(scale.shape)}")
     if path.act == "static":
-        s = getattr(layer, "input_scale", None)
-        if s is None:
-            raise ValueError(f"{prefix}.input_scale: static activations need an input scale")
-        # fused layers carry one input scale per shard; one activation tensor needs one scale
-        layer.fp8_input_scale = s.data.float().max().reshape(1)
+        _set_static_input_scale(layer, prefix)
+
+
+def _set_static_input_scale(layer: torch.nn.Module, prefix: str) -> None:
+    s = getattr(layer, "input_scale", None)
+    if s is None:
+        raise ValueError(f"{prefix}.input_scale: static activations need an input scale")
+    # fused layers carry one input scale per shard; one activation tensor needs one scale
+    layer.fp8_input_scale = s.data.float().max().reshape(1)
+
+
+def fake_quant_activations(x: torch.Tensor, act: str, input_scale: torch.Tensor | None,
+                           group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x rounded to the FP8 grid as the W8A8 path quantizes it (numerics.py), for emulation.
+
+    Static: returns the FP8 values themselves (exact in bf16/fp16) and the scale to fold into the
+    weight scale, so the result is W8A8's up to fp32 summation order. Per-token and group scales
+    differ per row / group and cannot be folded: the dequantized activations are returned in
+    x.dtype, which adds one rounding (at most 2^-9 relative for bf16) per activation.
+    """
+    from .. import numerics
+
+    if act == "static":
+        q, s = numerics.quantize_per_tensor(x, scale=input_scale)
+        return q.to(x.dtype), s.reshape(1)
+    if act == "dynamic_token":
+        q, s = numerics.quantize_per_token(x)
+        return (q.float() * s).to(x.dtype), None
+    if act == "group":
+        q, s = numerics.quantize_group(x, group_size)
+        k = x.shape[-1]
+        deq = q.float().reshape(*x.shape[:-1], -1, group_size) if k % group_size == 0 else None
+        if deq is None:
+            pad = torch.nn.functional.pad(q.float(), (0, (-k) % group_size))
+            deq = pad.reshape(*x.shape[:-1], -1, group_size)
+        return (deq * s.unsqueeze(-1)).reshape(*x.shape[:-1], -1)[..., :k].to(x.dtype), None
+    raise ValueError(f"fake_quant_activations: unknown activation scheme {act!r}")
 
 
 def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -112,7 +170,14 @@ def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | N
     if path.kernel == CPU_W8A16:
         from . import w8a16_linear
 
-        return w8a16_linear(x, layer.weight, layer.weight_scale, bias, getattr(layer, "block_size", None))
+        block = getattr(layer, "block_size", None)
+        scale = layer.weight_scale
+        if path.act is not None:  # W8A8 emulation
+            x, x_scale = fake_quant_activations(x, path.act, getattr(layer, "fp8_input_scale", None),
+                                                block[1] if block else 128)
+            if x_scale is not None:
+                scale = scale * x_scale
+        return w8a16_linear(x, layer.weight, scale, bias, block)
     from . import gpu_ops  # noqa: F401  (registers the custom ops)
 
     if path.kernel == GPU_MARLIN_W8A16:
