@@ -21,7 +21,7 @@ from .config import quantization_config
 from .layers import model_layers, quantized_layers
 from .options import QuantizeError, QuantizeOptions
 from .output import atomic_output_dir, check_out_dir
-from .shards import INDEX, ShardWriter, input_shards, read_tensor, shard_keys
+from .shards import INDEX, ShardReader, ShardWriter, input_shards, shard_keys
 from .weights import quantize_weight
 
 #: Other weight formats: not copied (they would hold the stale 16-bit weights).
@@ -95,21 +95,8 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         total = sum(len(v) for v in keys.values())
         with tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress) as bar:
             for shard, names in keys.items():
-                for name in names:
-                    t = read_tensor(shard, name)
-                    layer = name[: -len(".weight")] if name.endswith(".weight") else None
-                    if layer in quant_set:
-                        tensors, sse, sse_amax = quantize_weight(t, layer, opts)
-                        report.sse += sse
-                        report.sse_amax += sse_amax
-                        for n, v in tensors.items():
-                            writer.add(n, v)
-                        if opts.scheme == "static":
-                            writer.add(f"{layer}.input_scale", _scalar(input_amax[layer], ct))
-                    else:
-                        writer.add(name, t)
-                    del t
-                    bar.update(1)
+                with ShardReader(shard) as reader:
+                    _convert_shard(reader, names, quant_set, opts, input_amax, ct, writer, report, bar)
         for attn in layers.attention if opts.kv_cache else ():
             for proj, short in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
                 writer.add(f"{attn}.{short}", _scalar(kv_amax[f"{attn}.{proj}"], ct))
@@ -119,6 +106,25 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         cfg["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return report
+
+
+def _convert_shard(reader, names, quant_set, opts, input_amax, ct, writer, report, bar) -> None:
+    """Quantize the linear weights among ``names`` (one input shard), pass the rest through."""
+    for name in names:
+        t = reader.get(name)
+        layer = name[: -len(".weight")] if name.endswith(".weight") else None
+        if layer in quant_set:
+            tensors, sse, sse_amax = quantize_weight(t, layer, opts)
+            report.sse += sse
+            report.sse_amax += sse_amax
+            for n, v in tensors.items():
+                writer.add(n, v)
+            if opts.scheme == "static":
+                writer.add(f"{layer}.input_scale", _scalar(input_amax[layer], ct))
+        else:
+            writer.add(name, t)
+        del t
+        bar.update(1)
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:

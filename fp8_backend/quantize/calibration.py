@@ -39,13 +39,16 @@ def calibrate(model_dir: Path, quantized: list[str], attention: list[str], opts:
     handles = []
 
     def track(store: dict[str, float], name: str, t: torch.Tensor) -> None:
-        numerics_amax = float(t.detach().abs().amax())
-        store[name] = max(store.get(name, 0.0), numerics_amax)
+        store[name] = max(store.get(name, 0.0), float(t.detach().abs().amax()))
+
+    def linear_input(args, kwargs) -> torch.Tensor:
+        return args[0] if args else kwargs["input"]
 
     if opts.scheme == "static":
         for n in quantized:
             handles.append(modules[n].register_forward_hook(
-                lambda m, args, out, n=n: track(inputs, n, args[0])))
+                lambda m, args, kwargs, out, n=n: track(inputs, n, linear_input(args, kwargs)),
+                with_kwargs=True))
     if opts.kv_cache:
         for a in attention:
             for proj in ("k_proj", "v_proj"):

@@ -53,12 +53,25 @@ def shard_keys(shard: Path) -> list[str]:
         raise QuantizeError(f"{shard}: expected a readable safetensors file, found an error: {e}") from None
 
 
-def read_tensor(shard: Path, name: str) -> torch.Tensor:
-    try:
-        with safe_open(str(shard), framework="pt") as f:
-            return f.get_tensor(name)
-    except Exception as e:
-        raise QuantizeError(f"{shard}: cannot read tensor {name!r}: {e}") from None
+class ShardReader:
+    """One open input shard; :meth:`get` reads one tensor (errors name the file and tensor)."""
+
+    def __init__(self, shard: Path):
+        self.shard = shard
+        self._cm = safe_open(str(shard), framework="pt")
+        self._f = self._cm.__enter__()
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(name)
+        except Exception as e:
+            raise QuantizeError(f"{self.shard}: cannot read tensor {name!r}: {e}") from None
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cm.__exit__(*exc)
 
 
 class ShardWriter:
