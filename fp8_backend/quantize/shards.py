@@ -1,8 +1,9 @@
 """Reading input safetensors shards tensor by tensor and writing output shards of bounded size.
 
 Input tensors are read one at a time through ``safe_open`` (memory-mapped), and output tensors
-are buffered only until ``max_shard_bytes`` is reached, then written: peak memory is about one
-output shard (default 2 GiB; a layer when set that low) plus the tensor being converted.
+are buffered only until ``max_shard_bytes`` is reached, then written: peak memory is about two
+output shards (the buffer, and save_file's serialized copy of it; default 2 GiB each; a layer
+when set that low) plus the tensor being converted.
 """
 
 from __future__ import annotations
