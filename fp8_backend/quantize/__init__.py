@@ -1,0 +1,12 @@
+"""FP8 checkpoint producer: 16-bit safetensors model → AutoFP8 or compressed-tensors FP8 checkpoint.
+
+No vLLM import. Modules: options (validated user choices), weights (numerics.py quantization and
+the MSE scale search), calibration + corpus (activation ranges via transformers hooks), layers
+(which modules are linear / attention), config (quantization_config per format), shards
+(streaming safetensors I/O), output (all-or-nothing output directory), api (the pipeline).
+"""
+
+from .api import QuantizeReport, quantize
+from .options import FORMATS, SCHEMES, QuantizeError, QuantizeOptions
+
+__all__ = ["quantize", "QuantizeReport", "QuantizeOptions", "QuantizeError", "SCHEMES", "FORMATS"]

@@ -1,0 +1,48 @@
+"""Which modules of a model are linear layers (quantized) and attention layers (KV scales).
+
+The model is built from config.json on the meta device: no weights are read, no memory used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..formats.scheme import match_ignore
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    linear: tuple[str, ...]  #: every nn.Linear module name (lm_head included)
+    attention: tuple[str, ...]  #: modules owning k_proj and v_proj (get k_scale / v_scale)
+
+
+def linear_modules(model: torch.nn.Module) -> ModelLayers:
+    linear = tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    attention = tuple(
+        n for n, m in model.named_modules()
+        if isinstance(getattr(m, "k_proj", None), torch.nn.Linear)
+        and isinstance(getattr(m, "v_proj", None), torch.nn.Linear)
+    )
+    return ModelLayers(linear, attention)
+
+
+def model_layers(model_dir: Path) -> ModelLayers:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return linear_modules(model)
+
+
+def quantized_layers(layers: ModelLayers, ignore: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(quantized, ignored, unmatched patterns): linear layers split by the ignore patterns
+    (same matching as the loader: exact / dotted suffix, globs, "re:")."""
+    quant, ignored = [], []
+    for n in layers.linear:
+        (ignored if match_ignore(n, ignore) else quant).append(n)
+    unmatched = [p for p in ignore if not any(match_ignore(n, [p]) for n in layers.linear)]
+    return quant, ignored, unmatched

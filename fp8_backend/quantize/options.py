@@ -1,0 +1,75 @@
+"""What the user asked the producer for, validated up front (before any file is read)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+SCHEMES = ("dynamic", "static", "block")
+FORMATS = ("autofp8", "compressed-tensors")
+SCALE_SEARCHES = ("none", "mse")
+
+
+class QuantizeError(ValueError):
+    """Bad producer input; the message names the option, file or tensor, expected vs found."""
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """scheme: "dynamic" (weights only; activations quantized at run time), "static" (weights +
+    calibrated per-tensor ``input_scale``) or "block" (128x128 weight blocks).
+    per_channel: one weight scale per output row (compressed-tensors only; the AutoFP8 "fp8"
+    format stores one scalar per tensor). kv_cache: calibrate and store k_scale / v_scale.
+    ignore: extra layer names / patterns left 16-bit ("re:<regex>", globs, names); lm_head is
+    always left 16-bit. scale_search: "none" (amax) or "mse" (clipping ratio minimizing the
+    weight's quantization MSE; never worse than amax)."""
+
+    scheme: str = "dynamic"
+    format: str = "autofp8"
+    per_channel: bool = False
+    kv_cache: bool = False
+    ignore: tuple[str, ...] = ()
+    scale_search: str = "none"
+    calib: str | None = None
+    num_samples: int = 32
+    seq_len: int = 256
+    max_shard_bytes: int = 2 << 30
+    block_size: tuple[int, int] = (128, 128)
+    ignore_default: tuple[str, ...] = field(default=("lm_head",), repr=False)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("scheme", SCHEMES), ("format", FORMATS), ("scale_search", SCALE_SEARCHES)):
+            if getattr(self, name) not in allowed:
+                raise QuantizeError(f"{name}: expected one of {list(allowed)}, found {getattr(self, name)!r}")
+        if self.per_channel and self.scheme == "block":
+            raise QuantizeError("per_channel: expected False with scheme 'block' (blocks have their own scales), found True")
+        if self.per_channel and self.format == "autofp8":
+            raise QuantizeError(
+                "per_channel: the AutoFP8 'fp8' format stores one weight scale per tensor; use "
+                "format 'compressed-tensors' for per-channel scales (found per_channel=True, format 'autofp8')"
+            )
+        for name in ("num_samples", "seq_len", "max_shard_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise QuantizeError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
+        for p in self.ignore:
+            if not isinstance(p, str) or not p:
+                raise QuantizeError(f"ignore: expected layer names or patterns, found {p!r}")
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise QuantizeError(f"ignore: expected 're:' + a valid regex, found {p!r} ({e})") from None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scheme == "static" or self.kv_cache
+
+    @property
+    def weight_strategy(self) -> str:
+        if self.scheme == "block":
+            return "block"
+        return "channel" if self.per_channel else "tensor"
+
+    @property
+    def all_ignores(self) -> list[str]:
+        return list(self.ignore_default) + [p for p in self.ignore if p not in self.ignore_default]
