@@ -486,13 +486,20 @@ def test_round_trip_multi_shard_output(sharded_model, tmp_path, engine, produced
     assert torch.allclose(lp(r), lp(ref), atol=1e-4)
 
 
-@pytest.mark.xfail(strict=False, reason="the loader on main refuses kv_cache_scheme and does not serve "
-                   "k_scale/v_scale yet (the FP8 KV branch adds it); remove this mark after merging it")
 @pytest.mark.parametrize("fmt", ["autofp8", "compressed-tensors"])
 def test_round_trip_kv_cache(tiny_model, tmp_path, engine, bf16_run, fmt):
-    # On main the AutoFP8 variant already serves (XPASS) but nothing shows the k/v scales are used;
-    # the KV branch should assert that they are (e.g. a layer report of the attention scales).
+    """Calibrated k/v scales written by the producer end in the attention layers of the engine
+    (read back from the worker), and FP8 KV with them stays close to bf16."""
     out = q(tiny_model, tmp_path / "kv", scheme="static", format=fmt, kv_cache=True, **CALIB).out_dir
     r = engine(out, kv_cache_dtype="fp8")
+    written = tensors(out)
+    attn = r["report"]["attention"]
+    assert len(attn) == 2
+    for name, a in attn.items():
+        layer = name.rsplit(".attn", 1)[0]  # model.layers.N.self_attn
+        assert a["own_kernels"] and a["kv_cache_dtype"] == "fp8"
+        assert a["k_scale"] == pytest.approx(float(written[layer + ".k_scale"]), rel=1e-6), name
+        assert a["v_scale"] == pytest.approx(float(written[layer + ".v_scale"]), rel=1e-6), name
+        assert a["k_scale"] != 1.0 and a["v_scale"] != 1.0
     d = (lp(r) - lp(bf16_run)).abs()
     assert 0 < d.mean().item() < 0.3 and d.max().item() < 1.5, (d.mean(), d.max())
