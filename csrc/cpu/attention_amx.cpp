@@ -8,8 +8,11 @@
 //    parts, times qk_scale (softmax_scale * k_scale), as numerics.paged_attention computes it.
 //  - online softmax in fp32 (AVX-512, vectorized exp), per row, per tile of up to 32 keys.
 //  - p . V: O[16 rows x 16 d] += P[rows x 32 keys] x V (keys pair-interleaved), with the fp32
-//    probabilities split exactly into three bf16 parts (8 + 8 + 8 significant bits) accumulated
-//    into the same fp32 C tile: fp32 products, fp32 accumulation.
+//    probabilities split exactly into three bf16 parts (8 + 8 + 8 significant bits) stacked as
+//    rows of P (part k of row i is row k * rg + i, so one tile product covers all parts) and
+//    summed in fp32 at the end: fp32 products, fp32 accumulation.
+// Tile products have a long latency: independent C tiles (2 for scores, 3 for the output) are
+// kept in flight.
 // AMX flushes bf16 denormals (|x| < 2^-126) to zero: only the third part of a probability or a
 // query below 2^-126 is affected, far below fp32 rounding of the results. A tile whose keys are
 // hidden from some row (causal prefill, window) and whose V holds a non-finite value is summed in
@@ -76,8 +79,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tile registers, each 16 rows x 64 bytes: 0 scores C, 1 K rows A, 2 Q^T B, 3 output C,
-// 4 V pairs B, 5-7 the three probability parts A.
+// Tile registers, each 16 rows x 64 bytes. Scores: 0-1 C (two 16-key halves), 2-3 K rows A,
+// 4 Q^T B. Output: 0-2 C (three 16-wide d chunks), 3-5 V pairs B, 7 probabilities A.
 void configure_tiles() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -188,9 +191,9 @@ struct Buffers {  // per thread
   alignas(64) uint16_t v[kT * kMaxD];            // V pairs: [key pair][d][2]
   alignas(64) uint16_t qt[3 * kMaxD * 16];       // Q^T per 32-d chunk: [chunk][d pair][16 cols][2]
   alignas(64) float s[kT * 16];                  // scores [key][col]
-  alignas(64) uint16_t p[3][16 * kT];            // probability parts [part][row][key]
+  alignas(64) uint16_t p[16 * kT];               // probability parts [part * rg + row][key]
   alignas(64) float pf[16 * kT];                 // fp32 probabilities [row][key] (fallback path)
-  alignas(64) float o[16 * kMaxD];               // output accumulators [row][d]
+  alignas(64) float o[16 * kMaxD];               // output accumulators [part * rg + row][d]
   float m[16], l[16];
 };
 
@@ -267,13 +270,14 @@ bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
   return bad != 0;
 }
 
-// Rows [r0, r0 + rg) of the task, nsq query parts: columns k * rg + i of Q^T.
+// Rows [r0, r0 + rg) of the task (rg <= 5), nsq query parts: columns k * rg + i of Q^T.
 void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
   const AttnTask& a = c.a;
   Buffers& b = c.b;
   const int64_t D = c.D, nch = D / 32;
-  // Q^T: chunk kc, d pair r, column col -> qt[(kc * 16 + r) * 32 + 2 * col + (d & 1)].
-  std::memset(b.qt, 0, nch * 16 * 32 * 2);
+  // Q^T: chunk kc, d pair r, column col -> qt[(kc * 16 + r) * 32 + 2 * col + (d & 1)]. Columns
+  // >= nsq * rg, P rows >= 3 * rg and the K rows past a tile's end are left stale: they only
+  // feed score columns and output rows that are never read.
   alignas(64) uint16_t part[16];
   for (int i = 0; i < rg; ++i) {
     const float* q = a.q + (r0 + i) * D;
@@ -291,8 +295,7 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
       }
     }
   }
-  std::memset(b.o, 0, 16 * D * 4);
-  std::memset(b.p, 0, sizeof(b.p));
+  std::memset(b.o, 0, 3 * rg * D * 4);
   for (int i = 0; i < 16; ++i) {
     b.m[i] = -__builtin_inff();
     b.l[i] = 0.f;
@@ -310,33 +313,36 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
     if (n64 > hi - t0) n64 = hi - t0;
     const int n = static_cast<int>(n64);
     const int64_t block = a.blocks[blk];
-    // Prefetch the next tile's K and V rows (next block when this one ends) into L1/L2.
-    {
-      int64_t tn = t0 + n;
-      if (tn < hi) {
-        const int64_t nb = a.blocks[tn / bs], no = tn % bs;
-        const int64_t eb = c.dec ? 1 : 2;
-        const uint8_t* kn = a.kc + nb * a.k_blk + no * a.k_tok;
-        const uint8_t* vn = a.vc + nb * a.v_blk + no * a.v_tok;
-        const int64_t rows = bs - no < kT ? bs - no : kT;
-        for (int64_t j = 0; j < rows; ++j)
-          for (int64_t d = 0; d < D * eb; d += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(kn + j * a.k_tok + d), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(vn + j * a.v_tok + d), _MM_HINT_T0);
-          }
-      }
+    // Entering a cache block (or on the first tile): fetch the whole next block's K and V rows of
+    // this head into L2 now, so their memory latency overlaps this block's work (blocks are
+    // scattered, so the hardware prefetcher cannot follow from one to the next). Measured better
+    // than prefetching one 32-key tile ahead into L1, and than no prefetch, on contexts from memory.
+    if ((off == 0 || t0 == lo) && (blk + 1) * bs < hi) {
+      const int64_t eb = c.dec ? 1 : 2, nblk = blk + 1;
+      const uint8_t* kn = a.kc + a.blocks[nblk] * a.k_blk;
+      const uint8_t* vn = a.vc + a.blocks[nblk] * a.v_blk;
+      const int64_t rows = hi - nblk * bs < bs ? hi - nblk * bs : bs;
+      for (int64_t j = 0; j < rows; ++j)
+        for (int64_t d = 0; d < D * eb; d += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(kn + j * a.k_tok + d), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(vn + j * a.v_tok + d), _MM_HINT_T1);
+        }
     }
     load_k(c, a.kc + block * a.k_blk + off * a.k_tok, a.k_tok, n);
     // Scores: S[key][col] for the 16-key halves present.
-    for (int h = 0; h * 16 < n; ++h) {
-      _tile_zero(0);
-      for (int64_t kc = 0; kc < nch; ++kc) {
-        _tile_loadd(1, b.k + (16 * h) * D + 32 * kc, D * 2);
-        _tile_loadd(2, b.qt + kc * 16 * 32, 64);
-        _tile_dpbf16ps(0, 1, 2);
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kc = 0; kc < nch; ++kc) {
+      _tile_loadd(4, b.qt + kc * 16 * 32, 64);
+      _tile_loadd(2, b.k + 32 * kc, D * 2);
+      _tile_dpbf16ps(0, 2, 4);
+      if (n > 16) {
+        _tile_loadd(3, b.k + 16 * D + 32 * kc, D * 2);
+        _tile_dpbf16ps(1, 3, 4);
       }
-      _tile_stored(0, b.s + 16 * h * 16, 64);
     }
+    _tile_stored(0, b.s, 64);
+    if (n > 16) _tile_stored(1, b.s + 16 * 16, 64);
     bool partial = false;  // some row sees only part of this tile
     for (int i = 0; i < rg; ++i) {
       const int64_t p = a.pos[r0 + i];
@@ -372,14 +378,18 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
         const __m512 e = _mm512_maskz_mov_ps(mk[h], exp512(_mm512_sub_ps(sv[h], _mm512_set1_ps(mx))));
         sum += _mm512_reduce_add_ps(e);
         _mm512_storeu_ps(b.pf + i * kT + 16 * h, e);
-        split_store(e, 3, b.p[0] + i * kT + 16 * h, 16 * kT);
+        split_store(e, 3, b.p + i * kT + 16 * h, rg * kT);
       }
       if (j1 > j0 || mold != -__builtin_inff()) {
         b.l[i] = b.l[i] * alpha + sum;
         b.m[i] = mx;
-        const __m512 av = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < D; d += 16)
-          _mm512_storeu_ps(b.o + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(b.o + i * D + d), av));
+        if (alpha != 1.f) {
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int k = 0; k < 3; ++k) {
+            float* o = b.o + (k * rg + i) * D;
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+          }
+        }
       }
     }
     const bool v_bad = load_v(c, a.vc + block * a.v_blk + off * a.v_tok, a.v_tok, n);
@@ -398,24 +408,37 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
           }
         }
     } else {
-      _tile_loadd(5, b.p[0], kT * 2);
-      _tile_loadd(6, b.p[1], kT * 2);
-      _tile_loadd(7, b.p[2], kT * 2);
-      for (int64_t dc = 0; dc < D / 16; ++dc) {
-        _tile_loadd(3, b.o + 16 * dc, D * 4);
-        _tile_loadd(4, b.v + 32 * dc, D * 4);
-        _tile_dpbf16ps(3, 5, 4);
-        _tile_dpbf16ps(3, 6, 4);
-        _tile_dpbf16ps(3, 7, 4);
-        _tile_stored(3, b.o + 16 * dc, D * 4);
+      _tile_loadd(7, b.p, kT * 2);
+      const int64_t nd = D / 16;
+      for (int64_t dc = 0; dc < nd; dc += 3) {  // three independent accumulators in flight
+        _tile_loadd(0, b.o + 16 * dc, D * 4);
+        _tile_loadd(3, b.v + 32 * dc, D * 4);
+        _tile_dpbf16ps(0, 7, 3);
+        if (dc + 1 < nd) {
+          _tile_loadd(1, b.o + 16 * (dc + 1), D * 4);
+          _tile_loadd(4, b.v + 32 * (dc + 1), D * 4);
+          _tile_dpbf16ps(1, 7, 4);
+        }
+        if (dc + 2 < nd) {
+          _tile_loadd(2, b.o + 16 * (dc + 2), D * 4);
+          _tile_loadd(5, b.v + 32 * (dc + 2), D * 4);
+          _tile_dpbf16ps(2, 7, 5);
+        }
+        _tile_stored(0, b.o + 16 * dc, D * 4);
+        if (dc + 1 < nd) _tile_stored(1, b.o + 16 * (dc + 1), D * 4);
+        if (dc + 2 < nd) _tile_stored(2, b.o + 16 * (dc + 2), D * 4);
       }
     }
     t0 += n;
   }
   for (int i = 0; i < rg; ++i) {
     const __m512 inv = _mm512_set1_ps(1.f / b.l[i]);
-    for (int64_t d = 0; d < D; d += 16)
-      _mm512_storeu_ps(a.out + (r0 + i) * D + d, _mm512_mul_ps(_mm512_loadu_ps(b.o + i * D + d), inv));
+    const float *o0 = b.o + i * D, *o1 = b.o + (rg + i) * D, *o2 = b.o + (2 * rg + i) * D;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(o0 + d), _mm512_loadu_ps(o1 + d)),
+                                       _mm512_loadu_ps(o2 + d));
+      _mm512_storeu_ps(a.out + (r0 + i) * D + d, _mm512_mul_ps(sum, inv));
+    }
   }
 }
 
@@ -430,7 +453,7 @@ void attend_amx(const AttnTask& a) {
   configure_tiles();
   const Ctx c{a, perms, *buf, dec, a.D};
   const int nsq = a.q_parts;
-  const int64_t per = 16 / nsq;
+  const int64_t per = 16 / nsq < 5 ? 16 / nsq : 5;  // 3 * rows probability parts <= 16 tile rows
   for (int64_t r0 = 0; r0 < a.R; r0 += per) attend_group(c, r0, static_cast<int>(a.R - r0 < per ? a.R - r0 : per), nsq);
   _tile_release();
 }

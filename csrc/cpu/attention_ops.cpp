@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -268,8 +269,10 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
       const int64_t Rmax = rows_per_task * G;
-      std::vector<float> qbuf(Rmax * D), obuf(Rmax * D), wbuf(attn_work_floats(Rmax, D));
-      std::vector<int64_t> pos(Rmax);
+      // Scratch without zero-filling (every element is written before it is read).
+      std::unique_ptr<float[]> qbuf(new float[Rmax * D]), obuf(new float[Rmax * D]),
+          wbuf(new float[attn_work_floats(Rmax, D)]);
+      std::unique_ptr<int64_t[]> pos(new int64_t[Rmax]);
       for (int64_t w = w0; w < w1; ++w) {
         const Work& wk = work[w];
         const int64_t n = qs[wk.s + 1] - qs[wk.s], R = (wk.j1 - wk.j0) * G;
@@ -282,8 +285,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
             pos[r] = L[wk.s] - n + j;
           }
         AttnTask t;
-        t.q = qbuf.data();
-        t.pos = pos.data();
+        t.q = qbuf.get();
+        t.pos = pos.get();
         t.R = R;
         t.D = D;
         t.kc = kc + wk.h * key_cache.stride(1) * eb;
@@ -296,8 +299,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
         t.block_size = BS;
         t.window = sliding_window > 0 ? sliding_window : 0;
         t.kind = kind;
-        t.out = obuf.data();
-        t.work = wbuf.data();
+        t.out = obuf.get();
+        t.work = wbuf.get();
         t.qk_scale = sm * ks[wk.h];
         t.q_parts = q_parts;
         if (amx)
