@@ -194,7 +194,8 @@ struct Buffers {  // per thread
   alignas(64) uint16_t p[16 * kT];               // probability parts [part * rg + row][key]
   alignas(64) float pf[16 * kT];                 // fp32 probabilities [row][key] (fallback path)
   alignas(64) float o[16 * kMaxD];               // output accumulators [part * rg + row][d]
-  float m[16], l[16];
+  float m[16];
+  __m512 l[16];  // per row: lane sums of its softmax denominator
 };
 
 struct Ctx {
@@ -298,7 +299,7 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
   std::memset(b.o, 0, 3 * rg * D * 4);
   for (int i = 0; i < 16; ++i) {
     b.m[i] = -__builtin_inff();
-    b.l[i] = 0.f;
+    b.l[i] = _mm512_setzero_ps();
   }
   const int64_t bs = a.block_size;
   const int64_t hi = a.pos[r0 + rg - 1] + 1;
@@ -341,6 +342,8 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
         _tile_dpbf16ps(1, 3, 4);
       }
     }
+    // V decode does not depend on the scores: issued here, it overlaps the tile products.
+    const bool v_bad = load_v(c, a.vc + block * a.v_blk + off * a.v_tok, a.v_tok, n);
     _tile_stored(0, b.s, 64);
     if (n > 16) _tile_stored(1, b.s + 16 * 16, 64);
     bool partial = false;  // some row sees only part of this tile
@@ -372,16 +375,16 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
       const float mold = b.m[i];
       if (mold > mx) mx = mold;
       if (mx == -__builtin_inff()) mx = 0.f;  // nothing seen yet, or all scores NaN
-      const float alpha = mold == -__builtin_inff() ? 0.f : __builtin_expf(mold - mx);
-      float sum = 0.f;
+      const float alpha = mold == -__builtin_inff() ? 0.f : (mold == mx ? 1.f : __builtin_expf(mold - mx));
+      __m512 sumv = _mm512_setzero_ps();  // the row sum l stays a vector until the end
       for (int h = 0; h < 2; ++h) {
         const __m512 e = _mm512_maskz_mov_ps(mk[h], exp512(_mm512_sub_ps(sv[h], _mm512_set1_ps(mx))));
-        sum += _mm512_reduce_add_ps(e);
+        sumv = _mm512_add_ps(sumv, e);
         _mm512_storeu_ps(b.pf + i * kT + 16 * h, e);
         split_store(e, 3, b.p + i * kT + 16 * h, rg * kT);
       }
       if (j1 > j0 || mold != -__builtin_inff()) {
-        b.l[i] = b.l[i] * alpha + sum;
+        b.l[i] = _mm512_fmadd_ps(b.l[i], _mm512_set1_ps(alpha), sumv);
         b.m[i] = mx;
         if (alpha != 1.f) {
           const __m512 av = _mm512_set1_ps(alpha);
@@ -392,7 +395,6 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
         }
       }
     }
-    const bool v_bad = load_v(c, a.vc + block * a.v_blk + off * a.v_tok, a.v_tok, n);
     if (partial && v_bad) {
       // fp32 per row over the keys it sees only (b.pf is 0 elsewhere, but 0 * NaN is NaN).
       for (int i = 0; i < rg; ++i)
@@ -432,7 +434,7 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
     t0 += n;
   }
   for (int i = 0; i < rg; ++i) {
-    const __m512 inv = _mm512_set1_ps(1.f / b.l[i]);
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(b.l[i]));
     const float *o0 = b.o + i * D, *o1 = b.o + (rg + i) * D, *o2 = b.o + (2 * rg + i) * D;
     for (int64_t d = 0; d < D; d += 16) {
       const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(o0 + d), _mm512_loadu_ps(o1 + d)),
