@@ -339,3 +339,18 @@ def test_reference_matches_dequantize_then_sdpa():
         q.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1), is_causal=True, scale=0.2
     ).transpose(0, 1)
     torch.testing.assert_close(o, sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_path_names_the_kernel_that_runs():
+    """attention_path (logged by the vLLM backend) falls back from amx where the amx kernel does
+    not take the shape or cache dtype, and to portable for head sizes not a multiple of 16."""
+    before = A.attention_isa()
+    try:
+        for isa in A.supported_attention_isas():
+            A.set_attention_isa(isa)
+            assert A.attention_path(72, torch.uint8) == "portable"
+            assert A.attention_path(128, torch.uint8) == isa
+            assert A.attention_path(80, torch.uint8) == ("avx512" if isa == "amx" else isa)
+            assert A.attention_path(128, torch.float16) == ("avx512" if isa == "amx" else isa)
+    finally:
+        A.set_attention_isa(before)

@@ -45,6 +45,15 @@ def set_attention_isa(name: str) -> str:
     return ATTENTION_ISAS[torch.ops.fp8_backend.attention_set_isa(name)]
 
 
+def attention_path(head_size: int, cache_dtype: torch.dtype) -> str:
+    """The path a cache of this element dtype (uint8 / float8 for FP8) and head size runs on."""
+    isa = attention_isa()
+    if head_size % 16:
+        return "portable"
+    amx_ok = head_size % 32 == 0 and head_size <= 256 and cache_dtype not in (torch.float16, torch.float32)
+    return "avx512" if isa == "amx" and not amx_ok else isa
+
+
 def supported_attention_isas() -> list[str]:
     """Paths this CPU can run (the first is always ``portable``)."""
     current = attention_isa()
