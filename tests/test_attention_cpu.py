@@ -1,11 +1,14 @@
 """The C++ FP8 KV-cache kernels (cache write, paged attention) against numerics.py, on every
-attention code path this CPU can run (avx512 and the forced portable path).
+attention code path this CPU can run (amx, and the forced avx512 and portable paths).
 
 Tolerances: the cache write is bit-exact (same RNE + saturation as numerics). Attention sums in
 fp32 in a different order (tiled online softmax, vectorized exp with rel. error < 2e-7), so fp32
 outputs agree to ~1e-6 of the output magnitude (bound used: 2e-5 relative + 2e-6 absolute);
 bf16/fp16 outputs are both rounded from fp32 values that close, so they differ by at most one
-unit in the last place (rtol 2^-7 for bf16, 2^-10 for fp16).
+unit in the last place (rtol 2^-7 for bf16, 2^-10 for fp16). The amx path has the same bounds:
+its tile products multiply exact bf16 splits of q (1/2/3 parts for bf16/fp16/fp32 queries) and
+of the fp32 probabilities (3 parts) by K/V values that are exact in bf16, so every product is the
+fp32 product and only the fp32 summation order differs (denormals below 2^-126 aside).
 """
 
 import pytest
@@ -57,9 +60,12 @@ def fill_caches(kv, k, v, nb, H, bs, D, slots, ks, vs):
     return kc, vc, kr, vr
 
 
-def check_attention(o, ref):
+def check_attention(o, ref, D=128):
+    """fp32 bounds are for head sizes up to 128; the fp32 rounding of a longer q.k grows with D."""
     rtol, atol = TOL[o.dtype]
     scale = max(1.0, ref.float().abs().max().item()) if o.dtype == torch.float32 else 1.0
+    if o.dtype == torch.float32 and D > 128:
+        rtol, atol = rtol * D / 128, atol * D / 128
     torch.testing.assert_close(o.float(), ref.float(), rtol=rtol, atol=atol * scale, equal_nan=True)
 
 
@@ -188,7 +194,7 @@ def run_case(isa, D, kv, qdtype, hq, hkv, bs, window, seed):
     o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, kv, ks, vs, window)
     ks_ref, vs_ref = (ks, vs) if kv != "auto" else (1.0, 1.0)
     ref = N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, ks_ref, vs_ref, window)
-    check_attention(o, ref)
+    check_attention(o, ref, D)
 
 
 def test_attention_scale_limits_and_extremes(isa):
@@ -251,6 +257,69 @@ def test_attention_strided_vllm_layout(isa):
     check_attention(o, N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, 0.02, 0.01))
 
 
+@pytest.mark.parametrize("D", [32, 96, 256])
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2", "auto"])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+def test_attention_amx_shapes(isa, D, kv, qdtype):
+    """Head sizes the amx path takes besides 64/128 (multiples of 32 up to 256), a bf16 cache
+    ("auto" with bf16 K/V), GQA 8 and 10 (query rows split into groups of at most 5 for the tile
+    rows; fp32 queries need 3 bf16 parts each): every path against the reference."""
+    for hq, hkv in ((16, 2), (10, 1)):
+        if kv == "auto":
+            run_case_cache(isa, D, torch.bfloat16, qdtype, hq, hkv, bs=32, seed=D + hq)
+        else:
+            run_case(isa, D, kv, qdtype, hq=hq, hkv=hkv, bs=32, window=-1, seed=D + hq)
+
+
+def run_case_cache(isa, D, cdt, qdtype, hq, hkv, bs, seed):
+    """run_case with a 16-bit cache of dtype cdt and queries of another dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    lens, qlens = BATCH
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, hkv, D, bs, gen)
+    T = sum(lens)
+    k = (torch.randn(T, hkv, D, generator=gen) * 2).to(cdt)
+    v = torch.randn(T, hkv, D, generator=gen).to(cdt)
+    kc, vc, kr, vr = fill_caches("auto", k, v, nb, hkv, bs, D, slots, 1.0, 1.0)
+    q = torch.randn(sum(qlens), hq, D, generator=gen).to(qdtype)
+    o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, "auto", 1.0, 1.0, 9)
+    check_attention(o, N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, 1.0, 1.0, 9), D)
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+def test_attention_fp8_range_edges(isa, kv):
+    """Cache values over the whole FP8 range: subnormals, +-max (saturated) and zeros, in K and
+    V, with a decode row over 300 keys (several cache blocks and tiles) and a prefill chunk."""
+    gen = torch.Generator().manual_seed(13)
+    D, H, bs = 128, 2, 64
+    fmt = KV[kv]
+    tiny, big = torch.finfo(fmt).smallest_normal / 4, torch.finfo(fmt).max
+    lens, qlens = [300, 45], [1, 9]
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, H, D, bs, gen)
+    k = torch.randn(345, H, D, generator=gen)
+    v = torch.randn(345, H, D, generator=gen)
+    for x in (k, v):
+        r = torch.rand(x.shape, generator=gen)
+        x[r < 0.1] = tiny  # subnormal after quantizing with scale 1
+        x[(r >= 0.1) & (r < 0.15)] = big * 2  # saturates to +max
+        x[(r >= 0.15) & (r < 0.2)] = -big
+        x[(r >= 0.2) & (r < 0.25)] = 0.0
+    kc, vc, kr, vr = fill_caches(kv, k, v, nb, H, bs, D, slots, 1.0, 1.0)
+    # A small softmax scale keeps scores of +-max keys finite and the softmax not one-hot.
+    q = torch.randn(10, 8, D, generator=gen).bfloat16()
+    sm = 1.0 / (big * D**0.5)
+    o = A.paged_attention(q, kc, vc, qsl, sl, bt, sm, kv, 1.0, 1.0)
+    check_attention(o, N.paged_attention(q, kr, vr, qsl, sl, bt, sm, 1.0, 1.0))
+
+
+def test_attention_auto_picks_fastest_path():
+    """auto selects the last (fastest) path this CPU supports: amx where AMX-BF16 is usable."""
+    before = A.attention_isa()
+    try:
+        assert A.set_attention_isa("auto") == A.supported_attention_isas()[-1]
+    finally:
+        A.set_attention_isa(before)
+
+
 def test_reference_matches_dequantize_then_sdpa():
     """The spec itself: folding k/v scales equals dequantize-then-attend (torch SDPA, causal)."""
     gen = torch.Generator().manual_seed(2)
@@ -270,3 +339,18 @@ def test_reference_matches_dequantize_then_sdpa():
         q.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1), is_causal=True, scale=0.2
     ).transpose(0, 1)
     torch.testing.assert_close(o, sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_path_names_the_kernel_that_runs():
+    """attention_path (logged by the vLLM backend) falls back from amx where the amx kernel does
+    not take the shape or cache dtype, and to portable for head sizes not a multiple of 16."""
+    before = A.attention_isa()
+    try:
+        for isa in A.supported_attention_isas():
+            A.set_attention_isa(isa)
+            assert A.attention_path(72, torch.uint8) == "portable"
+            assert A.attention_path(128, torch.uint8) == isa
+            assert A.attention_path(80, torch.uint8) == ("avx512" if isa == "amx" else isa)
+            assert A.attention_path(128, torch.float16) == ("avx512" if isa == "amx" else isa)
+    finally:
+        A.set_attention_isa(before)

@@ -29,6 +29,10 @@ struct AttnTask {
   KvKind kind = KvKind::e4m3;
   float* out = nullptr;           // [R, D]
   float* work = nullptr;          // attn_work_floats(R, D) floats
+  // attend_amx only: q holds the unscaled query (exact fp32 of the query dtype), scores are
+  // (q . k) * qk_scale, and q is exact as a sum of q_parts bf16 values (bf16 1, fp16 2, fp32 3).
+  float qk_scale = 1.f;
+  int q_parts = 3;
 };
 
 constexpr int64_t kKeyTile = 32;  // keys decoded per tile (never crossing a cache block)
@@ -39,5 +43,8 @@ inline int64_t attn_work_floats(int64_t R, int64_t D) {
 
 void attend_portable(const AttnTask& t);
 void attend_avx512(const AttnTask& t);  // needs AVX-512F/BW/VL/DQ + F16C and D % 16 == 0
+// Needs AMX-BF16 + AVX512-BF16/VBMI with tile permission, an e4m3 / e5m2 / bf16 cache,
+// D % 32 == 0 and D <= 256 (attention_amx.cpp).
+void attend_amx(const AttnTask& t);
 
 }  // namespace fp8_backend

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,15 +21,19 @@
 namespace fp8_backend {
 namespace {
 
-// Attention code path: 0 portable, 1 avx512; -1 = best this CPU has (chosen on first use).
+// Attention code path: 0 portable, 1 avx512, 2 amx; -1 = best this CPU has (chosen on first use).
 std::atomic<int> g_attn_isa{-1};
 
 bool attn_avx512_ok() { return isa_supported(CpuIsa::avx512); }  // F16C/FMA come with AVX-512 CPUs
+// AMX-BF16 tiles (with the kernel's tile permission) + AVX512-BF16 (fp32 -> bf16 splits).
+bool attn_amx_ok() { return isa_supported(CpuIsa::amx) && __builtin_cpu_supports("avx512bf16"); }
+
+int attn_best() { return attn_amx_ok() ? 2 : (attn_avx512_ok() ? 1 : 0); }
 
 int attn_isa() {
   int v = g_attn_isa.load();
   if (v < 0) {
-    v = attn_avx512_ok() ? 1 : 0;
+    v = attn_best();
     g_attn_isa.store(v);
   }
   return v;
@@ -36,7 +41,11 @@ int attn_isa() {
 
 int64_t attention_set_isa(const std::string& name) {
   if (name == "auto") {
-    g_attn_isa.store(attn_avx512_ok() ? 1 : 0);
+    g_attn_isa.store(attn_best());
+  } else if (name == "amx") {
+    TORCH_CHECK(attn_amx_ok(), "fp8_backend attention: path 'amx' needs AMX-BF16 with tile permission and ",
+                "AVX512-BF16/VBMI, which this CPU (or kernel) lacks; use auto, avx512 or portable");
+    g_attn_isa.store(2);
   } else if (name == "portable") {
     g_attn_isa.store(0);
   } else if (name == "avx512" || name == "avx512_vbmi") {
@@ -45,7 +54,7 @@ int64_t attention_set_isa(const std::string& name) {
     g_attn_isa.store(1);
   } else {
     TORCH_CHECK(false, "fp8_backend attention: unknown CPU path '", name,
-                "'; expected auto, avx512 (avx512_vbmi accepted as avx512) or portable");
+                "'; expected auto, amx, avx512 (avx512_vbmi accepted as avx512) or portable");
   }
   return g_attn_isa.load();
 }
@@ -244,7 +253,12 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t j0 = 0; j0 < n; j0 += rows_per_task) work.push_back({s, h, j0, std::min(n, j0 + rows_per_task)});
   }
-  const bool avx = attn_isa() == 1 && D % 16 == 0;
+  const int isa = attn_isa();
+  // AMX: FP8 / bf16 caches (values exact in bf16), D a multiple of 32 up to 256.
+  const bool amx = isa == 2 && D % 32 == 0 && D <= 256 &&
+                   (kind == KvKind::e4m3 || kind == KvKind::e5m2 || kind == KvKind::bf16);
+  const bool avx = isa >= 1 && D % 16 == 0;
+  const int q_parts = query.scalar_type() == at::kBFloat16 ? 1 : (query.scalar_type() == at::kHalf ? 2 : 3);
   const int64_t eb = key_cache.element_size();
   const uint8_t* kc = static_cast<const uint8_t*>(key_cache.data_ptr());
   const uint8_t* vc = static_cast<const uint8_t*>(value_cache.data_ptr());
@@ -255,12 +269,14 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
       const int64_t Rmax = rows_per_task * G;
-      std::vector<float> qbuf(Rmax * D), obuf(Rmax * D), wbuf(attn_work_floats(Rmax, D));
-      std::vector<int64_t> pos(Rmax);
+      // Scratch without zero-filling (every element is written before it is read).
+      std::unique_ptr<float[]> qbuf(new float[Rmax * D]), obuf(new float[Rmax * D]),
+          wbuf(new float[attn_work_floats(Rmax, D)]);
+      std::unique_ptr<int64_t[]> pos(new int64_t[Rmax]);
       for (int64_t w = w0; w < w1; ++w) {
         const Work& wk = work[w];
         const int64_t n = qs[wk.s + 1] - qs[wk.s], R = (wk.j1 - wk.j0) * G;
-        const float qscale = sm * ks[wk.h];
+        const float qscale = amx ? 1.f : sm * ks[wk.h];  // AMX scales the scores instead
         for (int64_t j = wk.j0; j < wk.j1; ++j)
           for (int64_t g = 0; g < G; ++g) {
             const int64_t r = (j - wk.j0) * G + g;
@@ -269,8 +285,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
             pos[r] = L[wk.s] - n + j;
           }
         AttnTask t;
-        t.q = qbuf.data();
-        t.pos = pos.data();
+        t.q = qbuf.get();
+        t.pos = pos.get();
         t.R = R;
         t.D = D;
         t.kc = kc + wk.h * key_cache.stride(1) * eb;
@@ -283,9 +299,13 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
         t.block_size = BS;
         t.window = sliding_window > 0 ? sliding_window : 0;
         t.kind = kind;
-        t.out = obuf.data();
-        t.work = wbuf.data();
-        if (avx)
+        t.out = obuf.get();
+        t.work = wbuf.get();
+        t.qk_scale = sm * ks[wk.h];
+        t.q_parts = q_parts;
+        if (amx)
+          attend_amx(t);
+        else if (avx)
           attend_avx512(t);
         else
           attend_portable(t);

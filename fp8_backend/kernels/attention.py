@@ -4,7 +4,8 @@ The C++ CPU kernels (csrc/cpu/attention*.cpp) implement numerics.paged_kv_write 
 numerics.paged_attention. Caches are [num_blocks, num_kv_heads, block_size, head_size] (any
 strides with a contiguous last dim, so vLLM's CPU layout [num_blocks, kv_heads, 2 * block_size,
 head_size] split into K and V halves works as is), uint8 or float8 for FP8, or bf16/fp16/fp32.
-The attention code path (``avx512`` for head sizes that are multiples of 16, else ``portable``)
+The attention code path (``amx`` for FP8 / bf16 caches with head sizes that are multiples of 32
+up to 256, ``avx512`` for other multiples of 16, else ``portable``)
 is chosen by CPUID; ``FP8_BACKEND_CPU_ISA`` (shared with the linear kernels) or
 :func:`set_attention_isa` overrides it.
 """
@@ -18,7 +19,7 @@ import torch
 from . import ISA_ENV
 from .. import _C  # noqa: F401  (registers torch.ops.fp8_backend)
 
-ATTENTION_ISAS = ("portable", "avx512")
+ATTENTION_ISAS = ("portable", "avx512", "amx")
 #: kv_cache_dtype strings the kernels take; "auto" means a 16/32-bit cache.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
@@ -40,19 +41,29 @@ def attention_isa() -> str:
 
 
 def set_attention_isa(name: str) -> str:
-    """Select ``auto``, ``avx512`` or ``portable``; raises if this CPU cannot run it."""
+    """Select ``auto``, ``amx``, ``avx512`` or ``portable``; raises if this CPU cannot run it."""
     return ATTENTION_ISAS[torch.ops.fp8_backend.attention_set_isa(name)]
+
+
+def attention_path(head_size: int, cache_dtype: torch.dtype) -> str:
+    """The path a cache of this element dtype (uint8 / float8 for FP8) and head size runs on."""
+    isa = attention_isa()
+    if head_size % 16:
+        return "portable"
+    amx_ok = head_size % 32 == 0 and head_size <= 256 and cache_dtype not in (torch.float16, torch.float32)
+    return "avx512" if isa == "amx" and not amx_ok else isa
 
 
 def supported_attention_isas() -> list[str]:
     """Paths this CPU can run (the first is always ``portable``)."""
     current = attention_isa()
     ok = ["portable"]
-    try:
-        set_attention_isa("avx512")
-        ok.append("avx512")
-    except RuntimeError:
-        pass
+    for name in ATTENTION_ISAS[1:]:
+        try:
+            set_attention_isa(name)
+            ok.append(name)
+        except RuntimeError:
+            pass
     set_attention_isa(current)
     return ok
 

@@ -137,8 +137,18 @@ class Fp8CpuAttentionImpl(CPUAttentionBackendImpl):
         self._ops = ops
         logger.info(
             "fp8-backend: attention on fp8-backend kernels (kv_cache_dtype=%s, %s path, head size %d)",
-            kv_cache_dtype, ops.attention_isa() if head_size % 16 == 0 else "portable", head_size,
+            kv_cache_dtype, ops.attention_path(head_size, self._cache_dtype(kv_cache_dtype)), head_size,
         )
+
+    @staticmethod
+    def _cache_dtype(kv_cache_dtype: str) -> torch.dtype:
+        """Element dtype of the cache (uint8 for FP8; the model dtype for "auto")."""
+        if kv_cache_dtype in FP8_KV_DTYPES:
+            return torch.uint8
+        if kv_cache_dtype == "auto":
+            model = get_current_vllm_config().model_config
+            return model.dtype if model is not None else torch.bfloat16
+        return getattr(torch, kv_cache_dtype)
 
     def _scales(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         k = getattr(layer, "_fp8b_k_heads", None)

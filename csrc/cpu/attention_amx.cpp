@@ -1,0 +1,465 @@
+// AMX-BF16 paged-attention kernel (Sapphire Rapids and newer) for FP8 (e4m3 / e5m2) and bf16
+// caches. Every cached value is exact in bf16 (e4m3 and e5m2 by a byte lookup, as in
+// w8a16_amx.cpp), and the product of two bf16 values is exact in fp32, so with the operands
+// split into bf16 parts the tile products are those of fp32 and only the summation order differs:
+//  - q . k: C[16 keys x 16 cols] = K[16 keys x 32 d] (decoded rows, natural layout) x Q^T, whose
+//    columns are the group's query rows split into nsq bf16 parts (q = q1 + q2 + q3 is exact in
+//    bf16 for nsq = 1 / 2 / 3 with bf16 / fp16 / fp32 queries); the score is the sum over the
+//    parts, times qk_scale (softmax_scale * k_scale), as numerics.paged_attention computes it.
+//  - online softmax in fp32 (AVX-512, vectorized exp), per row, per tile of up to 32 keys.
+//  - p . V: O[16 rows x 16 d] += P[rows x 32 keys] x V (keys pair-interleaved), with the fp32
+//    probabilities split exactly into three bf16 parts (8 + 8 + 8 significant bits) stacked as
+//    rows of P (part k of row i is row k * rg + i, so one tile product covers all parts) and
+//    summed in fp32 at the end: fp32 products, fp32 accumulation.
+// Tile products have a long latency: independent C tiles (2 for scores, 3 for the output) are
+// kept in flight.
+// AMX flushes bf16 denormals (|x| < 2^-126) to zero: only the third part of a probability or a
+// query below 2^-126 is affected, far below fp32 rounding of the results. A tile whose keys are
+// hidden from some row (causal prefill, window) and whose V holds a non-finite value is summed in
+// fp32 per row instead, so a NaN the row does not attend never reaches it (0 * NaN).
+// Called only after a CPUID check for AMX-BF16 + AVX512-BF16 + tile permission (attention_ops.cpp).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "attention.h"
+#include "fp8_e4m3.h"
+
+namespace fp8_backend {
+namespace {
+
+// bf16 encodings (low byte, high byte) of the 128 FP8 magnitudes, sign added separately.
+struct AmxTables {
+  alignas(64) uint8_t lo[2][128];  // [e4m3, e5m2]
+  alignas(64) uint8_t hi[2][128];
+  AmxTables() {
+    const DecodeTables& t = decode_tables();
+    for (int m = 0; m < 128; ++m) {
+      lo[0][m] = t.bf16_lo[m];
+      hi[0][m] = t.bf16_hi[m];
+      // e5m2 = s.eeeee.mm, bias 15: bf16 exponent e + 112, mantissa mm in its top two bits.
+      const int e = m >> 2, mm = m & 3;
+      uint16_t b;
+      if (e == 31)
+        b = static_cast<uint16_t>(0x7F80 | (mm ? 0x40 : 0));  // Inf / NaN
+      else if (e == 0)
+        b = mm == 0 ? 0 : (mm == 1 ? (111 << 7) : (mm == 2 ? (112 << 7) : ((112 << 7) | 0x40)));  // mm * 2^-16
+      else
+        b = static_cast<uint16_t>(((e + 112) << 7) | (mm << 5));
+      lo[1][m] = static_cast<uint8_t>(b & 0xFF);
+      hi[1][m] = static_cast<uint8_t>(b >> 8);
+    }
+  }
+};
+
+const AmxTables& amx_tables() {
+  static const AmxTables t;
+  return t;
+}
+
+}  // namespace
+}  // namespace fp8_backend
+
+// Everything below is compiled for AMX / AVX-512; no header may be included after this point.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,amx-tile,amx-bf16,fma")
+
+namespace fp8_backend {
+namespace {
+
+constexpr int kT = 32;       // keys per tile (never crossing a cache block)
+constexpr int kMaxD = 256;   // largest head size this kernel takes
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tile registers, each 16 rows x 64 bytes. Scores: 0-1 C (two 16-key halves), 2-3 K rows A,
+// 4 Q^T B. Output: 0-2 C (three 16-wide d chunks), 3-5 V pairs B, 7 probabilities A.
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// FP8 bytes -> bf16 words via byte lookups (index bits 0-6 = magnitude, bit 7 = sign).
+struct Decoder {
+  __m512i lo_a, lo_b, hi_a, hi_b, sign;
+  explicit Decoder(int table) {
+    const AmxTables& t = amx_tables();
+    lo_a = _mm512_loadu_si512(t.lo[table]);
+    lo_b = _mm512_loadu_si512(t.lo[table] + 64);
+    hi_a = _mm512_loadu_si512(t.hi[table]);
+    hi_b = _mm512_loadu_si512(t.hi[table] + 64);
+    sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  }
+  // 64 bytes b (in the order wanted, already permuted by `order` below) -> 64 words.
+  inline void words(__m512i b, __m512i out[2]) const {
+    const __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
+    __m512i hi = _mm512_permutex2var_epi8(hi_a, b, hi_b);
+    hi = _mm512_ternarylogic_epi32(hi, b, sign, 0xF8);  // hi | (b & 0x80)
+    out[0] = _mm512_unpacklo_epi8(lo, hi);
+    out[1] = _mm512_unpackhi_epi8(lo, hi);
+  }
+};
+
+// Byte permutations applied before Decoder::words (whose unpacklo/hi work within 128-bit lanes):
+// `nat`: 64 bytes of one row -> words in natural order (out[0] = bytes 0..31, out[1] = 32..63).
+// `pair_lo` / `pair_hi` (two-source): rows a, b (32 bytes each used) -> words a0 b0 a1 b1 ...
+//   pair_lo covers d 0..31 of the 64-byte chunk, pair_hi d 32..63.
+struct Perms {
+  __m512i nat, pair_lo, pair_hi, w_lo, w_hi;
+  Perms() {
+    alignas(64) uint8_t n[64], pl[64], ph[64], wl[64], wh[64];
+    // Decoder::words: unpacklo(lo, hi) turns byte slots 16L + j (j < 8) into words 8L + j of
+    // out[0], unpackhi turns slots 16L + 8 + j into words 8L + j of out[1] (= word 32 + 8L + j).
+    // So slot 16L + j must hold the source of word 8L + j, slot 16L + 8 + j that of 32 + 8L + j.
+    auto place = [](uint8_t* idx, auto x) {
+      for (int L = 0; L < 4; ++L)
+        for (int j = 0; j < 8; ++j) {
+          idx[16 * L + j] = x(8 * L + j);
+          idx[16 * L + 8 + j] = x(32 + 8 * L + j);
+        }
+    };
+    place(n, [](int w) { return static_cast<uint8_t>(w); });
+    // pairs: word w = row (w & 1) at d = base + w / 2; source b = index + 64.
+    place(pl, [](int w) { return static_cast<uint8_t>((w & 1) * 64 + w / 2); });
+    place(ph, [](int w) { return static_cast<uint8_t>((w & 1) * 64 + 32 + w / 2); });
+    // bf16 rows (16-bit words, two-source vpermt2b): output bytes 4i..4i+3 = a.w[i], b.w[i].
+    for (int i = 0; i < 16; ++i)
+      for (int k = 0; k < 2; ++k) {
+        wl[4 * i + k] = static_cast<uint8_t>(2 * i + k);
+        wl[4 * i + 2 + k] = static_cast<uint8_t>(64 + 2 * i + k);
+        wh[4 * i + k] = static_cast<uint8_t>(32 + 2 * i + k);
+        wh[4 * i + 2 + k] = static_cast<uint8_t>(64 + 32 + 2 * i + k);
+      }
+    nat = _mm512_load_si512(n);
+    pair_lo = _mm512_load_si512(pl);
+    pair_hi = _mm512_load_si512(ph);
+    w_lo = _mm512_load_si512(wl);
+    w_hi = _mm512_load_si512(wh);
+  }
+};
+
+inline __mmask64 bytes_mask(int64_t left) {
+  return left >= 64 ? ~__mmask64(0) : (left <= 0 ? 0 : (__mmask64(1) << left) - 1);
+}
+
+// exp(x), as attention_avx512.cpp's exp512 (degree-6 Taylor after range reduction, rel. error
+// < 2e-7); NaN propagates.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 y = _mm512_set1_ps(1.0f / 720);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// fp32 -> bf16 bits (RNE) of 16 values, as 16-bit words in a __m256i.
+inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+inline __m512 from_bf16(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+// Split 16 fp32 values into `parts` bf16 parts (x = sum of parts exactly for parts = 3), stored
+// at dst[k * ld] (k = part), 16 words each.
+inline void split_store(__m512 x, int parts, uint16_t* dst, int64_t ld) {
+  for (int k = 0; k < parts; ++k) {
+    const __m256i b = to_bf16(x);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k * ld), b);
+    x = _mm512_sub_ps(x, from_bf16(b));
+  }
+}
+
+struct Buffers {  // per thread
+  alignas(64) uint16_t k[kT * kMaxD];            // K rows of a tile, natural layout [key][d]
+  alignas(64) uint16_t v[kT * kMaxD];            // V pairs: [key pair][d][2]
+  alignas(64) uint16_t qt[3 * kMaxD * 16];       // Q^T per 32-d chunk: [chunk][d pair][16 cols][2]
+  alignas(64) float s[kT * 16];                  // scores [key][col]
+  alignas(64) uint16_t p[16 * kT];               // probability parts [part * rg + row][key]
+  alignas(64) float pf[16 * kT];                 // fp32 probabilities [row][key] (fallback path)
+  alignas(64) float o[16 * kMaxD];               // output accumulators [part * rg + row][d]
+  float m[16];
+  __m512 l[16];  // per row: lane sums of its softmax denominator
+};
+
+struct Ctx {
+  const AttnTask& a;
+  const Perms& pm;
+  Buffers& b;
+  const Decoder* dec;  // null for a bf16 cache
+  int64_t D;
+};
+
+// Keys [t, t + n) of cache row pointer `src` (token stride tok) -> b.k rows 0..n-1 (bf16).
+void load_k(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
+  const int64_t D = c.D;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* r = src + j * tok;
+    uint16_t* o = c.b.k + j * D;
+    if (c.dec) {
+      for (int64_t d = 0; d < D; d += 64) {
+        __m512i w[2];
+        c.dec->words(_mm512_permutexvar_epi8(c.pm.nat, _mm512_maskz_loadu_epi8(bytes_mask(D - d), r + d)), w);
+        _mm512_storeu_si512(o + d, w[0]);
+        if (D - d > 32) _mm512_storeu_si512(o + d + 32, w[1]);
+      }
+    } else {
+      std::memcpy(o, r, D * 2);
+    }
+  }
+}
+
+// Keys [0, n) -> b.v pairs (rows n..kT-1 read as zero); returns true if any value is Inf/NaN.
+bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
+  const int64_t D = c.D;
+  const __m512i zero = _mm512_setzero_si512(), expo = _mm512_set1_epi16(0x7F80);
+  __mmask32 bad = 0;
+  const int npairs = (n + 1) / 2;
+  for (int pr = 0; pr < npairs; ++pr) {
+    const uint8_t* ra = src + (2 * pr) * tok;
+    const uint8_t* rb = 2 * pr + 1 < n ? ra + tok : nullptr;
+    uint16_t* o = c.b.v + pr * 2 * D;
+    if (c.dec) {
+      for (int64_t d = 0; d < D; d += 64) {
+        const __mmask64 mk = bytes_mask(D - d);
+        const __m512i a = _mm512_maskz_loadu_epi8(mk, ra + d);
+        const __m512i bb = rb ? _mm512_maskz_loadu_epi8(mk, rb + d) : zero;
+        __m512i w[2];
+        c.dec->words(_mm512_permutex2var_epi8(a, c.pm.pair_lo, bb), w);  // d .. d+31, pairs
+        _mm512_storeu_si512(o + 2 * d, w[0]);
+        _mm512_storeu_si512(o + 2 * d + 32, w[1]);
+        bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[0], expo), expo) |
+               _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[1], expo), expo);
+        if (D - d > 32) {
+          c.dec->words(_mm512_permutex2var_epi8(a, c.pm.pair_hi, bb), w);  // d+32 .. d+63
+          _mm512_storeu_si512(o + 2 * d + 64, w[0]);
+          _mm512_storeu_si512(o + 2 * d + 96, w[1]);
+          bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[0], expo), expo) |
+                 _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[1], expo), expo);
+        }
+      }
+    } else {
+      for (int64_t d = 0; d < D; d += 32) {  // 32 bf16 = 64 bytes per row
+        const __m512i a = _mm512_loadu_si512(ra + 2 * d);
+        const __m512i bb = rb ? _mm512_loadu_si512(rb + 2 * d) : zero;
+        const __m512i w0 = _mm512_permutex2var_epi8(a, c.pm.w_lo, bb);
+        const __m512i w1 = _mm512_permutex2var_epi8(a, c.pm.w_hi, bb);
+        _mm512_storeu_si512(o + 2 * d, w0);
+        _mm512_storeu_si512(o + 2 * d + 32, w1);
+        bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(w0, expo), expo) |
+               _mm512_cmpeq_epi16_mask(_mm512_and_si512(w1, expo), expo);
+      }
+    }
+  }
+  for (int pr = npairs; pr < kT / 2; ++pr) std::memset(c.b.v + pr * 2 * D, 0, 4 * D);
+  return bad != 0;
+}
+
+// Rows [r0, r0 + rg) of the task (rg <= 5), nsq query parts: columns k * rg + i of Q^T.
+void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
+  const AttnTask& a = c.a;
+  Buffers& b = c.b;
+  const int64_t D = c.D, nch = D / 32;
+  // Q^T: chunk kc, d pair r, column col -> qt[(kc * 16 + r) * 32 + 2 * col + (d & 1)]. Columns
+  // >= nsq * rg, P rows >= 3 * rg and the K rows past a tile's end are left stale: they only
+  // feed score columns and output rows that are never read.
+  alignas(64) uint16_t part[16];
+  for (int i = 0; i < rg; ++i) {
+    const float* q = a.q + (r0 + i) * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 x = _mm512_loadu_ps(q + d0);
+      for (int k = 0; k < nsq; ++k) {
+        const __m256i h = to_bf16(x);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(part), h);
+        x = _mm512_sub_ps(x, from_bf16(h));
+        const int col = k * rg + i;
+        for (int e = 0; e < 16; ++e) {
+          const int64_t d = d0 + e;
+          b.qt[((d / 32) * 16 + (d % 32) / 2) * 32 + 2 * col + (d & 1)] = part[e];
+        }
+      }
+    }
+  }
+  std::memset(b.o, 0, 3 * rg * D * 4);
+  for (int i = 0; i < 16; ++i) {
+    b.m[i] = -__builtin_inff();
+    b.l[i] = _mm512_setzero_ps();
+  }
+  const int64_t bs = a.block_size;
+  const int64_t hi = a.pos[r0 + rg - 1] + 1;
+  int64_t lo = 0;
+  if (a.window > 0 && a.pos[r0] - a.window + 1 > 0) lo = a.pos[r0] - a.window + 1;
+  const __m512 qks = _mm512_set1_ps(a.qk_scale);
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t t0 = lo; t0 < hi;) {
+    const int64_t blk = t0 / bs, off = t0 % bs;
+    int64_t n64 = bs - off;
+    if (n64 > kT) n64 = kT;
+    if (n64 > hi - t0) n64 = hi - t0;
+    const int n = static_cast<int>(n64);
+    const int64_t block = a.blocks[blk];
+    // Entering a cache block (or on the first tile): fetch the whole next block's K and V rows of
+    // this head into L2 now, so their memory latency overlaps this block's work (blocks are
+    // scattered, so the hardware prefetcher cannot follow from one to the next). Measured better
+    // than prefetching one 32-key tile ahead into L1, and than no prefetch, on contexts from memory.
+    if ((off == 0 || t0 == lo) && (blk + 1) * bs < hi) {
+      const int64_t eb = c.dec ? 1 : 2, nblk = blk + 1;
+      const uint8_t* kn = a.kc + a.blocks[nblk] * a.k_blk;
+      const uint8_t* vn = a.vc + a.blocks[nblk] * a.v_blk;
+      const int64_t rows = hi - nblk * bs < bs ? hi - nblk * bs : bs;
+      for (int64_t j = 0; j < rows; ++j)
+        for (int64_t d = 0; d < D * eb; d += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(kn + j * a.k_tok + d), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(vn + j * a.v_tok + d), _MM_HINT_T1);
+        }
+    }
+    load_k(c, a.kc + block * a.k_blk + off * a.k_tok, a.k_tok, n);
+    // Scores: S[key][col] for the 16-key halves present.
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kc = 0; kc < nch; ++kc) {
+      _tile_loadd(4, b.qt + kc * 16 * 32, 64);
+      _tile_loadd(2, b.k + 32 * kc, D * 2);
+      _tile_dpbf16ps(0, 2, 4);
+      if (n > 16) {
+        _tile_loadd(3, b.k + 16 * D + 32 * kc, D * 2);
+        _tile_dpbf16ps(1, 3, 4);
+      }
+    }
+    // V decode does not depend on the scores: issued here, it overlaps the tile products.
+    const bool v_bad = load_v(c, a.vc + block * a.v_blk + off * a.v_tok, a.v_tok, n);
+    _tile_stored(0, b.s, 64);
+    if (n > 16) _tile_stored(1, b.s + 16 * 16, 64);
+    bool partial = false;  // some row sees only part of this tile
+    for (int i = 0; i < rg; ++i) {
+      const int64_t p = a.pos[r0 + i];
+      int64_t j0 = 0, j1 = p - t0 + 1;
+      if (a.window > 0 && p - a.window + 1 - t0 > 0) j0 = p - a.window + 1 - t0;
+      if (j1 > n) j1 = n;
+      if (j1 < j0) j1 = j0;
+      if (j0 > 0 || j1 < n) partial = true;
+      __m512 sv[2];
+      __mmask16 mk[2];
+      __m512 mxv = _mm512_set1_ps(-__builtin_inff());
+      for (int h = 0; h < 2; ++h) {
+        const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32(16 * h));
+        mk[h] = _mm512_cmpge_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(j0))) &
+                _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(j1)));
+        __m512 acc = _mm512_setzero_ps();
+        if (mk[h]) {
+          const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(j, _mm512_set1_epi32(16)), _mm512_set1_epi32(i));
+          for (int k = 0; k < nsq; ++k)
+            acc = _mm512_add_ps(acc, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk[h],
+                                                              _mm512_add_epi32(idx, _mm512_set1_epi32(k * rg)), b.s, 4));
+        }
+        sv[h] = _mm512_mul_ps(acc, qks);
+        mxv = _mm512_mask_max_ps(mxv, mk[h], sv[h], mxv);  // NaN scores are skipped (as the other paths)
+      }
+      float mx = _mm512_reduce_max_ps(mxv);
+      const float mold = b.m[i];
+      if (mold > mx) mx = mold;
+      if (mx == -__builtin_inff()) mx = 0.f;  // nothing seen yet, or all scores NaN
+      const float alpha = mold == -__builtin_inff() ? 0.f : (mold == mx ? 1.f : __builtin_expf(mold - mx));
+      __m512 sumv = _mm512_setzero_ps();  // the row sum l stays a vector until the end
+      for (int h = 0; h < 2; ++h) {
+        const __m512 e = _mm512_maskz_mov_ps(mk[h], exp512(_mm512_sub_ps(sv[h], _mm512_set1_ps(mx))));
+        sumv = _mm512_add_ps(sumv, e);
+        _mm512_storeu_ps(b.pf + i * kT + 16 * h, e);
+        split_store(e, 3, b.p + i * kT + 16 * h, rg * kT);
+      }
+      if (j1 > j0 || mold != -__builtin_inff()) {
+        b.l[i] = _mm512_fmadd_ps(b.l[i], _mm512_set1_ps(alpha), sumv);
+        b.m[i] = mx;
+        if (alpha != 1.f) {
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int k = 0; k < 3; ++k) {
+            float* o = b.o + (k * rg + i) * D;
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+          }
+        }
+      }
+    }
+    if (partial && v_bad) {
+      // fp32 per row over the keys it sees only (b.pf is 0 elsewhere, but 0 * NaN is NaN).
+      for (int i = 0; i < rg; ++i)
+        for (int j = 0; j < n; ++j) {
+          const float pj = b.pf[i * kT + j];
+          if (pj == 0.f) continue;
+          const uint16_t* vr = b.v + (j / 2) * 2 * D + (j & 1);
+          for (int64_t d = 0; d < D; ++d) {
+            uint32_t bits = static_cast<uint32_t>(vr[2 * d]) << 16;
+            float vf;
+            std::memcpy(&vf, &bits, 4);
+            b.o[i * D + d] += pj * vf;
+          }
+        }
+    } else {
+      _tile_loadd(7, b.p, kT * 2);
+      const int64_t nd = D / 16;
+      for (int64_t dc = 0; dc < nd; dc += 3) {  // three independent accumulators in flight
+        _tile_loadd(0, b.o + 16 * dc, D * 4);
+        _tile_loadd(3, b.v + 32 * dc, D * 4);
+        _tile_dpbf16ps(0, 7, 3);
+        if (dc + 1 < nd) {
+          _tile_loadd(1, b.o + 16 * (dc + 1), D * 4);
+          _tile_loadd(4, b.v + 32 * (dc + 1), D * 4);
+          _tile_dpbf16ps(1, 7, 4);
+        }
+        if (dc + 2 < nd) {
+          _tile_loadd(2, b.o + 16 * (dc + 2), D * 4);
+          _tile_loadd(5, b.v + 32 * (dc + 2), D * 4);
+          _tile_dpbf16ps(2, 7, 5);
+        }
+        _tile_stored(0, b.o + 16 * dc, D * 4);
+        if (dc + 1 < nd) _tile_stored(1, b.o + 16 * (dc + 1), D * 4);
+        if (dc + 2 < nd) _tile_stored(2, b.o + 16 * (dc + 2), D * 4);
+      }
+    }
+    t0 += n;
+  }
+  for (int i = 0; i < rg; ++i) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(b.l[i]));
+    const float *o0 = b.o + i * D, *o1 = b.o + (rg + i) * D, *o2 = b.o + (2 * rg + i) * D;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(o0 + d), _mm512_loadu_ps(o1 + d)),
+                                       _mm512_loadu_ps(o2 + d));
+      _mm512_storeu_ps(a.out + (r0 + i) * D + d, _mm512_mul_ps(sum, inv));
+    }
+  }
+}
+
+}  // namespace
+
+void attend_amx(const AttnTask& a) {
+  static thread_local Buffers* buf = nullptr;
+  if (!buf) buf = new Buffers();  // per thread, kept (the pool's threads live as long as the process)
+  static const Perms perms;
+  static const Decoder e4m3(0), e5m2(1);
+  const Decoder* dec = a.kind == KvKind::e4m3 ? &e4m3 : (a.kind == KvKind::e5m2 ? &e5m2 : nullptr);
+  configure_tiles();
+  const Ctx c{a, perms, *buf, dec, a.D};
+  const int nsq = a.q_parts;
+  const int64_t per = 16 / nsq < 5 ? 16 / nsq : 5;  // 3 * rows probability parts <= 16 tile rows
+  for (int64_t r0 = 0; r0 < a.R; r0 += per) attend_group(c, r0, static_cast<int>(a.R - r0 < per ? a.R - r0 : per), nsq);
+  _tile_release();
+}
+
+}  // namespace fp8_backend
+
+#pragma GCC pop_options
