@@ -71,24 +71,10 @@ namespace {
 constexpr int kT = 32;       // keys per tile (never crossing a cache block)
 constexpr int kMaxD = 256;   // largest head size this kernel takes
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#include "amx_tiles.h"
 
 // Tile registers, each 16 rows x 64 bytes. Scores: 0-1 C (two 16-key halves), 2-3 K rows A,
 // 4 Q^T B. Output: 0-2 C (three 16-wide d chunks), 3-5 V pairs B, 7 probabilities A.
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // FP8 bytes -> bf16 words via byte lookups (index bits 0-6 = magnitude, bit 7 = sign).
 struct Decoder {
@@ -153,24 +139,7 @@ inline __mmask64 bytes_mask(int64_t left) {
   return left >= 64 ? ~__mmask64(0) : (left <= 0 ? 0 : (__mmask64(1) << left) - 1);
 }
 
-// exp(x), as attention_avx512.cpp's exp512 (degree-6 Taylor after range reduction, rel. error
-// < 2e-7); NaN propagates.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 y = _mm512_set1_ps(1.0f / 720);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
+#include "avx512_exp.h"
 
 // fp32 -> bf16 bits (RNE) of 16 values, as 16-bit words in a __m256i.
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }

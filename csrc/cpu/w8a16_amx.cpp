@@ -64,24 +64,10 @@ struct Bf16Decoder {
 };
 
 // ---- AMX ------------------------------------------------------------------------------------
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#include "amx_tiles.h"
 
 // Tiles 0-3: C (16 rows m x 16 fp32 n), 4-5: A (16 rows m x 32 bf16 k), 6-7: B (16 rows of
-// k pairs x 16 n pairs). Every tile is 16 rows x 64 bytes.
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+// k pairs x 16 n pairs).
 
 constexpr int64_t kNP = 128;  // weight rows per panel (8 B tiles): activations are re-read N/kNP times
 constexpr int64_t kKC = 256;  // k per chunk: a panel's decoded weights take kNP * kKC * 2 = 64 KiB,
