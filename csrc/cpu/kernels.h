@@ -29,6 +29,8 @@ void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, 
 
 // bf16 activations on AMX (w8a16_amx.cpp); see gemm_amx's definition for the layouts.
 int64_t amx_panel_rows();
+void pack_a_amx(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
+                int64_t Kp, uint16_t* out);
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
               int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
               int64_t blk_bk);

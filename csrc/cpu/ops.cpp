@@ -86,13 +86,10 @@ void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uin
   });
 }
 
-// bf16 activations for the AMX GEMM: rows x Kp (multiple of 64), zero-padded.
-at::Tensor stage_bf16(const at::Tensor& x2, int64_t rows, int64_t Kp) {
-  const int64_t M = x2.size(0), K = x2.size(1);
-  at::Tensor xs = at::zeros({rows, Kp}, x2.options());  // 64-byte aligned (CPU allocator)
-  xs.narrow(0, 0, M).narrow(1, 0, K).copy_(x2);
-  return xs;
-}
+// Row stride for buffers read or written as AMX tiles (16 rows at once): a multiple of 64 bytes
+// that is not a multiple of 4 KiB, so a tile's 16 rows fall in different L1 sets (at a power-of-
+// two stride such as 8 KiB all 16 rows alias to one 12-way set and tile loads miss).
+int64_t tile_stride(int64_t bytes) { return bytes % 4096 == 0 ? bytes + 64 : bytes; }
 
 
 // Large M: decode blocks of weight rows to fp32 (raw FP8 values, exact) and multiply with
@@ -247,15 +244,21 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   if (K == 0) {
     D.zero_();
   } else if (isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
-    // AMX tiles: activations padded to 32 rows and 64 columns, D to whole 16-column tiles.
+    // AMX tiles: activations packed into 16x32 tiles (zero-padded to 32 rows, 64 columns), D to
+    // whole 16-column tiles.
     const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16;
-    const at::Tensor xs = stage_bf16(x2, Mp, Kp);
-    at::Tensor Dp = at::empty({Mp, Np}, x.options().dtype(at::kFloat));
+    const int64_t ldx = Kp, ldd = tile_stride(Np * 4) / 4;
+    const at::Tensor xs = at::empty({Mp * Kp}, x2.options());
+    at::parallel_for(0, Mp / 16, 1, [&](int64_t i0, int64_t i1) {
+      pack_a_amx(reinterpret_cast<const uint16_t*>(x2.data_ptr()), M, K, K, i0, i1, Kp,
+                 reinterpret_cast<uint16_t*>(xs.data_ptr()));
+    });
+    at::Tensor Dp = at::empty({Mp, ldd}, x.options().dtype(at::kFloat));
     const int64_t panels = (N + amx_panel_rows() - 1) / amx_panel_rows();
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
     float* dp = Dp.data_ptr<float>();
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      gemm_amx(xp, Kp, Mp, wp, N, K, p0, p1, dp, Np, blk ? blk.s : nullptr, blk.bn, blk.bk);
+      gemm_amx(xp, ldx, Mp, wp, N, K, p0, p1, dp, ldd, blk ? blk.s : nullptr, blk.bn, blk.bk);
     });
     D = Dp.narrow(0, 0, M).narrow(1, 0, N);
   } else if (M <= g_small_m_max.load()) {

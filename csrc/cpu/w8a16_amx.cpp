@@ -138,35 +138,61 @@ void pack_b(const Bf16Decoder& dec, const uint8_t* w, int64_t N, int64_t K, int6
 
 }  // namespace
 
+// x [M, K] bf16 (row stride ld) -> A tiles: tile (i, kb) = rows 16i.., k 32kb.. at
+// out + (i * Kp / 32 + kb) * 512, each 16 rows of 32 bf16 (64 bytes), zero-padded to Mp x Kp.
+// Contiguous tiles load without TLB walks or cache-set conflicts (a row-major x with a
+// power-of-two row stride puts all 16 rows of a tile in one L1 set).
+void pack_a_amx(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
+                int64_t Kp, uint16_t* out) {
+  const int64_t kbs = Kp / 32;
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t r = 0; r < 16; ++r) {
+      const int64_t m = 16 * i + r;
+      uint16_t* o = out + i * kbs * 512 + r * 32;
+      if (m >= M) {
+        for (int64_t kb = 0; kb < kbs; ++kb) std::memset(o + kb * 512, 0, 64);
+        continue;
+      }
+      const uint16_t* xr = x + m * ld;
+      for (int64_t kb = 0; kb < kbs; ++kb) {
+        const int64_t left = K - 32 * kb;
+        const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (left <= 0 ? 0 : (__mmask32(1) << left) - 1);
+        _mm512_storeu_si512(o + kb * 512, _mm512_maskz_loadu_epi16(mask, xr + 32 * kb));
+      }
+    }
+}
+
 int64_t amx_panel_rows() { return kNP; }
 
-// D[m, n] for m < Mp (multiple of 32), n in panels [p0, p1) of kNP rows. x: bf16 [Mp, ldx]
-// with ldx >= K rounded up to 32 and zero padding (rows and columns). D: fp32, row stride ldd
-// >= N rounded up to kNP. Block scales: D = sum over K blocks of s[n / bn][kb] * partial sum;
+// D[m, n] for m < Mp (multiple of 32), n in panels [p0, p1) of kNP rows. x: the activations
+// as pack_a_amx's tiles with Kp = ldx (K rounded up to 64). D: fp32, row stride ldd >= N rounded
+// up to 16 (not a multiple of 4 KiB, for the same set-conflict reason). Block scales: D = sum over K blocks of s[n / bn][kb] * partial sum;
 // blk_bk must then be a multiple of 32 (chunks follow the blocks).
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
               int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
               int64_t blk_bk) {
   const Bf16Decoder dec;
   configure_tiles();
+  const int64_t kbx = ldx / 32;  // A tiles per 16-row block of x
   const bool block = blk_s != nullptr;
   const int64_t KC = block ? blk_bk : kKC;
   const int64_t kb_total = (K + blk_bk - 1) / std::max<int64_t>(blk_bk, 1);
   const int64_t kcmax = (std::min(KC, K) + 63) / 64 * 64;
-  std::vector<uint32_t> bt(kNP / 16 * (kcmax / 32) * 256 + 16);
+  const int64_t NB = amx_panel_rows();
+  std::vector<uint32_t> bt(NB / 16 * (kcmax / 32) * 256 + 16);
   std::vector<uint16_t> rowbuf(16 * kcmax + 32);
   alignas(64) float ctmp[16 * 16];
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * kNP;
-    const int64_t np = std::min<int64_t>(kNP, (N - n0 + 15) / 16 * 16);
+    const int64_t n0 = p * NB;
+    const int64_t np = std::min<int64_t>(NB, (N - n0 + 15) / 16 * 16);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64 in pack_b)
       pack_b(dec, w, N, K, n0, np, k0, kc, bt.data(), rowbuf.data());
       const bool first = k0 == 0;
       for (int64_t m = 0; m < Mp; m += 32) {
-        const uint16_t* a0 = x + m * ldx + k0;
-        const uint16_t* a1 = a0 + 16 * ldx;
+        const uint16_t* a0 = x + ((m / 16) * kbx + k0 / 32) * 512;  // packed A tiles (pack_a_amx)
+        const uint16_t* a1 = a0 + kbx * 512;
         for (int64_t t = 0; t < np / 16; t += 2) {
           float* c = D + m * ldd + n0 + 16 * t;
           const bool two = t + 1 < np / 16;
@@ -183,8 +209,8 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
           const uint32_t* b0 = bt.data() + t * kbs * 256;
           const uint32_t* b1 = b0 + kbs * 256;
           for (int64_t kb = 0; kb < kbs; ++kb) {
-            _tile_loadd(4, a0 + 32 * kb, ldx * 2);
-            _tile_loadd(5, a1 + 32 * kb, ldx * 2);
+            _tile_loadd(4, a0 + 512 * kb, 64);
+            _tile_loadd(5, a1 + 512 * kb, 64);
             _tile_loadd(6, b0 + kb * 256, 64);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(2, 5, 6);
