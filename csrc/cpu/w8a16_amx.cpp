@@ -52,7 +52,10 @@ struct Bf16Decoder {
   }
 
   inline void decode64(const uint8_t* p, __mmask64 mask, __m512i out[2]) const {
-    __m512i b = _mm512_maskz_loadu_epi8(mask, p);  // masked-off bytes decode to +0
+    decode(_mm512_maskz_loadu_epi8(mask, p), out);  // masked-off bytes decode to +0
+  }
+
+  inline void decode(__m512i b, __m512i out[2]) const {
     b = _mm512_permutexvar_epi8(order, b);
     // Byte lookup: index bits 0-5 pick the byte, bit 6 the table, bit 7 (sign) is ignored.
     const __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
@@ -73,31 +76,37 @@ constexpr int64_t kNP = 128;  // weight rows per panel (8 B tiles): activations 
 constexpr int64_t kKC = 256;  // k per chunk: a panel's decoded weights take kNP * kKC * 2 = 64 KiB,
                               // the activations' 32-row block 16 KiB (L1)
 
-// 16 rows of 16 dwords: out row r = column r of in (in row stride = in_ld dwords).
-inline void transpose16x16(const uint32_t* in, int64_t in_ld, uint32_t* out) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * in_ld);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+// Transpose 16 rows x 32 words (FP8 byte pairs) into 16 vectors of two word-columns each:
+// in[j] = row j's 64 bytes, word r = bytes (2r, 2r + 1); out[q] = word 2q of rows 0..15, then
+// word 2q + 1 of rows 0..15. Transposing the FP8 pairs before decoding moves half the bytes that
+// a transpose of the decoded bf16 would, and needs no row buffer.
+inline void transpose_pairs16x32(const __m512i in[16], __m512i out[16]) {
+  __m512i t[16], u[4][4], z[2][8];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: words c = 0..3 (lo) / 4..7 (hi) of rows 2i, 2i+1
+    t[2 * i] = _mm512_unpacklo_epi16(in[2 * i], in[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi16(in[2 * i], in[2 * i + 1]);
   }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  for (int Q = 0; Q < 4; ++Q) {  // u[Q][s]: words c = 2s, 2s + 1 of rows 4Q..4Q+3
+    u[Q][0] = _mm512_unpacklo_epi32(t[4 * Q], t[4 * Q + 2]);
+    u[Q][1] = _mm512_unpackhi_epi32(t[4 * Q], t[4 * Q + 2]);
+    u[Q][2] = _mm512_unpacklo_epi32(t[4 * Q + 1], t[4 * Q + 3]);
+    u[Q][3] = _mm512_unpackhi_epi32(t[4 * Q + 1], t[4 * Q + 3]);
   }
-  // r[4q + j] holds, in 128-bit lane L, row-quad q's column 4L + c(j) with c = 0, 1, 2, 3 for
-  // j = 0, 1, 2, 3. Gather the four lanes L of rows q = 0..3 into output row 4L + c(j).
-  for (int j = 0; j < 4; ++j) {
-    const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);       // q0 L0, q0 L2, q1 L0, q1 L2
-    const __m512i b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // q0 L1, q0 L3, q1 L1, q1 L3
-    const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // q2 L0, q2 L2, q3 L0, q3 L2
-    const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
-    _mm512_storeu_si512(out + (0 + j) * 16, _mm512_shuffle_i32x4(a, c, 0x88));   // L0 of q0..q3
-    _mm512_storeu_si512(out + (8 + j) * 16, _mm512_shuffle_i32x4(a, c, 0xDD));   // L2
-    _mm512_storeu_si512(out + (4 + j) * 16, _mm512_shuffle_i32x4(b, d, 0x88));   // L1
-    _mm512_storeu_si512(out + (12 + j) * 16, _mm512_shuffle_i32x4(b, d, 0xDD));  // L3
+  for (int P = 0; P < 2; ++P)  // z[P][c], lane L: word 8L + c of rows 8P..8P+7
+    for (int s = 0; s < 4; ++s) {
+      z[P][2 * s] = _mm512_unpacklo_epi64(u[2 * P][s], u[2 * P + 1][s]);
+      z[P][2 * s + 1] = _mm512_unpackhi_epi64(u[2 * P][s], u[2 * P + 1][s]);
+    }
+  // out[4L + s] = lane L of z[0][2s], z[1][2s], z[0][2s+1], z[1][2s+1] (words r = 8L + 2s, +1).
+  for (int s = 0; s < 4; ++s) {
+    const __m512i x01 = _mm512_shuffle_i32x4(z[0][2 * s], z[1][2 * s], 0x44);      // lanes 0,1 | 0,1
+    const __m512i y01 = _mm512_shuffle_i32x4(z[0][2 * s + 1], z[1][2 * s + 1], 0x44);
+    const __m512i x23 = _mm512_shuffle_i32x4(z[0][2 * s], z[1][2 * s], 0xEE);      // lanes 2,3 | 2,3
+    const __m512i y23 = _mm512_shuffle_i32x4(z[0][2 * s + 1], z[1][2 * s + 1], 0xEE);
+    out[0 + s] = _mm512_shuffle_i32x4(x01, y01, 0x88);
+    out[4 + s] = _mm512_shuffle_i32x4(x01, y01, 0xDD);
+    out[8 + s] = _mm512_shuffle_i32x4(x23, y23, 0x88);
+    out[12 + s] = _mm512_shuffle_i32x4(x23, y23, 0xDD);
   }
 }
 
@@ -105,34 +114,36 @@ inline void transpose16x16(const uint32_t* in, int64_t in_ld, uint32_t* out) {
 // 32-wide k step kb, at bt + (t * kbs + kb) * 256 dwords; dword [r][j] = bf16 pair
 // (w[n0+16t+j][k0+32kb+2r], w[...][k0+32kb+2r+1]). Rows >= N and k >= K are zero.
 void pack_b(const Bf16Decoder& dec, const uint8_t* w, int64_t N, int64_t K, int64_t n0,
-            int64_t np, int64_t k0, int64_t kc, uint32_t* bt, uint16_t* rowbuf) {
-  const int64_t kcp = (kc + 63) / 64 * 64;  // rowbuf row length (bf16)
-  const int64_t kbs = kcp / 32;
+            int64_t np, int64_t k0, int64_t kc, uint32_t* bt) {
+  const int64_t kbs = (kc + 63) / 64 * 2;
   for (int64_t t = 0; t < np / 16; ++t) {
-    for (int j = 0; j < 16; ++j) {  // decode 16 rows to natural bf16 in rowbuf
-      const int64_t n = n0 + 16 * t + j;
-      uint16_t* o = rowbuf + j * kcp;
-      if (n >= N) {
-        std::memset(o, 0, kcp * 2);
-        continue;
-      }
-      const uint8_t* wr = w + n * K + k0;
-      // Rows are read in kc-byte pieces, too short for the hardware prefetcher: fetch this
+    const int64_t nt = n0 + 16 * t;
+    for (int j = 0; j < 16; ++j) {
+      // Rows are read in kc-byte pieces, too short for the hardware prefetcher: fetch each
       // row's next piece (or, on the last one, the row a panel further on) into L2 now.
-      const uint8_t* next = k0 + kc < K ? wr + kc : (n + np < N ? w + (n + np) * K : nullptr);
+      const int64_t n = nt + j;
+      const uint8_t* next = n >= N ? nullptr
+                            : k0 + kc < K ? w + n * K + k0 + kc
+                            : (n + np < N ? w + (n + np) * K : nullptr);
       if (next)
         for (int64_t k = 0; k < kc; k += 64) _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T1);
-      for (int64_t k = 0; k < kcp; k += 64) {
-        const int64_t left = kc - k;
-        const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (left <= 0 ? 0 : (__mmask64(1) << left) - 1);
+    }
+    for (int64_t k = 0; k < kc; k += 64) {
+      const int64_t left = kc - k;
+      const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+      __m512i rows[16], cols[16];
+      for (int j = 0; j < 16; ++j)
+        rows[j] = nt + j < N ? _mm512_maskz_loadu_epi8(mask, w + (nt + j) * K + k0 + k) : _mm512_setzero_si512();
+      transpose_pairs16x32(rows, cols);
+      uint32_t* tile = bt + (t * kbs + k / 32) * 256;  // this 64-k step fills tiles k/32, k/32 + 1
+      for (int q = 0; q < 16; ++q) {
         __m512i v[2];
-        dec.decode64(wr + k, mask, v);
-        _mm512_storeu_si512(o + k, v[0]);
-        _mm512_storeu_si512(o + k + 32, v[1]);
+        dec.decode(cols[q], v);  // v[0] = pair row 2q, v[1] = pair row 2q + 1
+        uint32_t* o = tile + (2 * q / 16) * 256 + (2 * q % 16) * 16;
+        _mm512_storeu_si512(o, v[0]);
+        _mm512_storeu_si512(o + 16, v[1]);
       }
     }
-    for (int64_t kb = 0; kb < kbs; ++kb)
-      transpose16x16(reinterpret_cast<const uint32_t*>(rowbuf) + kb * 16, kcp / 2, bt + (t * kbs + kb) * 256);
   }
 }
 
@@ -180,7 +191,6 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
   const int64_t kcmax = (std::min(KC, K) + 63) / 64 * 64;
   const int64_t NB = amx_panel_rows();
   std::vector<uint32_t> bt(NB / 16 * (kcmax / 32) * 256 + 16);
-  std::vector<uint16_t> rowbuf(16 * kcmax + 32);
   alignas(64) float ctmp[16 * 16];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * NB;
@@ -188,7 +198,7 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64 in pack_b)
-      pack_b(dec, w, N, K, n0, np, k0, kc, bt.data(), rowbuf.data());
+      pack_b(dec, w, N, K, n0, np, k0, kc, bt.data());
       const bool first = k0 == 0;
       for (int64_t m = 0; m < Mp; m += 32) {
         const uint16_t* a0 = x + ((m / 16) * kbx + k0 / 32) * 512;  // packed A tiles (pack_a_amx)
