@@ -257,10 +257,14 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
     const int64_t panels = (N + amx_panel_rows() - 1) / amx_panel_rows();
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
     float* dp = Dp.data_ptr<float>();
+    at::Tensor bf;
+    if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+    const Bf16Epilogue ep{s.data_ptr<float>(), s.numel() != 1, bias.has_value() ? bf.data_ptr<float>() : nullptr,
+                          reinterpret_cast<uint16_t*>(y.data_ptr()), M};
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      gemm_amx(xp, ldx, Mp, wp, N, K, p0, p1, dp, ldd, blk ? blk.s : nullptr, blk.bn, blk.bk);
+      gemm_amx(xp, ldx, Mp, wp, N, K, p0, p1, dp, ldd, blk ? blk.s : nullptr, blk.bn, blk.bk, ep);
     });
-    D = Dp.narrow(0, 0, M).narrow(1, 0, N);
+    return y;  // the epilogue ran inside gemm_amx
   } else if (M <= g_small_m_max.load()) {
     const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;
     at::Tensor xs = at::empty({M, Kp}, x.options().dtype(at::kFloat));

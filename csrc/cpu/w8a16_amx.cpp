@@ -147,6 +147,22 @@ void pack_b(const Bf16Decoder& dec, const uint8_t* w, int64_t N, int64_t K, int6
   }
 }
 
+// y[m, n..n+15] = bf16(v * scale + bias) for the columns < N; rows m >= M (padding) are skipped.
+// Same operations and rounding as the op's scalar epilogue (ops.cpp) and numerics.w8a16_linear.
+inline void store_bf16_row(const Bf16Epilogue& ep, int64_t N, int64_t m, int64_t n, __m512 v) {
+  if (m >= ep.M) return;
+  const __mmask16 cols = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+  v = _mm512_mul_ps(v, ep.per_channel ? _mm512_maskz_loadu_ps(cols, ep.scale + n) : _mm512_set1_ps(ep.scale[0]));
+  if (ep.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cols, ep.bias + n));
+  // Round to nearest even on the bits (c10::BFloat16): add 0x7FFF + the kept lsb, keep the top
+  // half; NaN becomes the canonical 0x7FC0.
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(ep.y + m * N + n, cols, _mm512_cvtepi32_epi16(h));
+}
+
 }  // namespace
 
 // x [M, K] bf16 (row stride ld) -> A tiles: tile (i, kb) = rows 16i.., k 32kb.. at
@@ -181,7 +197,7 @@ int64_t amx_panel_rows() { return kNP; }
 // blk_bk must then be a multiple of 32 (chunks follow the blocks).
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
               int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
-              int64_t blk_bk) {
+              int64_t blk_bk, const Bf16Epilogue& ep) {
   const Bf16Decoder dec;
   configure_tiles();
   const int64_t kbx = ldx / 32;  // A tiles per 16-row block of x
@@ -199,7 +215,7 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
       const int64_t kc = std::min(KC, K - k0);
       const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64 in pack_b)
       pack_b(dec, w, N, K, n0, np, k0, kc, bt.data());
-      const bool first = k0 == 0;
+      const bool first = k0 == 0, last = k0 + kc >= K;
       for (int64_t m = 0; m < Mp; m += 32) {
         const uint16_t* a0 = x + ((m / 16) * kbx + k0 / 32) * 512;  // packed A tiles (pack_a_amx)
         const uint16_t* a1 = a0 + kbx * 512;
@@ -230,6 +246,20 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
               _tile_dpbf16ps(3, 5, 7);
             }
           }
+          if (!block && last) {  // final sums: straight through the epilogue into y
+            for (int q = 0; q < (two ? 4 : 2); ++q) {
+              const int im = q & 1, in = q >> 1;
+              switch (q) {
+                case 0: _tile_stored(0, ctmp, 64); break;
+                case 1: _tile_stored(2, ctmp, 64); break;
+                case 2: _tile_stored(1, ctmp, 64); break;
+                default: _tile_stored(3, ctmp, 64); break;
+              }
+              for (int r = 0; r < 16; ++r)
+                store_bf16_row(ep, N, m + 16 * im + r, n0 + 16 * (t + in), _mm512_load_ps(ctmp + 16 * r));
+            }
+            continue;
+          }
           if (!block) {
             _tile_stored(0, c, ldd * 4);
             _tile_stored(2, c + 16 * ldd, ldd * 4);
@@ -257,8 +287,12 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
             const __m512 s = _mm512_load_ps(sv);
             float* cq = c + 16 * im * ldd + 16 * in;
             for (int r = 0; r < 16; ++r) {
-              const __m512 v = _mm512_mul_ps(_mm512_load_ps(ctmp + 16 * r), s);
-              _mm512_storeu_ps(cq + r * ldd, first ? v : _mm512_add_ps(_mm512_loadu_ps(cq + r * ldd), v));
+              __m512 v = _mm512_mul_ps(_mm512_load_ps(ctmp + 16 * r), s);
+              if (!first) v = _mm512_add_ps(_mm512_loadu_ps(cq + r * ldd), v);
+              if (last)
+                store_bf16_row(ep, N, m + 16 * im + r, n0 + 16 * (t + in), v);
+              else
+                _mm512_storeu_ps(cq + r * ldd, v);
             }
           }
         }
