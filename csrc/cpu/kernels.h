@@ -29,8 +29,8 @@ void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, 
 
 // bf16 activations on AMX (w8a16_amx.cpp); see gemm_amx's definition for the layouts.
 int64_t amx_panel_rows();
-void pack_a_amx(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
-                int64_t Kp, uint16_t* out);
+void pack_x_vnni(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
+                 int64_t Kp, uint32_t* out);
 // The op's epilogue fused into the AMX GEMM's last K chunk: y[m, n] = bf16(D[m, n] * scale[n or
 // 0] + bias[n]) for m < M, n < N, rounded to nearest even like c10::BFloat16 (NaN -> 0x7FC0).
 struct Bf16Epilogue {
@@ -41,7 +41,7 @@ struct Bf16Epilogue {
   int64_t M;
 };
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
-              int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
+              int64_t p0, int64_t p1, float* Dt, int64_t ldd, const float* blk_s, int64_t blk_bn,
               int64_t blk_bk, const Bf16Epilogue& ep);
 
 // Decode rows [n0, n1) of w [N, K] into out (fp32, natural order, row stride K).

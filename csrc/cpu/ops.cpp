@@ -244,16 +244,16 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   if (K == 0) {
     D.zero_();
   } else if (isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
-    // AMX tiles: activations packed into 16x32 tiles (zero-padded to 32 rows, 64 columns), D to
-    // whole 16-column tiles.
+    // AMX tiles: activations packed into pair-layout B tiles (zero-padded to 32 rows, 64
+    // columns), weights decoded into A tiles inside gemm_amx, which also runs the epilogue.
     const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16;
-    const int64_t ldx = Kp, ldd = tile_stride(Np * 4) / 4;
+    const int64_t ldd = tile_stride(Mp * 4) / 4;  // D^T scratch: Np rows of Mp fp32
     const at::Tensor xs = at::empty({Mp * Kp}, x2.options());
     at::parallel_for(0, Mp / 16, 1, [&](int64_t i0, int64_t i1) {
-      pack_a_amx(reinterpret_cast<const uint16_t*>(x2.data_ptr()), M, K, K, i0, i1, Kp,
-                 reinterpret_cast<uint16_t*>(xs.data_ptr()));
+      pack_x_vnni(reinterpret_cast<const uint16_t*>(x2.data_ptr()), M, K, K, i0, i1, Kp,
+                  reinterpret_cast<uint32_t*>(xs.data_ptr()));
     });
-    at::Tensor Dp = at::empty({Mp, ldd}, x.options().dtype(at::kFloat));
+    at::Tensor Dp = at::empty({Np, ldd}, x.options().dtype(at::kFloat));
     const int64_t panels = (N + amx_panel_rows() - 1) / amx_panel_rows();
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
     float* dp = Dp.data_ptr<float>();
@@ -262,7 +262,7 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
     const Bf16Epilogue ep{s.data_ptr<float>(), s.numel() != 1, bias.has_value() ? bf.data_ptr<float>() : nullptr,
                           reinterpret_cast<uint16_t*>(y.data_ptr()), M};
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      gemm_amx(xp, ldx, Mp, wp, N, K, p0, p1, dp, ldd, blk ? blk.s : nullptr, blk.bn, blk.bk, ep);
+      gemm_amx(xp, Kp, Mp, wp, N, K, p0, p1, dp, ldd, blk ? blk.s : nullptr, blk.bn, blk.bk, ep);
     });
     return y;  // the epilogue ran inside gemm_amx
   } else if (M <= g_small_m_max.load()) {

@@ -6,9 +6,12 @@
 // Small M stays on the VBMI fp32 GEMV: a vdpbf16ps GEMV over the same byte-LUT decode was
 // measured slower at every M from 1 to 64 on Sapphire Rapids (the decode's shuffles and the
 // dot products compete for one port), so it is not shipped.
-//  * gemm_amx (M >= amx_min_m, compute-bound): GotoBLAS-style blocking. A = activations (bf16 rows,
-//    read in place as 16x32 tiles), B = weights decoded to bf16 once per call and transposed
-//    into AMX's pair-interleaved ("VNNI") layout, 16x16 fp32 C tiles accumulated in place in D.
+//  * gemm_amx (M >= amx_min_m, compute-bound) computes D^T = W x^T so that the weights are the A
+//    operand: AMX's A tiles are plain rows (16 rows x 32 bf16), so each FP8 weight row is only
+//    decoded (no transpose), once per call; the activations, M x K instead of N x K, take the
+//    transpose into B's pair-interleaved ("VNNI") layout, once per call (pack_x_vnni). 16x16 fp32
+//    C tiles (n rows x m columns) accumulate in D^T; the last K chunk transposes each C tile back
+//    and runs the epilogue (scale, bias, bf16) into y.
 //
 // The scalar reference is w8a16_portable.cpp (e4m3fn_to_float); tests compare all paths with
 // numerics.py. Everything here is compiled for AVX-512/AMX and called only after CPUID checks.
@@ -69,82 +72,70 @@ struct Bf16Decoder {
 // ---- AMX ------------------------------------------------------------------------------------
 #include "amx_tiles.h"
 
-// Tiles 0-3: C (16 rows m x 16 fp32 n), 4-5: A (16 rows m x 32 bf16 k), 6-7: B (16 rows of
-// k pairs x 16 n pairs).
+// Tiles 0-3: C (16 weight rows n x 16 fp32 activation rows m), 4-5: A (16 weight rows x 32 bf16
+// k), 6-7: B (16 rows of k pairs x 16 activation rows, bf16 pairs).
 
-constexpr int64_t kNP = 128;  // weight rows per panel (8 B tiles): activations are re-read N/kNP times
+constexpr int64_t kNP = 128;  // weight rows per panel (8 A tiles): activations are re-read N/kNP times
 constexpr int64_t kKC = 256;  // k per chunk: a panel's decoded weights take kNP * kKC * 2 = 64 KiB,
-                              // the activations' 32-row block 16 KiB (L1)
+                              // a 32-row block of activations 16 KiB (L1)
 
-// Transpose 16 rows x 32 words (FP8 byte pairs) into 16 vectors of two word-columns each:
-// in[j] = row j's 64 bytes, word r = bytes (2r, 2r + 1); out[q] = word 2q of rows 0..15, then
-// word 2q + 1 of rows 0..15. Transposing the FP8 pairs before decoding moves half the bytes that
-// a transpose of the decoded bf16 would, and needs no row buffer.
-inline void transpose_pairs16x32(const __m512i in[16], __m512i out[16]) {
-  __m512i t[16], u[4][4], z[2][8];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: words c = 0..3 (lo) / 4..7 (hi) of rows 2i, 2i+1
-    t[2 * i] = _mm512_unpacklo_epi16(in[2 * i], in[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi16(in[2 * i], in[2 * i + 1]);
+// 16 rows of 16 dwords: out row r = column r of in (in row stride = in_ld dwords).
+inline void transpose16x16(const uint32_t* in, int64_t in_ld, uint32_t* out) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * in_ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   }
-  for (int Q = 0; Q < 4; ++Q) {  // u[Q][s]: words c = 2s, 2s + 1 of rows 4Q..4Q+3
-    u[Q][0] = _mm512_unpacklo_epi32(t[4 * Q], t[4 * Q + 2]);
-    u[Q][1] = _mm512_unpackhi_epi32(t[4 * Q], t[4 * Q + 2]);
-    u[Q][2] = _mm512_unpacklo_epi32(t[4 * Q + 1], t[4 * Q + 3]);
-    u[Q][3] = _mm512_unpackhi_epi32(t[4 * Q + 1], t[4 * Q + 3]);
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
-  for (int P = 0; P < 2; ++P)  // z[P][c], lane L: word 8L + c of rows 8P..8P+7
-    for (int s = 0; s < 4; ++s) {
-      z[P][2 * s] = _mm512_unpacklo_epi64(u[2 * P][s], u[2 * P + 1][s]);
-      z[P][2 * s + 1] = _mm512_unpackhi_epi64(u[2 * P][s], u[2 * P + 1][s]);
-    }
-  // out[4L + s] = lane L of z[0][2s], z[1][2s], z[0][2s+1], z[1][2s+1] (words r = 8L + 2s, +1).
-  for (int s = 0; s < 4; ++s) {
-    const __m512i x01 = _mm512_shuffle_i32x4(z[0][2 * s], z[1][2 * s], 0x44);      // lanes 0,1 | 0,1
-    const __m512i y01 = _mm512_shuffle_i32x4(z[0][2 * s + 1], z[1][2 * s + 1], 0x44);
-    const __m512i x23 = _mm512_shuffle_i32x4(z[0][2 * s], z[1][2 * s], 0xEE);      // lanes 2,3 | 2,3
-    const __m512i y23 = _mm512_shuffle_i32x4(z[0][2 * s + 1], z[1][2 * s + 1], 0xEE);
-    out[0 + s] = _mm512_shuffle_i32x4(x01, y01, 0x88);
-    out[4 + s] = _mm512_shuffle_i32x4(x01, y01, 0xDD);
-    out[8 + s] = _mm512_shuffle_i32x4(x23, y23, 0x88);
-    out[12 + s] = _mm512_shuffle_i32x4(x23, y23, 0xDD);
+  // r[4q + j] holds, in 128-bit lane L, row-quad q's column 4L + c(j) with c = 0, 1, 2, 3 for
+  // j = 0, 1, 2, 3. Gather the four lanes L of rows q = 0..3 into output row 4L + c(j).
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);       // q0 L0, q0 L2, q1 L0, q1 L2
+    const __m512i b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);       // q0 L1, q0 L3, q1 L1, q1 L3
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);  // q2 L0, q2 L2, q3 L0, q3 L2
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_si512(out + (0 + j) * 16, _mm512_shuffle_i32x4(a, c, 0x88));   // L0 of q0..q3
+    _mm512_storeu_si512(out + (8 + j) * 16, _mm512_shuffle_i32x4(a, c, 0xDD));   // L2
+    _mm512_storeu_si512(out + (4 + j) * 16, _mm512_shuffle_i32x4(b, d, 0x88));   // L1
+    _mm512_storeu_si512(out + (12 + j) * 16, _mm512_shuffle_i32x4(b, d, 0xDD));  // L3
   }
 }
 
-// Decode weight rows [n0, n0 + np) x k [k0, k0 + kc) into B tiles: tile (t, kb) for n-tile t and
-// 32-wide k step kb, at bt + (t * kbs + kb) * 256 dwords; dword [r][j] = bf16 pair
-// (w[n0+16t+j][k0+32kb+2r], w[...][k0+32kb+2r+1]). Rows >= N and k >= K are zero.
-void pack_b(const Bf16Decoder& dec, const uint8_t* w, int64_t N, int64_t K, int64_t n0,
-            int64_t np, int64_t k0, int64_t kc, uint32_t* bt) {
+// Decode weight rows [n0, n0 + np) x k [k0, k0 + kc) into A tiles: tile (t, kb) for n-tile t and
+// 32-wide k step kb at wa + (t * kbs + kb) * 512, row j = bf16 w[n0 + 16t + j][k0 + 32kb ..
+// + 31]. Rows >= N and k >= K are zero.
+void decode_w_tiles(const Bf16Decoder& dec, const uint8_t* w, int64_t N, int64_t K, int64_t n0,
+                    int64_t np, int64_t k0, int64_t kc, uint16_t* wa) {
   const int64_t kbs = (kc + 63) / 64 * 2;
-  for (int64_t t = 0; t < np / 16; ++t) {
-    const int64_t nt = n0 + 16 * t;
+  for (int64_t t = 0; t < np / 16; ++t)
     for (int j = 0; j < 16; ++j) {
-      // Rows are read in kc-byte pieces, too short for the hardware prefetcher: fetch each
+      const int64_t n = n0 + 16 * t + j;
+      uint16_t* o = wa + t * kbs * 512 + 32 * j;
+      if (n >= N) {
+        for (int64_t kb = 0; kb < kbs; ++kb) std::memset(o + kb * 512, 0, 64);
+        continue;
+      }
+      const uint8_t* wr = w + n * K + k0;
+      // Rows are read in kc-byte pieces, too short for the hardware prefetcher: fetch this
       // row's next piece (or, on the last one, the row a panel further on) into L2 now.
-      const int64_t n = nt + j;
-      const uint8_t* next = n >= N ? nullptr
-                            : k0 + kc < K ? w + n * K + k0 + kc
-                            : (n + np < N ? w + (n + np) * K : nullptr);
+      const uint8_t* next = k0 + kc < K ? wr + kc : (n + np < N ? w + (n + np) * K : nullptr);
       if (next)
         for (int64_t k = 0; k < kc; k += 64) _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T1);
-    }
-    for (int64_t k = 0; k < kc; k += 64) {
-      const int64_t left = kc - k;
-      const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-      __m512i rows[16], cols[16];
-      for (int j = 0; j < 16; ++j)
-        rows[j] = nt + j < N ? _mm512_maskz_loadu_epi8(mask, w + (nt + j) * K + k0 + k) : _mm512_setzero_si512();
-      transpose_pairs16x32(rows, cols);
-      uint32_t* tile = bt + (t * kbs + k / 32) * 256;  // this 64-k step fills tiles k/32, k/32 + 1
-      for (int q = 0; q < 16; ++q) {
+      for (int64_t k = 0; k < kc; k += 64) {
+        const int64_t left = kc - k;
+        const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
         __m512i v[2];
-        dec.decode(cols[q], v);  // v[0] = pair row 2q, v[1] = pair row 2q + 1
-        uint32_t* o = tile + (2 * q / 16) * 256 + (2 * q % 16) * 16;
-        _mm512_storeu_si512(o, v[0]);
-        _mm512_storeu_si512(o + 16, v[1]);
+        dec.decode64(wr + k, mask, v);
+        _mm512_storeu_si512(o + (k / 32) * 512, v[0]);
+        _mm512_storeu_si512(o + (k / 32 + 1) * 512, v[1]);
       }
     }
-  }
 }
 
 // y[m, n..n+15] = bf16(v * scale + bias) for the columns < N; rows m >= M (padding) are skipped.
@@ -163,137 +154,129 @@ inline void store_bf16_row(const Bf16Epilogue& ep, int64_t N, int64_t m, int64_t
   _mm256_mask_storeu_epi16(ep.y + m * N + n, cols, _mm512_cvtepi32_epi16(h));
 }
 
+// A final 16x16 block of D^T (rows n0.., columns m0.., row stride 16) through the epilogue.
+inline void epilogue_block(const Bf16Epilogue& ep, int64_t N, int64_t n0, int64_t m0, const float* c) {
+  alignas(64) float ct[16 * 16];
+  transpose16x16(reinterpret_cast<const uint32_t*>(c), 16, reinterpret_cast<uint32_t*>(ct));
+  for (int r = 0; r < 16; ++r) store_bf16_row(ep, N, m0 + r, n0, _mm512_load_ps(ct + 16 * r));
+}
+
 }  // namespace
 
-// x [M, K] bf16 (row stride ld) -> A tiles: tile (i, kb) = rows 16i.., k 32kb.. at
-// out + (i * Kp / 32 + kb) * 512, each 16 rows of 32 bf16 (64 bytes), zero-padded to Mp x Kp.
-// Contiguous tiles load without TLB walks or cache-set conflicts (a row-major x with a
-// power-of-two row stride puts all 16 rows of a tile in one L1 set).
-void pack_a_amx(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
-                int64_t Kp, uint16_t* out) {
+// x [M, K] bf16 (row stride ld) -> B tiles in AMX's pair layout: tile (i, kb) for rows 16i..
+// and k 32kb.. at out + (i * Kp / 32 + kb) * 256 dwords, dword [r][j] = bf16 pair
+// (x[16i + j][32kb + 2r], x[16i + j][32kb + 2r + 1]); zero-padded to 16-row tiles and Kp.
+void pack_x_vnni(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
+                 int64_t Kp, uint32_t* out) {
   const int64_t kbs = Kp / 32;
+  alignas(64) uint16_t rows[16 * 32];
   for (int64_t i = i0; i < i1; ++i)
-    for (int64_t r = 0; r < 16; ++r) {
-      const int64_t m = 16 * i + r;
-      uint16_t* o = out + i * kbs * 512 + r * 32;
-      if (m >= M) {
-        for (int64_t kb = 0; kb < kbs; ++kb) std::memset(o + kb * 512, 0, 64);
-        continue;
+    for (int64_t kb = 0; kb < kbs; ++kb) {
+      const int64_t left = K - 32 * kb;
+      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (left <= 0 ? 0 : (__mmask32(1) << left) - 1);
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = 16 * i + j;
+        _mm512_store_si512(rows + 32 * j, m < M ? _mm512_maskz_loadu_epi16(mask, x + m * ld + 32 * kb)
+                                                : _mm512_setzero_si512());
       }
-      const uint16_t* xr = x + m * ld;
-      for (int64_t kb = 0; kb < kbs; ++kb) {
-        const int64_t left = K - 32 * kb;
-        const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (left <= 0 ? 0 : (__mmask32(1) << left) - 1);
-        _mm512_storeu_si512(o + kb * 512, _mm512_maskz_loadu_epi16(mask, xr + 32 * kb));
-      }
+      transpose16x16(reinterpret_cast<const uint32_t*>(rows), 16, out + (i * kbs + kb) * 256);
     }
 }
 
 int64_t amx_panel_rows() { return kNP; }
 
-// D[m, n] for m < Mp (multiple of 32), n in panels [p0, p1) of kNP rows. x: the activations
-// as pack_a_amx's tiles with Kp = ldx (K rounded up to 64). D: fp32, row stride ldd >= N rounded
-// up to 16 (not a multiple of 4 KiB, for the same set-conflict reason). Block scales: D = sum over K blocks of s[n / bn][kb] * partial sum;
-// blk_bk must then be a multiple of 32 (chunks follow the blocks).
+// y = epilogue(x W^T) for weight rows in panels [p0, p1) of kNP rows. x: pack_x_vnni's tiles
+// for Mp rows (a multiple of 32) and Kp = ldx (K rounded up to 64). Dt: fp32 scratch for the
+// partial sums D^T between K chunks, row stride ldd >= Mp (not a multiple of 4 KiB, so a tile's
+// 16 rows fall in different L1 sets), rows up to N rounded to 16. Block scales: D = sum over K
+// blocks of s[n / bn][kb] * partial sum; blk_bk must then be a multiple of 64 (chunks follow the
+// blocks).
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
-              int64_t p0, int64_t p1, float* D, int64_t ldd, const float* blk_s, int64_t blk_bn,
+              int64_t p0, int64_t p1, float* Dt, int64_t ldd, const float* blk_s, int64_t blk_bn,
               int64_t blk_bk, const Bf16Epilogue& ep) {
   const Bf16Decoder dec;
   configure_tiles();
-  const int64_t kbx = ldx / 32;  // A tiles per 16-row block of x
+  const uint32_t* xv = reinterpret_cast<const uint32_t*>(x);
+  const int64_t kbx = ldx / 32;  // B tiles per 16-row block of x
   const bool block = blk_s != nullptr;
   const int64_t KC = block ? blk_bk : kKC;
   const int64_t kb_total = (K + blk_bk - 1) / std::max<int64_t>(blk_bk, 1);
   const int64_t kcmax = (std::min(KC, K) + 63) / 64 * 64;
-  const int64_t NB = amx_panel_rows();
-  std::vector<uint32_t> bt(NB / 16 * (kcmax / 32) * 256 + 16);
+  std::vector<uint16_t> wa(kNP / 16 * (kcmax / 32) * 512 + 32);
   alignas(64) float ctmp[16 * 16];
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * NB;
-    const int64_t np = std::min<int64_t>(NB, (N - n0 + 15) / 16 * 16);
+    const int64_t n0 = p * kNP;
+    const int64_t np = std::min<int64_t>(kNP, (N - n0 + 15) / 16 * 16);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
-      const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64 in pack_b)
-      pack_b(dec, w, N, K, n0, np, k0, kc, bt.data());
+      const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64)
+      decode_w_tiles(dec, w, N, K, n0, np, k0, kc, wa.data());
       const bool first = k0 == 0, last = k0 + kc >= K;
       for (int64_t m = 0; m < Mp; m += 32) {
-        const uint16_t* a0 = x + ((m / 16) * kbx + k0 / 32) * 512;  // packed A tiles (pack_a_amx)
-        const uint16_t* a1 = a0 + kbx * 512;
+        const uint32_t* b0 = xv + ((m / 16) * kbx + k0 / 32) * 256;  // activation rows m..m+15
+        const uint32_t* b1 = b0 + kbx * 256;                         // m+16..m+31
         for (int64_t t = 0; t < np / 16; t += 2) {
-          float* c = D + m * ldd + n0 + 16 * t;
+          // C tiles: 0 = (n-tile t, m..), 1 = (t, m+16..), 2 = (t+1, m..), 3 = (t+1, m+16..)
+          float* c = Dt + (n0 + 16 * t) * ldd + m;
           const bool two = t + 1 < np / 16;
           if (first || block) {
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
           } else {
             _tile_loadd(0, c, ldd * 4);
-            _tile_loadd(2, c + 16 * ldd, ldd * 4);
+            _tile_loadd(1, c + 16, ldd * 4);
             if (two) {
-              _tile_loadd(1, c + 16, ldd * 4);
+              _tile_loadd(2, c + 16 * ldd, ldd * 4);
               _tile_loadd(3, c + 16 * ldd + 16, ldd * 4);
             }
           }
-          const uint32_t* b0 = bt.data() + t * kbs * 256;
-          const uint32_t* b1 = b0 + kbs * 256;
+          const uint16_t* a0 = wa.data() + t * kbs * 512;
+          const uint16_t* a1 = a0 + kbs * 512;
           for (int64_t kb = 0; kb < kbs; ++kb) {
-            _tile_loadd(4, a0 + 512 * kb, 64);
-            _tile_loadd(5, a1 + 512 * kb, 64);
+            _tile_loadd(4, a0 + kb * 512, 64);
             _tile_loadd(6, b0 + kb * 256, 64);
+            _tile_loadd(7, b1 + kb * 256, 64);
             _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(1, 4, 7);
             if (two) {
-              _tile_loadd(7, b1 + kb * 256, 64);
-              _tile_dpbf16ps(1, 4, 7);
+              _tile_loadd(5, a1 + kb * 512, 64);
+              _tile_dpbf16ps(2, 5, 6);
               _tile_dpbf16ps(3, 5, 7);
             }
           }
-          if (!block && last) {  // final sums: straight through the epilogue into y
-            for (int q = 0; q < (two ? 4 : 2); ++q) {
-              const int im = q & 1, in = q >> 1;
-              switch (q) {
-                case 0: _tile_stored(0, ctmp, 64); break;
-                case 1: _tile_stored(2, ctmp, 64); break;
-                case 2: _tile_stored(1, ctmp, 64); break;
-                default: _tile_stored(3, ctmp, 64); break;
-              }
-              for (int r = 0; r < 16; ++r)
-                store_bf16_row(ep, N, m + 16 * im + r, n0 + 16 * (t + in), _mm512_load_ps(ctmp + 16 * r));
-            }
-            continue;
-          }
-          if (!block) {
+          if (!block && !last) {
             _tile_stored(0, c, ldd * 4);
-            _tile_stored(2, c + 16 * ldd, ldd * 4);
+            _tile_stored(1, c + 16, ldd * 4);
             if (two) {
-              _tile_stored(1, c + 16, ldd * 4);
+              _tile_stored(2, c + 16 * ldd, ldd * 4);
               _tile_stored(3, c + 16 * ldd + 16, ldd * 4);
             }
             continue;
           }
-          // Block scales: D (+)= s[n / bn][k0 / bk] * C, per column n of each C tile.
-          const int64_t kbi = k0 / blk_bk;
           for (int q = 0; q < (two ? 4 : 2); ++q) {
-            const int im = q & 1, in = q >> 1;  // q: tile 0 (m0,n0), 2 (m1,n0), 1 (m0,n1), 3 (m1,n1)
+            const int in = q >> 1, im = q & 1;  // tile q: n-tile t + in, activation rows m + 16 im
             switch (q) {
               case 0: _tile_stored(0, ctmp, 64); break;
-              case 1: _tile_stored(2, ctmp, 64); break;
-              case 2: _tile_stored(1, ctmp, 64); break;
+              case 1: _tile_stored(1, ctmp, 64); break;
+              case 2: _tile_stored(2, ctmp, 64); break;
               default: _tile_stored(3, ctmp, 64); break;
             }
-            alignas(64) float sv[16];
-            for (int j = 0; j < 16; ++j) {
-              const int64_t n = std::min(n0 + 16 * (t + in) + j, N - 1);
-              sv[j] = blk_s[(n / blk_bn) * kb_total + kbi];
+            const int64_t nt = n0 + 16 * (t + in);
+            float* cq = c + 16 * in * ldd + 16 * im;
+            if (block) {
+              // D^T (+)= s[n / bn][k0 / bk] * C: one scale per row n of the tile.
+              const int64_t kbi = k0 / blk_bk;
+              for (int r = 0; r < 16; ++r) {
+                const int64_t n = std::min(nt + r, N - 1);
+                __m512 v = _mm512_mul_ps(_mm512_load_ps(ctmp + 16 * r), _mm512_set1_ps(blk_s[(n / blk_bn) * kb_total + kbi]));
+                if (!first) v = _mm512_add_ps(_mm512_loadu_ps(cq + r * ldd), v);
+                if (last)
+                  _mm512_store_ps(ctmp + 16 * r, v);
+                else
+                  _mm512_storeu_ps(cq + r * ldd, v);
+              }
+              if (!last) continue;
             }
-            const __m512 s = _mm512_load_ps(sv);
-            float* cq = c + 16 * im * ldd + 16 * in;
-            for (int r = 0; r < 16; ++r) {
-              __m512 v = _mm512_mul_ps(_mm512_load_ps(ctmp + 16 * r), s);
-              if (!first) v = _mm512_add_ps(_mm512_loadu_ps(cq + r * ldd), v);
-              if (last)
-                store_bf16_row(ep, N, m + 16 * im + r, n0 + 16 * (t + in), v);
-              else
-                _mm512_storeu_ps(cq + r * ldd, v);
-            }
+            epilogue_block(ep, N, nt, m + 16 * im, ctmp);  // final sums: into y
           }
         }
       }
