@@ -142,7 +142,7 @@ def test_read_bandwidth_end_and_write_results(benchmark):
         f"Streaming read bandwidth, same run and threads: {BANDWIDTH[0]:.1f} GB/s at start, "
         f"{BANDWIDTH[-1]:.1f} GB/s at end (mean {bw:.1f}).",
         "Median ms per call; weights rotate through a pool of > 200 MiB per implementation. "
-        "fp8_backend: per-tensor FP8 weights (the AMX tile GEMM for M >= 16 where the CPU has AMX); "
+        "fp8_backend: per-tensor FP8 weights (the AMX tile GEMM for M >= 8 where the CPU has AMX); "
         "vLLM fp8_scaled_mm_cpu: 128x128 block FP8 weights (its only format).",
         "",
         "| N x K | M | fp8_backend ms | F.linear bf16 ms | vLLM oneDNN bf16 ms | vLLM fp8_scaled_mm_cpu ms | fp8 vs F.linear | fp8 vs oneDNN | fp8 vs vLLM fp8 | fp8 weight GB/s | % of read bw |",

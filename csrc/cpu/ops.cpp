@@ -20,7 +20,7 @@ std::atomic<int> g_isa{-1};           // -1: not chosen yet (best available on f
 std::atomic<int64_t> g_small_m_max{64};
 // bf16 activations on AMX CPUs: M >= this runs the AMX tile GEMM (crossover measured with
 // benchmarks/bench_w8a16.py on a 2-core Sapphire Rapids-class Xeon).
-std::atomic<int64_t> g_amx_min_m{16};
+std::atomic<int64_t> g_amx_min_m{8};  // measured crossover with the GEMV: 7-8 rows (4096x4096, SPR)
 
 CpuIsa current_isa() {
   int v = g_isa.load();
