@@ -179,9 +179,9 @@ def test_attention_gqa_window(isa, hq, hkv, window):
     run_case(isa, 64, "fp8", torch.bfloat16, hq=hq, hkv=hkv, bs=16, window=window, seed=hq * 100 + window)
 
 
-def run_case(isa, D, kv, qdtype, hq, hkv, bs, window, seed):
+def run_case(isa, D, kv, qdtype, hq, hkv, bs, window, seed, batch=BATCH):
     gen = torch.Generator().manual_seed(seed)
-    lens, qlens = BATCH
+    lens, qlens = batch
     nb, bt, slots, qsl, sl = make_batch(lens, qlens, hkv, D, bs, gen)
     T = sum(lens)
     cdt = qdtype if kv == "auto" else torch.bfloat16
@@ -354,3 +354,36 @@ def test_attention_path_names_the_kernel_that_runs():
             assert A.attention_path(128, torch.float16) == ("avx512" if isa == "amx" else isa)
     finally:
         A.set_attention_isa(before)
+
+
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2", "auto"])
+def test_attention_large_blocks(isa, bs, kv):
+    """vLLM's CPU block size 128 (and 64): the amx path's tiles of up to 64 keys (four score
+    chains, both 32-key probability halves), several tiles per block and tiles that end a block
+    (the next tile's K decoded ahead, rows prefetched two tiles ahead), for decode rows and for
+    chunked-prefill rows, with and without a window, GQA 4 as in the benchmark."""
+    batch = ([1, 33, 64, 65, 130, 300], [1, 1, 1, 5, 1, 70])
+    for window in (-1, 100):
+        run_case(isa, 128, kv, torch.bfloat16, hq=8, hkv=2, bs=bs, window=window, seed=bs + window, batch=batch)
+
+
+def test_attention_nan_policy_large_tiles(isa):
+    """As test_attention_nan_policy with block size 128: the NaN's 64-key tile is partly hidden
+    from the rows before it (the fp32 fallback for that tile), fully seen by the later ones."""
+    gen = torch.Generator().manual_seed(13)
+    D, H, bs, L = 128, 1, 128, 150
+    nb, bt, slots, qsl, sl = make_batch([L], [L], H, D, bs, gen)
+    k = torch.randn(L, H, D, generator=gen)
+    v = torch.randn(L, H, D, generator=gen)
+    v[40, 0, 7] = float("nan")
+    kc, vc, kr, vr = fill_caches("fp8", k, v, nb, H, bs, D, slots, 0.01, 0.01)
+    q = torch.randn(L, 4, D, generator=gen).bfloat16()
+    for window in (-1, 30):
+        o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, "fp8", 0.01, 0.01, window)
+        ref = N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, 0.01, 0.01, window)
+        check_attention(o, ref)
+        attends = torch.arange(L) >= 40
+        if window > 0:
+            attends &= torch.arange(L) - 40 < window
+        assert torch.equal(torch.isnan(o).any(dim=(1, 2)), attends)

@@ -18,5 +18,8 @@ inline void configure_tiles() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  // GCC does not model ldtilecfg's read of cfg: without this barrier it may drop the stores above
+  // as dead (seen with GCC 12 -O3 once attend_amx grew: colsb all zero, ldtilecfg -> SIGSEGV).
+  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }

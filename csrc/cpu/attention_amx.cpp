@@ -11,8 +11,11 @@
 //    probabilities split exactly into three bf16 parts (8 + 8 + 8 significant bits) stacked as
 //    rows of P (part k of row i is row k * rg + i, so one tile product covers all parts) and
 //    summed in fp32 at the end: fp32 products, fp32 accumulation.
-// Tile products have a long latency: independent C tiles (2 for scores, 3 for the output) are
-// kept in flight.
+// Tiles of up to 64 keys (never crossing a cache block). Tile products have a long latency:
+// independent C tiles (4 for scores, one per 16 keys; 2 output chunks, each taking both 32-key
+// halves of P per load/store) are kept in flight. Software pipelining: the next tile's K is
+// decoded while this tile's scores are in the tile unit, and the rows of the tile after that are
+// prefetched into L2 during the V decode, spread over it.
 // AMX flushes bf16 denormals (|x| < 2^-126) to zero: only the third part of a probability or a
 // query below 2^-126 is affected, far below fp32 rounding of the results. A tile whose keys are
 // hidden from some row (causal prefill, window) and whose V holds a non-finite value is summed in
@@ -68,7 +71,7 @@ const AmxTables& amx_tables() {
 namespace fp8_backend {
 namespace {
 
-constexpr int kT = 32;       // keys per tile (never crossing a cache block)
+constexpr int kT = 64;       // keys per tile (never crossing a cache block): four 16-key score tiles
 constexpr int kMaxD = 256;   // largest head size this kernel takes
 
 #include "amx_tiles.h"
@@ -79,7 +82,9 @@ constexpr int kMaxD = 256;   // largest head size this kernel takes
 // FP8 bytes -> bf16 words via byte lookups (index bits 0-6 = magnitude, bit 7 = sign).
 struct Decoder {
   __m512i lo_a, lo_b, hi_a, hi_b, sign;
+  __m512i special;  // byte mask whose bits are all set exactly for Inf / NaN (e4m3 0x7F, e5m2 0x7C)
   explicit Decoder(int table) {
+    special = _mm512_set1_epi8(table == 0 ? 0x7F : 0x7C);
     const AmxTables& t = amx_tables();
     lo_a = _mm512_loadu_si512(t.lo[table]);
     lo_b = _mm512_loadu_si512(t.lo[table] + 64);
@@ -156,13 +161,16 @@ inline void split_store(__m512 x, int parts, uint16_t* dst, int64_t ld) {
 }
 
 struct Buffers {  // per thread
-  alignas(64) uint16_t k[kT * kMaxD];            // K rows of a tile, natural layout [key][d]
+  alignas(64) uint16_t k[2][kT * kMaxD];         // K rows of this / the next tile, [key][d]
   alignas(64) uint16_t v[kT * kMaxD];            // V pairs: [key pair][d][2]
   alignas(64) uint16_t qt[3 * kMaxD * 16];       // Q^T per 32-d chunk: [chunk][d pair][16 cols][2]
   alignas(64) float s[kT * 16];                  // scores [key][col]
   alignas(64) uint16_t p[16 * kT];               // probability parts [part * rg + row][key]
   alignas(64) float pf[16 * kT];                 // fp32 probabilities [row][key] (fallback path)
   alignas(64) float o[16 * kMaxD];               // output accumulators [part * rg + row][d]
+  const uint8_t* pf_k[kT];                       // next tile's K / V rows to prefetch
+  const uint8_t* pf_v[kT];
+  int npf;
   float m[16];
   __m512 l[16];  // per row: lane sums of its softmax denominator
 };
@@ -175,16 +183,23 @@ struct Ctx {
   int64_t D;
 };
 
-// Keys [t, t + n) of cache row pointer `src` (token stride tok) -> b.k rows 0..n-1 (bf16).
-void load_k(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
+// Keys [t, t + n) of cache row pointer `src` (token stride tok) -> dst rows 0..n-1 (bf16). FP8
+// rows: each full 64-byte chunk is decoded without the `nat` byte permute, so its words come out
+// in Decoder::words' lane order (word p of the chunk holds d = 16 (p / 8) + p % 8 for p < 32,
+// 16 (p' / 8) + 8 + p' % 8 for p = 32 + p'); the queries are staged in the same order (k_order),
+// which leaves every q . k unchanged. A last half chunk (D % 64 == 32) keeps natural order.
+void load_k(const Ctx& c, const uint8_t* src, int64_t tok, int n, uint16_t* dst) {
   const int64_t D = c.D;
   for (int j = 0; j < n; ++j) {
     const uint8_t* r = src + j * tok;
-    uint16_t* o = c.b.k + j * D;
+    uint16_t* o = dst + j * D;
     if (c.dec) {
       for (int64_t d = 0; d < D; d += 64) {
         __m512i w[2];
-        c.dec->words(_mm512_permutexvar_epi8(c.pm.nat, _mm512_maskz_loadu_epi8(bytes_mask(D - d), r + d)), w);
+        if (D - d >= 64)  // lane order (see k_order): no byte permute
+          c.dec->words(_mm512_loadu_si512(r + d), w);
+        else
+          c.dec->words(_mm512_permutexvar_epi8(c.pm.nat, _mm512_maskz_loadu_epi8(bytes_mask(D - d), r + d)), w);
         _mm512_storeu_si512(o + d, w[0]);
         if (D - d > 32) _mm512_storeu_si512(o + d + 32, w[1]);
       }
@@ -194,13 +209,23 @@ void load_k(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
   }
 }
 
-// Keys [0, n) -> b.v pairs (rows n..kT-1 read as zero); returns true if any value is Inf/NaN.
-bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
+// Keys [0, n) -> b.v pairs (pairs n/2..zero_pairs-1 zero-filled); returns true if any value is
+// Inf/NaN. Interleaved with the decode: L2 prefetches of the next tile's rows (b.pf_k / b.pf_v,
+// b.npf of them), spread out so that they never queue up behind each other.
+bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n, int zero_pairs) {
   const int64_t D = c.D;
   const __m512i zero = _mm512_setzero_si512(), expo = _mm512_set1_epi16(0x7F80);
-  __mmask32 bad = 0;
+  const int64_t row_bytes = c.dec ? D : 2 * D;
+  // Largest exponent field seen (Inf / NaN have all its bits set: bf16 words in `top`, FP8 bytes
+  // masked by Decoder::special in `topb`): a running max, compared once at the end.
+  __m512i top = zero, topb = zero;
   const int npairs = (n + 1) / 2;
   for (int pr = 0; pr < npairs; ++pr) {
+    for (int j = 2 * pr; j < 2 * pr + 2 && j < c.b.npf; ++j)
+      for (int64_t d = 0; d < row_bytes; d += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(c.b.pf_k[j] + d), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(c.b.pf_v[j] + d), _MM_HINT_T1);
+      }
     const uint8_t* ra = src + (2 * pr) * tok;
     const uint8_t* rb = 2 * pr + 1 < n ? ra + tok : nullptr;
     uint16_t* o = c.b.v + pr * 2 * D;
@@ -209,18 +234,16 @@ bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
         const __mmask64 mk = bytes_mask(D - d);
         const __m512i a = _mm512_maskz_loadu_epi8(mk, ra + d);
         const __m512i bb = rb ? _mm512_maskz_loadu_epi8(mk, rb + d) : zero;
+        topb = _mm512_max_epu8(topb, _mm512_max_epu8(_mm512_and_si512(a, c.dec->special),
+                                                     _mm512_and_si512(bb, c.dec->special)));
         __m512i w[2];
         c.dec->words(_mm512_permutex2var_epi8(a, c.pm.pair_lo, bb), w);  // d .. d+31, pairs
         _mm512_storeu_si512(o + 2 * d, w[0]);
         _mm512_storeu_si512(o + 2 * d + 32, w[1]);
-        bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[0], expo), expo) |
-               _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[1], expo), expo);
         if (D - d > 32) {
           c.dec->words(_mm512_permutex2var_epi8(a, c.pm.pair_hi, bb), w);  // d+32 .. d+63
           _mm512_storeu_si512(o + 2 * d + 64, w[0]);
           _mm512_storeu_si512(o + 2 * d + 96, w[1]);
-          bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[0], expo), expo) |
-                 _mm512_cmpeq_epi16_mask(_mm512_and_si512(w[1], expo), expo);
         }
       }
     } else {
@@ -231,13 +254,35 @@ bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n) {
         const __m512i w1 = _mm512_permutex2var_epi8(a, c.pm.w_hi, bb);
         _mm512_storeu_si512(o + 2 * d, w0);
         _mm512_storeu_si512(o + 2 * d + 32, w1);
-        bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(w0, expo), expo) |
-               _mm512_cmpeq_epi16_mask(_mm512_and_si512(w1, expo), expo);
+        top = _mm512_max_epu16(top, _mm512_max_epu16(_mm512_and_si512(w0, expo), _mm512_and_si512(w1, expo)));
       }
     }
   }
-  for (int pr = npairs; pr < kT / 2; ++pr) std::memset(c.b.v + pr * 2 * D, 0, 4 * D);
-  return bad != 0;
+  for (int j = 2 * npairs; j < c.b.npf; ++j)  // the next tile is longer than this one
+    for (int64_t d = 0; d < row_bytes; d += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(c.b.pf_k[j] + d), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(c.b.pf_v[j] + d), _MM_HINT_T1);
+    }
+  for (int pr = npairs; pr < zero_pairs; ++pr) std::memset(c.b.v + pr * 2 * D, 0, 4 * D);
+  if (c.dec) return _mm512_cmpeq_epi8_mask(topb, c.dec->special) != 0;
+  return _mm512_cmpeq_epi16_mask(top, expo) != 0;
+}
+
+// A query row in the d order load_k gives FP8 K rows (see there); returns dst.
+const float* k_order(const float* q, int64_t D, float* dst) {
+  const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    const __m512 q0 = _mm512_loadu_ps(q + d), q1 = _mm512_loadu_ps(q + d + 16);
+    const __m512 q2 = _mm512_loadu_ps(q + d + 32), q3 = _mm512_loadu_ps(q + d + 48);
+    _mm512_storeu_ps(dst + d, _mm512_permutex2var_ps(q0, lo, q1));
+    _mm512_storeu_ps(dst + d + 16, _mm512_permutex2var_ps(q2, lo, q3));
+    _mm512_storeu_ps(dst + d + 32, _mm512_permutex2var_ps(q0, hi, q1));
+    _mm512_storeu_ps(dst + d + 48, _mm512_permutex2var_ps(q2, hi, q3));
+  }
+  for (; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_loadu_ps(q + d));
+  return dst;
 }
 
 // Rows [r0, r0 + rg) of the task (rg <= 5), nsq query parts: columns k * rg + i of Q^T.
@@ -248,20 +293,21 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
   // Q^T: chunk kc, d pair r, column col -> qt[(kc * 16 + r) * 32 + 2 * col + (d & 1)]. Columns
   // >= nsq * rg, P rows >= 3 * rg and the K rows past a tile's end are left stale: they only
   // feed score columns and output rows that are never read.
-  alignas(64) uint16_t part[16];
+  // Column col of chunk kc: its 32 d as 16 bf16 pairs (dwords), scattered to 16 rows of 64 bytes.
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+  alignas(64) float qo[kMaxD];
   for (int i = 0; i < rg; ++i) {
-    const float* q = a.q + (r0 + i) * D;
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      __m512 x = _mm512_loadu_ps(q + d0);
+    const float* q = c.dec ? k_order(a.q + (r0 + i) * D, D, qo) : a.q + (r0 + i) * D;
+    for (int64_t kc = 0; kc < nch; ++kc) {
+      __m512 x0 = _mm512_loadu_ps(q + 32 * kc), x1 = _mm512_loadu_ps(q + 32 * kc + 16);
       for (int k = 0; k < nsq; ++k) {
-        const __m256i h = to_bf16(x);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(part), h);
-        x = _mm512_sub_ps(x, from_bf16(h));
+        const __m256i h0 = to_bf16(x0), h1 = to_bf16(x1);
+        x0 = _mm512_sub_ps(x0, from_bf16(h0));
+        x1 = _mm512_sub_ps(x1, from_bf16(h1));
+        const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
         const int col = k * rg + i;
-        for (int e = 0; e < 16; ++e) {
-          const int64_t d = d0 + e;
-          b.qt[((d / 32) * 16 + (d % 32) / 2) * 32 + 2 * col + (d & 1)] = part[e];
-        }
+        _mm512_i32scatter_epi32(b.qt + kc * 16 * 32, _mm512_add_epi32(rows, _mm512_set1_epi32(col)), pairs, 4);
       }
     }
   }
@@ -276,45 +322,75 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
   if (a.window > 0 && a.pos[r0] - a.window + 1 > 0) lo = a.pos[r0] - a.window + 1;
   const __m512 qks = _mm512_set1_ps(a.qk_scale);
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // Tile t0 covers keys [t0, t0 + n): up to kT keys, never crossing a cache block.
+  auto tile_len = [&](int64_t t) {
+    int64_t n = bs - t % bs;
+    if (n > kT) n = kT;
+    if (n > hi - t) n = hi - t;
+    return static_cast<int>(n);
+  };
+  int cur = 0;
+  int n = lo < hi ? tile_len(lo) : 0;
+  if (n > 0) load_k(c, a.kc + a.blocks[lo / bs] * a.k_blk + (lo % bs) * a.k_tok, a.k_tok, n, b.k[0]);
   for (int64_t t0 = lo; t0 < hi;) {
     const int64_t blk = t0 / bs, off = t0 % bs;
-    int64_t n64 = bs - off;
-    if (n64 > kT) n64 = kT;
-    if (n64 > hi - t0) n64 = hi - t0;
-    const int n = static_cast<int>(n64);
     const int64_t block = a.blocks[blk];
-    // Entering a cache block (or on the first tile): fetch the whole next block's K and V rows of
-    // this head into L2 now, so their memory latency overlaps this block's work (blocks are
-    // scattered, so the hardware prefetcher cannot follow from one to the next). Measured better
-    // than prefetching one 32-key tile ahead into L1, and than no prefetch, on contexts from memory.
-    if ((off == 0 || t0 == lo) && (blk + 1) * bs < hi) {
-      const int64_t eb = c.dec ? 1 : 2, nblk = blk + 1;
-      const uint8_t* kn = a.kc + a.blocks[nblk] * a.k_blk;
-      const uint8_t* vn = a.vc + a.blocks[nblk] * a.v_blk;
-      const int64_t rows = hi - nblk * bs < bs ? hi - nblk * bs : bs;
-      for (int64_t j = 0; j < rows; ++j)
-        for (int64_t d = 0; d < D * eb; d += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(kn + j * a.k_tok + d), _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(vn + j * a.v_tok + d), _MM_HINT_T1);
+    const uint16_t* kb = b.k[cur];
+    // Rows of the tile after the next one, prefetched into L2 while this tile's V is decoded
+    // (load_v): blocks are scattered, so the hardware prefetcher cannot follow from one to the next.
+    const int64_t t1 = t0 + n;
+    int n1 = 0;
+    b.npf = 0;
+    if (t1 < hi) {
+      n1 = tile_len(t1);
+      const int64_t t2 = t1 + n1;
+      if (t2 < hi) {
+        const int64_t nb = a.blocks[t2 / bs], o2 = t2 % bs;
+        b.npf = tile_len(t2);
+        for (int j = 0; j < b.npf; ++j) {
+          b.pf_k[j] = a.kc + nb * a.k_blk + (o2 + j) * a.k_tok;
+          b.pf_v[j] = a.vc + nb * a.v_blk + (o2 + j) * a.v_tok;
         }
-    }
-    load_k(c, a.kc + block * a.k_blk + off * a.k_tok, a.k_tok, n);
-    // Scores: S[key][col] for the 16-key halves present.
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t kc = 0; kc < nch; ++kc) {
-      _tile_loadd(4, b.qt + kc * 16 * 32, 64);
-      _tile_loadd(2, b.k + 32 * kc, D * 2);
-      _tile_dpbf16ps(0, 2, 4);
-      if (n > 16) {
-        _tile_loadd(3, b.k + 16 * D + 32 * kc, D * 2);
-        _tile_dpbf16ps(1, 3, 4);
       }
     }
+    // Scores: S[key][col], one C tile per 16 keys present (four independent accumulation chains
+    // keep the tile unit busy); K rows past n are stale and feed only score rows never read.
+    const int nq = (n + 15) / 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < nch; ++kc) {
+      _tile_loadd(4, b.qt + kc * 16 * 32, 64);
+      _tile_loadd(5, kb + 32 * kc, D * 2);
+      _tile_dpbf16ps(0, 5, 4);
+      if (nq > 1) {
+        _tile_loadd(6, kb + 16 * D + 32 * kc, D * 2);
+        _tile_dpbf16ps(1, 6, 4);
+      }
+      if (nq > 2) {
+        _tile_loadd(7, kb + 32 * D + 32 * kc, D * 2);
+        _tile_dpbf16ps(2, 7, 4);
+      }
+      if (nq > 3) {
+        _tile_loadd(5, kb + 48 * D + 32 * kc, D * 2);
+        _tile_dpbf16ps(3, 5, 4);
+      }
+    }
+    // Probabilities and V pairs are used 32 keys at a time (one P tile each): np 16-key quarters.
+    const int np = n > 32 ? 4 : 2;
     // V decode does not depend on the scores: issued here, it overlaps the tile products.
-    const bool v_bad = load_v(c, a.vc + block * a.v_blk + off * a.v_tok, a.v_tok, n);
+    const bool v_bad = load_v(c, a.vc + block * a.v_blk + off * a.v_tok, a.v_tok, n, np * 8);
     _tile_stored(0, b.s, 64);
-    if (n > 16) _tile_stored(1, b.s + 16 * 16, 64);
+    if (nq > 1) _tile_stored(1, b.s + 16 * 16, 64);
+    if (nq > 2) _tile_stored(2, b.s + 32 * 16, 64);
+    if (nq > 3) _tile_stored(3, b.s + 48 * 16, 64);
+    // The next tile's K is decoded now, while the score tiles are stored (software pipelining:
+    // its stores have long retired when its tile loads run).
+    if (n1 > 0) {
+      const int64_t o1 = t1 % bs;
+      load_k(c, a.kc + a.blocks[t1 / bs] * a.k_blk + o1 * a.k_tok, a.k_tok, n1, b.k[cur ^ 1]);
+    }
     bool partial = false;  // some row sees only part of this tile
     for (int i = 0; i < rg; ++i) {
       const int64_t p = a.pos[r0 + i];
@@ -323,10 +399,10 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
       if (j1 > n) j1 = n;
       if (j1 < j0) j1 = j0;
       if (j0 > 0 || j1 < n) partial = true;
-      __m512 sv[2];
-      __mmask16 mk[2];
+      __m512 sv[4];
+      __mmask16 mk[4];
       __m512 mxv = _mm512_set1_ps(-__builtin_inff());
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < np; ++h) {
         const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32(16 * h));
         mk[h] = _mm512_cmpge_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(j0))) &
                 _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(j1)));
@@ -346,7 +422,7 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
       if (mx == -__builtin_inff()) mx = 0.f;  // nothing seen yet, or all scores NaN
       const float alpha = mold == -__builtin_inff() ? 0.f : (mold == mx ? 1.f : __builtin_expf(mold - mx));
       __m512 sumv = _mm512_setzero_ps();  // the row sum l stays a vector until the end
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < np; ++h) {
         const __m512 e = _mm512_maskz_mov_ps(mk[h], exp512(_mm512_sub_ps(sv[h], _mm512_set1_ps(mx))));
         sumv = _mm512_add_ps(sumv, e);
         _mm512_storeu_ps(b.pf + i * kT + 16 * h, e);
@@ -379,28 +455,32 @@ void attend_group(const Ctx& c, int64_t r0, int rg, int nsq) {
           }
         }
     } else {
-      _tile_loadd(7, b.p, kT * 2);
-      const int64_t nd = D / 16;
-      for (int64_t dc = 0; dc < nd; dc += 3) {  // three independent accumulators in flight
+      // O[rows x 32 d] += P[rows x 32 keys] x V[32 keys x 16 d] per 32-key half: two output
+      // chunks in flight, each loaded and stored once per tile of up to 64 keys.
+      _tile_loadd(6, b.p, kT * 2);
+      if (np > 2) _tile_loadd(7, b.p + 32, kT * 2);
+      const int64_t nd = D / 16;  // even (D % 32 == 0)
+      const int64_t vh = 16 * 2 * D;  // second half of the keys: 16 pairs further
+      for (int64_t dc = 0; dc < nd; dc += 2) {
         _tile_loadd(0, b.o + 16 * dc, D * 4);
-        _tile_loadd(3, b.v + 32 * dc, D * 4);
-        _tile_dpbf16ps(0, 7, 3);
-        if (dc + 1 < nd) {
-          _tile_loadd(1, b.o + 16 * (dc + 1), D * 4);
-          _tile_loadd(4, b.v + 32 * (dc + 1), D * 4);
-          _tile_dpbf16ps(1, 7, 4);
-        }
-        if (dc + 2 < nd) {
-          _tile_loadd(2, b.o + 16 * (dc + 2), D * 4);
-          _tile_loadd(5, b.v + 32 * (dc + 2), D * 4);
-          _tile_dpbf16ps(2, 7, 5);
+        _tile_loadd(1, b.o + 16 * (dc + 1), D * 4);
+        _tile_loadd(2, b.v + 32 * dc, D * 4);
+        _tile_loadd(3, b.v + 32 * (dc + 1), D * 4);
+        _tile_dpbf16ps(0, 6, 2);
+        _tile_dpbf16ps(1, 6, 3);
+        if (np > 2) {
+          _tile_loadd(4, b.v + vh + 32 * dc, D * 4);
+          _tile_loadd(5, b.v + vh + 32 * (dc + 1), D * 4);
+          _tile_dpbf16ps(0, 7, 4);
+          _tile_dpbf16ps(1, 7, 5);
         }
         _tile_stored(0, b.o + 16 * dc, D * 4);
-        if (dc + 1 < nd) _tile_stored(1, b.o + 16 * (dc + 1), D * 4);
-        if (dc + 2 < nd) _tile_stored(2, b.o + 16 * (dc + 2), D * 4);
+        _tile_stored(1, b.o + 16 * (dc + 1), D * 4);
       }
     }
-    t0 += n;
+    t0 = t1;
+    n = n1;
+    cur ^= 1;
   }
   for (int i = 0; i < rg; ++i) {
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(b.l[i]));

@@ -93,15 +93,32 @@ void check_cache(const at::Tensor& c, const char* name, const char* op) {
 std::vector<float> head_scales(const at::Tensor& s, int64_t H, const char* name, const char* op) {
   TORCH_CHECK(s.numel() == 1 || s.numel() == H, op, ": ", name, " must have 1 or num_kv_heads=", H,
               " elements; found shape ", s.sizes());
-  const at::Tensor f = s.detach().to(at::kCPU, at::kFloat).contiguous().reshape({-1});
+  // A contiguous fp32 CPU tensor (what vLLM and the Python wrappers pass) is read in place: no
+  // tensor ops, which would cost more than a short decode step's kernel.
+  const bool direct = s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous();
+  const at::Tensor f = direct ? s : s.detach().to(at::kCPU, at::kFloat).contiguous().reshape({-1});
+  const float* fp = f.data_ptr<float>();
   std::vector<float> out(H);
   for (int64_t h = 0; h < H; ++h) {
-    const float v = f.data_ptr<float>()[s.numel() == 1 ? 0 : h];
+    const float v = fp[s.numel() == 1 ? 0 : h];
     TORCH_CHECK(std::isfinite(v) && v > 0.f, op, ": ", name, " must be finite and > 0; found ", v,
                 s.numel() == 1 ? std::string() : " at kv head " + std::to_string(h));
     out[h] = v;
   }
   return out;
+}
+
+// A 1-D int32 / int64 CPU index tensor (query_start_loc, seq_lens) as int64 values.
+std::vector<int64_t> index_vector(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong), op, ": ", name,
+              " must be an int32 or int64 CPU tensor; found ", t.scalar_type(), " on ", t.device());
+  const at::Tensor c = t.reshape({-1}).contiguous();
+  std::vector<int64_t> v(c.numel());
+  if (c.scalar_type() == at::kInt)
+    std::copy(c.data_ptr<int32_t>(), c.data_ptr<int32_t>() + c.numel(), v.begin());
+  else
+    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel(), v.begin());
+  return v;
 }
 
 template <typename T>
@@ -231,10 +248,10 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     ks = head_scales(k_scale, Hkv, "k_scale", op);
     vs = head_scales(v_scale, Hkv, "v_scale", op);
   }
-  const at::Tensor qsl = query_start_loc.to(at::kLong).contiguous();
-  const at::Tensor sls = seq_lens.to(at::kLong).contiguous();
-  const int64_t* qs = qsl.data_ptr<int64_t>();
-  const int64_t* L = sls.data_ptr<int64_t>();
+  const std::vector<int64_t> qsl = index_vector(query_start_loc, "query_start_loc", op);
+  const std::vector<int64_t> sls = index_vector(seq_lens, "seq_lens", op);
+  const int64_t* qs = qsl.data();
+  const int64_t* L = sls.data();
   const int64_t G = Hq / Hkv;
   const int64_t rows_per_task = std::max<int64_t>(1, 64 / G);  // query tokens per task
   std::vector<Work> work;
