@@ -28,7 +28,10 @@ void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, 
                       int64_t n0, int64_t n1, float* D, int64_t ldd);
 
 // bf16 activations on AMX (w8a16_amx.cpp); see gemm_amx's definition for the layouts.
-int64_t amx_panel_rows();
+struct AmxBlocking {
+  int64_t mc, nb, kc;  // activation rows per block, weight rows per panel, K per chunk
+};
+AmxBlocking amx_blocking(int64_t Mp, int64_t K, int64_t N, int threads);
 void pack_x_vnni(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0, int64_t i1,
                  int64_t Kp, uint32_t* out);
 // The op's epilogue fused into the AMX GEMM's last K chunk: y[m, n] = bf16(D[m, n] * scale[n or
@@ -41,8 +44,8 @@ struct Bf16Epilogue {
   int64_t M;
 };
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
-              int64_t p0, int64_t p1, float* Dt, int64_t ldd, const float* blk_s, int64_t blk_bn,
-              int64_t blk_bk, const Bf16Epilogue& ep);
+              int64_t nb, int64_t kc, int64_t p0, int64_t p1, float* Dt, int64_t ldd,
+              const float* blk_s, int64_t blk_bn, int64_t blk_bk, const Bf16Epilogue& ep);
 
 // Decode rows [n0, n1) of w [N, K] into out (fp32, natural order, row stride K).
 void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);

@@ -254,16 +254,23 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
                   reinterpret_cast<uint32_t*>(xs.data_ptr()));
     });
     at::Tensor Dp = at::empty({Np, ldd}, x.options().dtype(at::kFloat));
-    const int64_t panels = (N + amx_panel_rows() - 1) / amx_panel_rows();
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
     float* dp = Dp.data_ptr<float>();
     at::Tensor bf;
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-    const Bf16Epilogue ep{s.data_ptr<float>(), s.numel() != 1, bias.has_value() ? bf.data_ptr<float>() : nullptr,
-                          reinterpret_cast<uint16_t*>(y.data_ptr()), M};
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      gemm_amx(xp, Kp, Mp, wp, N, K, p0, p1, dp, ldd, blk ? blk.s : nullptr, blk.bn, blk.bk, ep);
-    });
+    const AmxBlocking b = amx_blocking(Mp, K, N, at::get_num_threads());
+    const int64_t panels = (N + b.nb - 1) / b.nb;
+    // Blocks of activation rows: each passes over every weight panel (weights decoded again).
+    for (int64_t m0 = 0; m0 < Mp; m0 += b.mc) {
+      const int64_t mb = std::min(b.mc, Mp - m0);
+      const Bf16Epilogue ep{s.data_ptr<float>(), s.numel() != 1, bias.has_value() ? bf.data_ptr<float>() : nullptr,
+                            reinterpret_cast<uint16_t*>(y.data_ptr()) + m0 * N, std::min(mb, M - m0)};
+      const uint16_t* xb = xp + (m0 / 16) * (Kp / 32) * 512;  // pack_x_vnni tiles of rows m0..
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        gemm_amx(xb, Kp, mb, wp, N, K, b.nb, b.kc, p0, p1, dp + m0, ldd, blk ? blk.s : nullptr, blk.bn,
+                 blk.bk, ep);
+      });
+    }
     return y;  // the epilogue ran inside gemm_amx
   } else if (M <= g_small_m_max.load()) {
     const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;

@@ -75,9 +75,7 @@ struct Bf16Decoder {
 // Tiles 0-3: C (16 weight rows n x 16 fp32 activation rows m), 4-5: A (16 weight rows x 32 bf16
 // k), 6-7: B (16 rows of k pairs x 16 activation rows, bf16 pairs).
 
-constexpr int64_t kNP = 128;  // weight rows per panel (8 A tiles): activations are re-read N/kNP times
-constexpr int64_t kKC = 256;  // k per chunk: a panel's decoded weights take kNP * kKC * 2 = 64 KiB,
-                              // a 32-row block of activations 16 KiB (L1)
+constexpr int64_t kKC = 256;  // k per chunk when K > 2048
 
 // 16 rows of 16 dwords: out row r = column r of in (in row stride = in_ld dwords).
 inline void transpose16x16(const uint32_t* in, int64_t in_ld, uint32_t* out) {
@@ -183,30 +181,47 @@ void pack_x_vnni(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0
     }
 }
 
-int64_t amx_panel_rows() { return kNP; }
+AmxBlocking amx_blocking(int64_t Mp, int64_t K, int64_t N, int threads) {
+  // Whole K per chunk when it is moderate (no partial sums through memory), else kKC.
+  const int64_t Kp = (K + 63) / 64 * 64;
+  const int64_t kc = Kp <= 2048 ? Kp : kKC;
+  // Rows of x per block: its tiles for one chunk (mc * kc * 2 bytes) and the panel's partial sums
+  // (nb * mc * 4) stay in L2 while every weight panel passes; each block decodes the weights
+  // again, so blocks are as tall as that allows.
+  const int64_t mc = std::min<int64_t>(Mp, 512);
+  // Weight rows per panel: x is re-read once per panel, so panels are as wide as the decoded
+  // chunk (nb * kc * 2 bytes, <= 256 KiB) allows; their number is a multiple of the thread
+  // count and they are equal (to 16 rows) so that the threads get equal shares.
+  const int64_t nb_max = std::clamp<int64_t>((256 << 10) / (kc * 2) / 16 * 16, 32, 512);
+  const int64_t t = std::max(threads, 1);
+  const int64_t panels = t * ((N + t * nb_max - 1) / (t * nb_max));
+  const int64_t nb = std::max<int64_t>(16, ((N + panels - 1) / panels + 15) / 16 * 16);
+  return {mc, nb, kc};
+}
 
-// y = epilogue(x W^T) for weight rows in panels [p0, p1) of kNP rows. x: pack_x_vnni's tiles
+// y = epilogue(x W^T) for weight rows in panels [p0, p1) of nb rows, K in chunks of kc
+// (amx_blocking). x: pack_x_vnni's tiles
 // for Mp rows (a multiple of 32) and Kp = ldx (K rounded up to 64). Dt: fp32 scratch for the
 // partial sums D^T between K chunks, row stride ldd >= Mp (not a multiple of 4 KiB, so a tile's
 // 16 rows fall in different L1 sets), rows up to N rounded to 16. Block scales: D = sum over K
 // blocks of s[n / bn][kb] * partial sum; blk_bk must then be a multiple of 64 (chunks follow the
 // blocks).
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
-              int64_t p0, int64_t p1, float* Dt, int64_t ldd, const float* blk_s, int64_t blk_bn,
-              int64_t blk_bk, const Bf16Epilogue& ep) {
+              int64_t nb, int64_t kc, int64_t p0, int64_t p1, float* Dt, int64_t ldd,
+              const float* blk_s, int64_t blk_bn, int64_t blk_bk, const Bf16Epilogue& ep) {
   const Bf16Decoder dec;
   configure_tiles();
   const uint32_t* xv = reinterpret_cast<const uint32_t*>(x);
   const int64_t kbx = ldx / 32;  // B tiles per 16-row block of x
   const bool block = blk_s != nullptr;
-  const int64_t KC = block ? blk_bk : kKC;
+  const int64_t KC = block ? blk_bk : kc;
   const int64_t kb_total = (K + blk_bk - 1) / std::max<int64_t>(blk_bk, 1);
   const int64_t kcmax = (std::min(KC, K) + 63) / 64 * 64;
-  std::vector<uint16_t> wa(kNP / 16 * (kcmax / 32) * 512 + 32);
+  std::vector<uint16_t> wa(nb / 16 * (kcmax / 32) * 512 + 32);
   alignas(64) float ctmp[16 * 16];
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * kNP;
-    const int64_t np = std::min<int64_t>(kNP, (N - n0 + 15) / 16 * 16);
+    const int64_t n0 = p * nb;
+    const int64_t np = std::min<int64_t>(nb, (N - n0 + 15) / 16 * 16);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64)
