@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -369,6 +370,38 @@ def run_all(args, rows_run, sim_jobs, skip: int) -> tuple[dict, dict]:
     return results, sims
 
 
+def ppl_diff_se(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    """Perplexity of log-probs ``b`` relative to ``a`` in percent, and its standard error from the
+    spread of the per-window mean log-prob differences (windows as independent samples)."""
+    import statistics
+
+    per = [sum(y - x for x, y in zip(wa, wb)) / len(wa) for wa, wb in zip(a, b, strict=True)]
+    n = sum(len(w) for w in a)
+    d = sum(sum(y - x for x, y in zip(wa, wb)) for wa, wb in zip(a, b)) / n
+    se = statistics.stdev(per) / len(per) ** 0.5 if len(per) > 1 else float("nan")
+    return 100 * (math.exp(-d) - 1), 100 * se
+
+
+def w8a8_noise(results: dict, sims: dict, name: str = "static, W8A8 emulation") -> str:
+    """How closely the W8A8 row can be compared at all: the fp32 and the bf16 simulation of the
+    same W8A8 numerics against each other and against the engine (perplexity difference with its
+    standard error over windows, mean per-token |delta log-prob|). "" without both simulations."""
+    if (name, "float32") not in sims or (name, "bfloat16") not in sims or name not in results:
+        return ""
+    s32, s16, eng = sims[name, "float32"], sims[name, "bfloat16"], results[name]["logprobs"]
+    d = lambda a, b: logprob_agreement(a, b)["mean_abs"]  # noqa: E731
+    f = lambda a, b: "{:+.2f}% +- {:.2f}%".format(*ppl_diff_se(a, b))  # noqa: E731
+    bf = f(sims["bf16", "float32"], results["bf16"]["logprobs"])
+    return (f"W8A8 row, how precise the comparison can be: the engine and the simulations round activations to "
+            f"FP8 (3 mantissa bits), so any difference upstream (bf16 vs fp32 activations, summation order) flips "
+            f"some roundings, and the flips compound over the layers. Perplexity differences (+- one standard "
+            f"error over the {len(eng)} windows) and mean per-token |delta log-prob|: bf16 simulation vs fp32 "
+            f"simulation of the same W8A8 numerics {f(s32, s16)} ({d(s32, s16):.4f}); engine vs fp32 simulation "
+            f"{f(s32, eng)} ({d(s32, eng):.4f}); engine vs bf16 simulation {f(s16, eng)} ({d(s16, eng):.4f}). "
+            f"For scale, the bf16 row (no FP8 rounding of activations) has engine vs fp32 simulation {bf} "
+            f"({d(sims['bf16', 'float32'], results['bf16']['logprobs']):.4f}).")
+
+
 def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float) -> int:
     """The table (printed, and written to RESULTS.md unless --no-write)."""
     ref = results["bf16"]["logprobs"]
@@ -403,6 +436,9 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
                                 "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"])
     n_tok = sum(len(w) for w in ref)
     text = table(rows)
+    w8a8_note = w8a8_noise(results, sims)
+    if w8a8_note:
+        print(w8a8_note)
     elapsed = time.time() - t_start
     print("\n" + text + f"\n\n{n_tok} scored tokens; total {elapsed:.0f}s")
     if args.no_write:
@@ -457,6 +493,8 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
         "from bf16 activations too (an fp32 simulation rounds different values to FP8). `vLLM CPU_ATTN` rows "
         "run the same FP8 cache and scales on vLLM's own CPU attention kernels (FP8_BACKEND_ATTENTION=vllm) "
         "instead of this plugin's; they are not simulated (vLLM's FP8 cache write rounds toward zero).",
+        "",
+        w8a8_note,
         "",
         "Every linear layer (q/k/v, o, gate/up, down in all 30 layers) is FP8 e4m3 in the FP8 rows; "
         "lm_head (tied to the embeddings) and the embeddings stay bf16.",

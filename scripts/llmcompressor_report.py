@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_report import calibration_text, rel, score  # noqa: E402
+from accuracy_report import calibration_text, ppl_diff_se, rel, score  # noqa: E402
 from demo import DEFAULT_DATA, DEFAULT_MODEL, logprob_agreement, ppl, table, token_windows  # noqa: E402
 
 EMU = {"FP8_BACKEND_EMULATE_W8A8": "1"}
@@ -149,18 +149,19 @@ def report(args, results: dict, hf: dict, t_start: float) -> int:
     # How far apart two W8A8 references land that differ only in the dtype the activations are
     # rounded to FP8 from: the size of the noise an engine-vs-reference W8A8 comparison has.
     noise = []
-    for scheme in ("FP8", "FP8_DYNAMIC", "FP8_KV"):
+    f = lambda a, b: "{:+.2f}% +- {:.2f}%".format(*ppl_diff_se(a, b))  # noqa: E731
+    for name, scheme in (("FP8, W8A8 emulation", "FP8"), ("FP8_DYNAMIC, W8A8 emulation", "FP8_DYNAMIC"),
+                         ("FP8 + FP8 KV, W8A8 emulation", "FP8_KV")):
         a, b = hs.get(f"{scheme}/float32/act", {}), hs.get(f"{scheme}/bfloat16/act", {})
         if "logprobs" in a and "logprobs" in b:
-            ra = ppl(a["logprobs"]) / ppl(hs["bf16/float32/weights"]["logprobs"])
-            rb = ppl(b["logprobs"]) / ppl(hs["bf16/bfloat16/weights"]["logprobs"])
-            noise.append(f"{scheme}: {100 * (rb / ra - 1):+.2f}% (mean abs. delta log-prob "
-                         f"{logprob_agreement(a['logprobs'], b['logprobs'])['mean_abs']:.4f})")
+            e = results[name]["logprobs"]
+            noise.append(f"{scheme}: bf16 vs fp32 reference {f(a['logprobs'], b['logprobs'])}, engine vs fp32 "
+                         f"reference {f(a['logprobs'], e)}, engine vs bf16 reference {f(b['logprobs'], e)}")
     errors = sorted({h["error"].split("\n")[0][:160] for h in hs.values() if "error" in h})
     n_tok = sum(len(w) for w in ref)
     elapsed = time.time() - t_start
     print("\n" + text + f"\n\n{n_tok} scored tokens; total {elapsed:.0f}s; transformers failures: {errors}; "
-          f"W8A8 references bf16 vs fp32, each vs its bf16 model: {'; '.join(noise)}")
+          f"W8A8 rows: {'; '.join(noise)}")
     if args.no_write:
         return 0
 
@@ -207,9 +208,9 @@ def report(args, results: dict, hf: dict, t_start: float) -> int:
         "W8A8 rows: rounding activations to FP8 (3 mantissa bits) turns tiny upstream differences (bf16 vs fp32 "
         "activations, summation order) into different FP8 values, and these compound over 30 layers, so two correct "
         "W8A8 implementations do not agree token by token. The two transformers references, which differ only in "
-        "the dtype the activations are rounded from, are apart by (bf16 vs fp32 run, each vs its bf16 model): "
-        + "; ".join(noise) + ". An engine-vs-reference difference of that size in a W8A8 row is this noise, "
-        "not a loading error; the W8A16 rows, which have no activation rounding, are the check of the loading.",
+        "the dtype the activations are rounded from, show the size of that effect. Perplexity differences (+- one "
+        "standard error over the windows): " + "; ".join(noise) + ". The W8A16 rows, which "
+        "have no activation rounding, are the tight check of the weight (and KV scale) loading.",
         "",
         "Transformers failures: " + ("; ".join(errors) if errors else "none") + ".",
     ])
