@@ -408,7 +408,7 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
     p_ref = ppl(ref)
     nokv = {name: name.split(" + ")[0] for name, *_ in ROWS}
     rows = [["", "KV cache", "perplexity", "vs bf16", "mean abs. delta log-prob", "vs same weights, bf16 KV",
-             "simulated", "sim. dtype", "engine vs sim.", "engine vs sim., each vs its bf16", f"within {args.target}%"]]
+             "simulated", "sim. dtype", "engine vs sim. (+- s.e.)", "engine vs sim., each vs its bf16", f"within {args.target}%"]]
     verdicts = {}
     short = {"float32": "fp32", "bfloat16": "bf16"}
     for name, key, kv, env in rows_run:
@@ -431,7 +431,8 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
             ok = d_abs <= args.target
             verdicts[name, dtype] = ok
             line = row if j == 0 else [f"{name} (again)", "", f"{p:.3f}", "", "", ""]
-            rows.append(line + [f"{s:.3f}", short[dtype], rel(p, s),
+            d, se = ppl_diff_se(sims[name, dtype], r["logprobs"])
+            rows.append(line + [f"{s:.3f}", short[dtype], f"{d:+.2f}% +- {se:.2f}%",
                                 "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
                                 "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"])
     n_tok = sum(len(w) for w in ref)
@@ -487,6 +488,8 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
         "perplexities directly (this includes the engine's bf16 activations vs the simulation's "
         f"{args.sim_dtype}, visible in the bf16 row); `each vs its bf16` divides each by its own bf16 row (the "
         "bf16 simulation of the same dtype) first, which cancels that common offset. "
+        "`+- s.e.`: one standard error of that difference, from the spread of the per-window mean "
+        "log-prob differences (windows as independent samples). "
         f"`within {args.target}%` applies the target to the direct comparison (the bracket gives the "
         "offset-cancelled one where the direct one misses). `(again)` lines repeat an engine row against a "
         "bfloat16 simulation: the W8A8 emulation rounds bf16 activations to FP8, so its simulation must start "
