@@ -93,8 +93,9 @@ SIMS = {"bf16": (None, False, None), "bf16 + FP8 KV": (None, False, "fp8"),
         "static, W8A8 emulation": ("static", True, None),
         "block": ("block", False, None), "block + FP8 KV": ("block", False, "fp8")}
 #: rows also simulated in bfloat16 (the engine's activation dtype) when --sim-dtype is float32:
-#: the W8A8 row fake-quantizes activations, whose FP8 rounding depends on their dtype
-BF16_SIMS = ("bf16", "static, W8A8 emulation")
+#: the W8A8 row fake-quantizes activations and FP8 KV rows keys/values, whose FP8 rounding depends
+#: on the dtype they were computed in
+BF16_SIMS = ("bf16", "static, W8A8 emulation", "bf16 + FP8 KV", "dynamic per-tensor + FP8 KV")
 
 
 def _worker(spec_path: str) -> None:
@@ -492,8 +493,9 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
         "log-prob differences (windows as independent samples). "
         f"`within {args.target}%` applies the target to the direct comparison (the bracket gives the "
         "offset-cancelled one where the direct one misses). `(again)` lines repeat an engine row against a "
-        "bfloat16 simulation: the W8A8 emulation rounds bf16 activations to FP8, so its simulation must start "
-        "from bf16 activations too (an fp32 simulation rounds different values to FP8). `vLLM CPU_ATTN` rows "
+        "bfloat16 simulation: the W8A8 emulation rounds bf16 activations to FP8 and the FP8 KV rows round "
+        "keys/values computed in bf16, so a bf16 simulation starts from values closer to the engine's (an fp32 "
+        "simulation rounds different values to FP8; FP8 KV attention itself stays fp32 in both). `vLLM CPU_ATTN` rows "
         "run the same FP8 cache and scales on vLLM's own CPU attention kernels (FP8_BACKEND_ATTENTION=vllm) "
         "instead of this plugin's; they are not simulated (vLLM's FP8 cache write rounds toward zero).",
         "",
