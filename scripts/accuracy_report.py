@@ -24,8 +24,9 @@ shard, per channel or per 128x128 block as stored), and for the W8A8 row every l
 fake-quantized with the checkpoint's static input_scale. FP8 KV rows (this plugin's kernels) are
 simulated by scripts/kv_sim.py: post-RoPE keys and values fake-quantized with numerics.quantize_kv
 and the checkpoint's k/v scales (1.0 for the bf16 model), attention in fp32 as the kernels compute
-it. The bf16 and W8A8 rows are also simulated in bfloat16 (the engine's activation dtype): the W8A8
-row fake-quantizes activations, and which dtype they are rounded from decides its comparison.
+it. The rows of BF16_SIMS (bf16, W8A8, two FP8 KV rows) are also simulated in bfloat16 (the engine's
+activation dtype): FP8 rounding of activations or keys/values amplifies bf16-vs-fp32 differences, so
+those rows are compared with both.
 Fails (non-zero exit) if any engine or simulation fails.
 
     --rows "bf16 + FP8 KV;static, W8A8 emulation"  runs a subset (print only);
