@@ -21,8 +21,16 @@ scored text is calibration text.
 Simulation (no vLLM, no fp8-backend kernel): Hugging Face transformers in --sim-dtype (fp32 by
 default) with each checkpoint's FP8 weights dequantized by fp8_backend/numerics.py (one scale per
 shard, per channel or per 128x128 block as stored), and for the W8A8 row every linear input
-fake-quantized with the checkpoint's static input_scale. FP8 KV rows have no simulation (RoPE'd
-k/v inside attention; not simulated). Fails (non-zero exit) if any engine or simulation fails.
+fake-quantized with the checkpoint's static input_scale. FP8 KV rows (this plugin's kernels) are
+simulated by scripts/kv_sim.py: post-RoPE keys and values fake-quantized with numerics.quantize_kv
+and the checkpoint's k/v scales (1.0 for the bf16 model), attention in fp32 as the kernels compute
+it. The rows of BF16_SIMS (bf16, W8A8, two FP8 KV rows) are also simulated in bfloat16 (the engine's
+activation dtype): FP8 rounding of activations or keys/values amplifies bf16-vs-fp32 differences, so
+those rows are compared with both.
+Fails (non-zero exit) if any engine or simulation fails.
+
+    --rows "bf16 + FP8 KV;static, W8A8 emulation"  runs a subset (print only);
+    --ckpt-dir DIR keeps (and reuses) the producer checkpoints.
 
 The default model is SmolLM2-135M-Instruct converted from a Q4_1 GGUF (scripts/get_smollm2.py):
 its weights sit on a coarse grid, so FP8 errors measured here are not those of an original bf16
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,10 +81,22 @@ CHECKPOINTS = {
     "static": dict(scheme="static", format="autofp8"),
     "block": dict(scheme="block", format="autofp8"),
 }
-#: transformers simulation of each row without FP8 KV: (checkpoint key, fake-quantize linear inputs)
-SIMS = {"bf16": (None, False), "dynamic per-tensor": ("dynamic per-tensor", False),
-        "dynamic per-channel": ("dynamic per-channel", False), "static": ("static", False),
-        "static, W8A8 emulation": ("static", True), "block": ("block", False)}
+#: transformers simulation of the rows: row name -> (checkpoint key, fake-quantize linear inputs,
+#: FP8 KV cache dtype or None). vLLM CPU_ATTN rows are not simulated: vLLM's FP8 cache write rounds
+#: toward zero, not to nearest even as this plugin (and numerics.py) does.
+SIMS = {"bf16": (None, False, None), "bf16 + FP8 KV": (None, False, "fp8"),
+        "bf16 + FP8 KV e5m2": (None, False, "fp8_e5m2"),
+        "dynamic per-tensor": ("dynamic per-tensor", False, None),
+        "dynamic per-tensor + FP8 KV": ("dynamic per-tensor", False, "fp8"),
+        "dynamic per-channel": ("dynamic per-channel", False, None),
+        "dynamic per-channel + FP8 KV": ("dynamic per-channel", False, "fp8"),
+        "static": ("static", False, None), "static + FP8 KV": ("static", False, "fp8"),
+        "static, W8A8 emulation": ("static", True, None),
+        "block": ("block", False, None), "block + FP8 KV": ("block", False, "fp8")}
+#: rows also simulated in bfloat16 (the engine's activation dtype) when --sim-dtype is float32:
+#: the W8A8 row fake-quantizes activations and FP8 KV rows keys/values, whose FP8 rounding depends
+#: on the dtype they were computed in
+BF16_SIMS = ("bf16", "static, W8A8 emulation", "bf16 + FP8 KV", "dynamic per-tensor + FP8 KV")
 
 
 def _worker(spec_path: str) -> None:
@@ -137,13 +158,18 @@ def calibration_text(model: str, data: str, skip_long: int, window_len: int, max
 
 
 def make_checkpoints(model: str, calib: str, out: Path, num_samples: int, seq_len: int) -> dict[str, Path]:
-    """One producer checkpoint per CHECKPOINTS entry (calibrated KV scales in each)."""
+    """One producer checkpoint per CHECKPOINTS entry (calibrated KV scales in each); one already
+    in ``out`` (from an earlier run with --ckpt-dir) is reused."""
     from fp8_backend.quantize import quantize
 
     paths = {}
     for key, kw in CHECKPOINTS.items():
         t0 = time.perf_counter()
         path = out / key.replace(" ", "_")
+        if (path / "config.json").is_file():
+            print(f"checkpoint {key}: reusing {path}", flush=True)
+            paths[key] = path
+            continue
         quantize(model, path, kv_cache=True, calib=calib, num_samples=num_samples,
                  seq_len=seq_len, progress=False, **kw)
         print(f"checkpoint {key}: {time.perf_counter() - t0:.0f}s", flush=True)
@@ -151,11 +177,28 @@ def make_checkpoints(model: str, calib: str, out: Path, num_samples: int, seq_le
     return paths
 
 
+def kv_scales(tensors: dict, n_layers: int) -> tuple[dict[int, object], dict[int, object]]:
+    """Per layer index, the k and v scales a checkpoint stores (self_attn.k_scale / v_scale, or
+    k_proj / v_proj.output_scale, or the deprecated single kv_scale); absent layers are left out
+    (1.0, as the plugin defaults)."""
+    ks, vs = {}, {}
+    for i in range(n_layers):
+        p = f"model.layers.{i}.self_attn"
+        for out, short, proj in ((ks, "k_scale", "k_proj"), (vs, "v_scale", "v_proj")):
+            for name in (f"{p}.{short}", f"{p}.{proj}.output_scale", f"{p}.kv_scale"):
+                if name in tensors:
+                    out[i] = tensors[name].float()
+                    break
+    return ks, vs
+
+
 def simulate(model: str, ckpt: Path | None, windows: list[list[int]], w8a8: bool, threads: int,
-             dtype: str) -> list[list[float]]:
+             dtype: str, kv_cache_dtype: str | None = None) -> list[list[float]]:
     """Log-probs of ``windows`` from transformers with ``ckpt``'s FP8 weights dequantized by
     numerics.py (the bf16 weights if ckpt is None); ``w8a8``: fake-quantize every quantized
-    linear's input with the checkpoint's static input_scale, as the W8A8 path does."""
+    linear's input with the checkpoint's static input_scale, as the W8A8 path does;
+    ``kv_cache_dtype`` ("fp8", "fp8_e5m2"): attention over FP8 fake-quantized post-RoPE keys and
+    values with the checkpoint's k/v scales (1.0 without), as this plugin's kernels (kv_sim.py)."""
     import torch
     import transformers
     from safetensors.torch import load_file
@@ -167,10 +210,20 @@ def simulate(model: str, ckpt: Path | None, windows: list[list[int]], w8a8: bool
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    tensors = {}
     if ckpt is not None:
-        tensors = {}
         for f in sorted(ckpt.glob("*.safetensors")):
             tensors.update(load_file(f))
+    if kv_cache_dtype is not None:
+        import kv_sim
+
+        n_layers = m.config.num_hidden_layers
+        ks, vs = kv_scales(tensors, n_layers)
+        if ckpt is not None and (len(ks) != n_layers or len(vs) != n_layers):
+            raise SystemExit(f"{ckpt}: FP8 KV simulation expected k/v scales for {n_layers} layers, "
+                             f"found {len(ks)} k and {len(vs)} v")
+        kv_sim.install(m, ks, vs, kv_cache_dtype)
+    if ckpt is not None:
         qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
         block = tuple(qcfg["weight_block_size"]) if qcfg.get("weight_block_size") else None
         n = 0
@@ -253,25 +306,56 @@ def main(argv=None) -> int:
                     help="compute dtype of the transformers simulation")
     ap.add_argument("--target", type=float, default=0.2, help="engine vs simulation target, percent")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--ckpt-dir", help="keep the producer checkpoints here (made if missing, reused if present)")
+    ap.add_argument("--save", help="also write every log-prob (engines and simulations) to this JSON file")
+    ap.add_argument("--load", help="render the report from a --save file instead of running anything")
+    ap.add_argument("--rows", help="row names to run, separated by ';' (bf16 is always run); implies --no-write")
     args = ap.parse_args(argv)
+    rows_run = ROWS
+    if args.rows:
+        want = {r.strip() for r in args.rows.split(";")} | {"bf16"}
+        unknown = want - {r[0] for r in ROWS}
+        if unknown:
+            raise SystemExit(f"--rows: unknown row(s) {sorted(unknown)}; expected names from {[r[0] for r in ROWS]}")
+        rows_run = [r for r in ROWS if r[0] in want]
+        args.no_write = True
+    sim_jobs = [(name, args.sim_dtype) for name, *_ in rows_run if name in SIMS]
+    if args.sim_dtype != "bfloat16":
+        sim_jobs += [(name, "bfloat16") for name, *_ in rows_run if name in BF16_SIMS]
     os.chdir(ROOT)
     for p, what in ((Path(args.model) / "config.json", "scripts/get_smollm2.py"), (Path(args.data), "scripts/get_wikitext.py")):
         if not p.is_file():
             raise SystemExit(f"{p} missing: run {what} (or bash scripts/demo.sh) first")
 
     t_start = time.time()
-    windows = token_windows(args.model, args.data, args.windows, args.window_len)
     skip = max(args.windows, 40)
+    if args.load:
+        saved = json.loads(Path(args.load).read_text())
+        results = saved["results"]
+        sims = {tuple(k.split("|")): v for k, v in saved["sims"].items()}
+        t_start -= saved["elapsed"]
+    else:
+        results, sims = run_all(args, rows_run, sim_jobs, skip)
+        if args.save:
+            Path(args.save).write_text(json.dumps({"results": results, "elapsed": time.time() - t_start,
+                                                   "sims": {"|".join(k): v for k, v in sims.items()}}))
+    return report(args, rows_run, results, sims, skip, t_start)
+
+
+def run_all(args, rows_run, sim_jobs, skip: int) -> tuple[dict, dict]:
+    """Make the checkpoints, score every row's engine and every simulation."""
+    windows = token_windows(args.model, args.data, args.windows, args.window_len)
     calib_text = calibration_text(args.model, args.data, skip, args.window_len)
     results, sims = {}, {}
     with tempfile.TemporaryDirectory(prefix="accuracy-") as tmp:
         tmp = Path(tmp)
         calib = tmp / "calib.txt"
         calib.write_text(calib_text)
-        ckpts = make_checkpoints(args.model, str(calib), tmp / "ckpt", args.calib_samples, args.calib_len)
+        ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else tmp / "ckpt"
+        ckpts = make_checkpoints(args.model, str(calib), ckpt_dir, args.calib_samples, args.calib_len)
         wpath = tmp / "windows.json"
         wpath.write_text(json.dumps(windows))
-        for name, key, kv, env in ROWS:
+        for name, key, kv, env in rows_run:
             model = str(ckpts[key]) if key else args.model
             print(f"{name}: scoring {len(windows)} x {args.window_len} tokens ...", flush=True)
             r = score(name, model, kv, env, wpath, args.window_len, args.threads, tmp)
@@ -279,40 +363,85 @@ def main(argv=None) -> int:
             print(f"{name}: ppl {ppl(r['logprobs']):.4f} ({r['wall_s']:.0f}s; "
                   f"linear layers {', '.join(r['linear']['quant_methods'])}, "
                   f"scale sizes {r['scale_numels']}; {r['n_kv_scales']} distinct (k, v) scales, e.g. {r['kv_scales'][:2]})", flush=True)
-        for name, (key, w8a8) in SIMS.items():
+        for name, dtype in sim_jobs:
+            key, w8a8, sim_kv = SIMS[name]
             t0 = time.perf_counter()
-            sims[name] = simulate(args.model, ckpts[key] if key else None, windows, w8a8, args.threads, args.sim_dtype)
-            print(f"simulation {name}: ppl {ppl(sims[name]):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            sims[name, dtype] = simulate(args.model, ckpts[key] if key else None, windows, w8a8, args.threads,
+                                         dtype, sim_kv)
+            print(f"simulation {name} ({dtype}): ppl {ppl(sims[name, dtype]):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return results, sims
 
+
+def ppl_diff_se(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    """Perplexity of log-probs ``b`` relative to ``a`` in percent, and its standard error from the
+    spread of the per-window mean log-prob differences (windows as independent samples)."""
+    import statistics
+
+    per = [sum(y - x for x, y in zip(wa, wb)) / len(wa) for wa, wb in zip(a, b, strict=True)]
+    n = sum(len(w) for w in a)
+    d = sum(sum(y - x for x, y in zip(wa, wb)) for wa, wb in zip(a, b)) / n
+    se = statistics.stdev(per) / len(per) ** 0.5 if len(per) > 1 else float("nan")
+    return 100 * (math.exp(-d) - 1), 100 * se
+
+
+def w8a8_noise(results: dict, sims: dict, name: str = "static, W8A8 emulation") -> str:
+    """How closely the W8A8 row can be compared at all: the fp32 and the bf16 simulation of the
+    same W8A8 numerics against each other and against the engine (perplexity difference with its
+    standard error over windows, mean per-token |delta log-prob|). "" without both simulations."""
+    if (name, "float32") not in sims or (name, "bfloat16") not in sims or name not in results:
+        return ""
+    s32, s16, eng = sims[name, "float32"], sims[name, "bfloat16"], results[name]["logprobs"]
+    d = lambda a, b: logprob_agreement(a, b)["mean_abs"]  # noqa: E731
+    f = lambda a, b: "{:+.2f}% +- {:.2f}%".format(*ppl_diff_se(a, b))  # noqa: E731
+    bf = f(sims["bf16", "float32"], results["bf16"]["logprobs"])
+    return (f"W8A8 row, how precise the comparison can be: the engine and the simulations round activations to "
+            f"FP8 (3 mantissa bits), so any difference upstream (bf16 vs fp32 activations, summation order) flips "
+            f"some roundings, and the flips compound over the layers. Perplexity differences (+- one standard "
+            f"error over the {len(eng)} windows) and mean per-token |delta log-prob|: bf16 simulation vs fp32 "
+            f"simulation of the same W8A8 numerics {f(s32, s16)} ({d(s32, s16):.4f}); engine vs fp32 simulation "
+            f"{f(s32, eng)} ({d(s32, eng):.4f}); engine vs bf16 simulation {f(s16, eng)} ({d(s16, eng):.4f}). "
+            f"For scale, the bf16 row (no FP8 rounding of activations) has engine vs fp32 simulation {bf} "
+            f"({d(sims['bf16', 'float32'], results['bf16']['logprobs']):.4f}).")
+
+
+def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float) -> int:
+    """The table (printed, and written to RESULTS.md unless --no-write)."""
     ref = results["bf16"]["logprobs"]
-    p_ref, s_ref = ppl(ref), ppl(sims["bf16"])
+    p_ref = ppl(ref)
     nokv = {name: name.split(" + ")[0] for name, *_ in ROWS}
     rows = [["", "KV cache", "perplexity", "vs bf16", "mean abs. delta log-prob", "vs same weights, bf16 KV",
-             "simulated", "engine vs sim.", "engine vs sim., each vs its bf16", f"within {args.target}%"]]
+             "simulated", "sim. dtype", "engine vs sim. (+- s.e.)", "engine vs sim., each vs its bf16", f"within {args.target}%"]]
     verdicts = {}
-    for name, key, kv, env in ROWS:
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    for name, key, kv, env in rows_run:
         r = results[name]
         p = ppl(r["logprobs"])
         kv_txt = {"bfloat16": "bf16"}.get(kv, "e5m2" if kv == "fp8_e5m2" else "e4m3")
         if kv != "bfloat16":
             kv_txt += " (vLLM CPU_ATTN)" if env.get("FP8_BACKEND_ATTENTION") == "vllm" else " (plugin)"
         a = logprob_agreement(ref, r["logprobs"]) if name != "bf16" else None
-        base = nokv[name] if kv != "bfloat16" else None
+        base = nokv[name] if kv != "bfloat16" and nokv[name] in results else None
         row = [name, kv_txt, f"{p:.3f}", rel(p, p_ref) if a else "", f"{a['mean_abs']:.4f}" if a else "",
                rel(p, ppl(results[base]["logprobs"])) if base else ""]
-        if name in sims:
-            s = ppl(sims[name])
+        dtypes = [d for d in (args.sim_dtype, "bfloat16") if (name, d) in sims]
+        if not dtypes:
+            rows.append(row + ["not simulated", "", "", "", ""])
+        for j, dtype in enumerate(dict.fromkeys(dtypes)):
+            s, s_ref = ppl(sims[name, dtype]), ppl(sims["bf16", dtype])
             d_abs = 100 * abs(p / s - 1)
             d_rel = 100 * abs((p / p_ref) / (s / s_ref) - 1)
             ok = d_abs <= args.target
-            verdicts[name] = ok
-            row += [f"{s:.3f}", rel(p, s), "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
-                    "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"]
-        else:
-            row += ["not simulated", "", "", ""]
-        rows.append(row)
+            verdicts[name, dtype] = ok
+            line = row if j == 0 else [f"{name} (again)", "", f"{p:.3f}", "", "", ""]
+            d, se = ppl_diff_se(sims[name, dtype], r["logprobs"])
+            rows.append(line + [f"{s:.3f}", short[dtype], f"{d:+.2f}% +- {se:.2f}%",
+                                "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
+                                "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"])
     n_tok = sum(len(w) for w in ref)
     text = table(rows)
+    w8a8_note = w8a8_noise(results, sims)
+    if w8a8_note:
+        print(w8a8_note)
     elapsed = time.time() - t_start
     print("\n" + text + f"\n\n{n_tok} scored tokens; total {elapsed:.0f}s")
     if args.no_write:
@@ -352,14 +481,26 @@ def main(argv=None) -> int:
         "",
         f"Simulated: Hugging Face transformers in {args.sim_dtype} on the same windows, no vLLM and no fp8-backend "
         "kernel, with each checkpoint's FP8 weights dequantized by fp8_backend/numerics.py (the W8A8 row also "
-        "fake-quantizes every linear input with the checkpoint's input_scale). `engine vs sim.` compares the "
-        "perplexities directly (this includes the engine's bf16 activations/attention vs the simulation's "
-        f"{args.sim_dtype}, visible in the bf16 row); `each vs its bf16` divides each by its own bf16 row first, "
-        f"which cancels that common offset. `within {args.target}%` applies the target to the direct comparison "
-        "(the bracket gives the offset-cancelled one where the direct one misses). FP8 KV rows are not simulated "
-        "(k/v are quantized after RoPE inside attention; fake-quantizing them in transformers is not done here): "
-        "read them against the same weights with a bf16 KV cache. `vLLM CPU_ATTN` rows run the same FP8 cache "
-        "and scales on vLLM's own CPU attention kernels (FP8_BACKEND_ATTENTION=vllm) instead of this plugin's.",
+        "fake-quantizes every linear input with the checkpoint's input_scale). FP8 KV rows: a transformers "
+        "attention function (scripts/kv_sim.py) fake-quantizes the post-RoPE keys and values with "
+        "numerics.quantize_kv (the checkpoint's k/v scales, 1.0 for the bf16 model; e4m3 or e5m2, round half to "
+        "even, saturating) and attends in fp32 as the plugin's kernels do (numerics.paged_attention: q . k and "
+        "P @ v in fp32 with the scales folded in; the kernels split bf16 queries and fp32 probabilities into exact "
+        "bf16 parts), whatever the dtype of the rest of the model. `engine vs sim.` compares the "
+        "perplexities directly (this includes the engine's bf16 activations vs the simulation's "
+        f"{args.sim_dtype}, visible in the bf16 row); `each vs its bf16` divides each by its own bf16 row (the "
+        "bf16 simulation of the same dtype) first, which cancels that common offset. "
+        "`+- s.e.`: one standard error of that difference, from the spread of the per-window mean "
+        "log-prob differences (windows as independent samples). "
+        f"`within {args.target}%` applies the target to the direct comparison (the bracket gives the "
+        "offset-cancelled one where the direct one misses). `(again)` lines repeat an engine row against a "
+        "bfloat16 simulation: the W8A8 emulation rounds bf16 activations to FP8 and the FP8 KV rows round "
+        "keys/values computed in bf16, so a bf16 simulation starts from values closer to the engine's (an fp32 "
+        "simulation rounds different values to FP8; FP8 KV attention itself stays fp32 in both). `vLLM CPU_ATTN` rows "
+        "run the same FP8 cache and scales on vLLM's own CPU attention kernels (FP8_BACKEND_ATTENTION=vllm) "
+        "instead of this plugin's; they are not simulated (vLLM's FP8 cache write rounds toward zero).",
+        "",
+        w8a8_note,
         "",
         "Every linear layer (q/k/v, o, gate/up, down in all 30 layers) is FP8 e4m3 in the FP8 rows; "
         "lm_head (tied to the embeddings) and the embeddings stay bf16.",
