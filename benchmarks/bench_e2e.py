@@ -43,6 +43,8 @@ from demo import DEFAULT_MODEL, run_e2e  # noqa: E402
 from results_md import machine, update_section  # noqa: E402
 
 MODEL = os.environ.get("E2E_MODEL", DEFAULT_MODEL)
+#: RESULTS.md section to rewrite; another model gets its own (e.g. E2E_SECTION=e2e_random)
+SECTION = os.environ.get("E2E_SECTION", "e2e")
 MODES = [m.strip() for m in os.environ.get("E2E_MODES", "eager,compile").split(",") if m.strip()]
 THREADS = int(os.environ.get("E2E_THREADS", "1"))
 REPEATS = int(os.environ.get("E2E_REPEATS", "5"))
@@ -79,7 +81,7 @@ def model() -> str:
 def _write_section():
     yield
     if RUN_RESULTS:
-        update_section("e2e", render())
+        update_section(SECTION, render())
         print("\n" + render())
 
 
@@ -160,8 +162,12 @@ def render() -> str:
         "",
         (f"Linear layers: {f8['n_fp8']} of {f8['n_linear']} " if f8 else "Linear layers: all ")
         + "(q/k/v fused, o, gate/up fused, down in every decoder layer) FP8 e4m3 per-tensor "
-        "(one scale per shard); lm_head is tied to the embeddings and stays bf16 in both, so the whole "
-        "model shrinks less than the linear layers. bf16 sizes are logical (in x out x 2 bytes); FP8 "
+        "(one scale per shard); lm_head stays bf16 in both"
+        + (" (tied to the embeddings: 57 MB), so the whole model shrinks less than the linear layers. "
+           if MODEL == DEFAULT_MODEL else
+           f". {Path(MODEL).name} is a random-weight Llama built by benchmarks/make_random_llama.py: "
+           "its timings measure speed only (its text is meaningless). ")
+        + "bf16 sizes are logical (in x out x 2 bytes); FP8 "
         "sizes are stored weight bytes plus fp32 scales. Peak RSS includes ~"
         f"{next(iter(RUN_RESULTS.values()))[0]['rss_before_mib']:.0f} MiB of imports and the KV-cache allocation, "
         "the same in both. Decode: batch 1, greedy, ignore_eos, (N - 1) / (t_N - t_1), best of "

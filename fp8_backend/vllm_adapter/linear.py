@@ -15,34 +15,48 @@ from ..kernels import dispatch
 from ..formats.scheme import Fp8Scheme
 
 
+#: elements quantized at a time: numerics' elementwise quantization makes fp32 temporaries
+#: (~16 bytes per element), which for a whole large layer would raise the load's peak memory
+#: above the bf16 model's
+CHUNK_ELEMENTS = 1 << 20
+
+
 def quantize_linear_weight(
-    weight: torch.Tensor, strategy: str, logical_widths: list[int], name: str
+    weight: torch.Tensor, strategy: str, logical_widths: list[int], name: str,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 weight [N, K] and its fp32 scale: shape [1] (one tensor scale) or [N].
 
     Per-tensor quantization of a fused layer (q/k/v, gate/up) gives each shard its own scale,
     as separate layers would have, and keeps all of them exactly as a per-channel vector,
-    instead of forcing the whole fused weight onto one scale.
+    instead of forcing the whole fused weight onto one scale. The same values as numerics'
+    quantize_per_tensor / quantize_per_channel (amax over the whole shard or row, then the
+    elementwise quantization), computed a block of rows at a time.
     """
     numerics.check_finite(weight, name)
-    if strategy == "channel":
-        q, s = numerics.quantize_per_channel(weight)
-        return q, s.reshape(-1)
-    if strategy != "tensor":
+    if strategy not in ("tensor", "channel"):
         raise ValueError(f"{name}: unsupported weight strategy {strategy!r}")
-    if len(logical_widths) <= 1:
-        q, s = numerics.quantize_per_tensor(weight)
-        return q, s.reshape(1)
-    if sum(logical_widths) != weight.shape[0]:
+    widths = logical_widths if strategy == "tensor" and len(logical_widths) > 1 else [weight.shape[0]]
+    if sum(widths) != weight.shape[0]:
         raise ValueError(
             f"{name}: shard widths {logical_widths} do not add up to the weight's {weight.shape[0]} rows"
         )
-    qs, scales = [], []
-    for shard in torch.split(weight, logical_widths, dim=0):
-        q, s = numerics.quantize_per_tensor(shard)
-        qs.append(q)
-        scales.append(s.expand(shard.shape[0]))
-    return torch.cat(qs), torch.cat(scales).contiguous()
+    if strategy == "channel":
+        amax = weight.abs().amax(dim=-1, keepdim=True)
+        scale = numerics.compute_scale(amax)  # [N, 1]
+    else:
+        scale = torch.cat([
+            numerics.compute_scale(shard.abs().amax() if shard.numel() else torch.zeros(())).expand(shard.shape[0])
+            for shard in torch.split(weight, widths, dim=0)
+        ]).reshape(-1, 1)
+    q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    rows = max(1, chunk_elements // max(1, weight.shape[1]))
+    for r0 in range(0, weight.shape[0], rows):
+        q[r0:r0 + rows] = numerics.quantize_with_scale(weight[r0:r0 + rows], scale[r0:r0 + rows])
+    scale = scale.reshape(-1)
+    if strategy == "tensor" and len(widths) == 1:
+        scale = scale[:1].clone()
+    return q, scale.contiguous()
 
 
 @register_weight_loader_v2_supported_method
