@@ -95,13 +95,19 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return round_to_fp8(x.float() / scale.float(), dtype)
 
 
+def per_tensor_scale(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """The dynamic per-tensor scale of ``x`` (0-d fp32): amax / fp8_max, floored; an empty
+    tensor gets the floor."""
+    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    return compute_scale(amax, dtype).reshape(())
+
+
 def quantize_per_tensor(
     x: torch.Tensor, dtype: torch.dtype = E4M3, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale for the whole tensor (0-d fp32). Static when ``scale`` is given."""
     if scale is None:
-        amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
-        scale = compute_scale(amax, dtype)
+        scale = per_tensor_scale(x, dtype)
     scale = scale.float().reshape(())
     return quantize_with_scale(x, scale, dtype), scale
 

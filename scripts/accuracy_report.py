@@ -289,12 +289,9 @@ def rel(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.2f}%"
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--_worker"]:
-        _worker(argv[1])
-        return 0
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """Model, text, windows, threads and calibration options, shared with llmcompressor_report.py
+    so that both score the same windows and calibrate on the same held-out text."""
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--windows", type=int, default=16)
@@ -302,6 +299,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows (producer num_samples)")
     ap.add_argument("--calib-len", type=int, default=256, help="calibration window length (producer seq_len)")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_worker"]:
+        _worker(argv[1])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(ap)
     ap.add_argument("--sim-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype of the transformers simulation")
     ap.add_argument("--target", type=float, default=0.2, help="engine vs simulation target, percent")

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_report import calibration_text, ppl_diff_se, rel, score  # noqa: E402
-from demo import DEFAULT_DATA, DEFAULT_MODEL, logprob_agreement, ppl, table, token_windows  # noqa: E402
+from accuracy_report import add_common_args, calibration_text, ppl_diff_se, rel, score  # noqa: E402
+from demo import logprob_agreement, ppl, table, token_windows  # noqa: E402
 
 EMU = {"FP8_BACKEND_EMULATE_W8A8": "1"}
 #: engine rows: (row name, checkpoint ("bf16": the model itself), kv_cache_dtype, env, transformers
@@ -68,13 +68,7 @@ def run_llmc(py: str, model: str, calib: Path, out: Path, windows: Path, scores:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--window-len", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-len", type=int, default=256)
+    add_common_args(ap)
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"),
                     help="python of the llm-compressor venv (scripts/setup_llmcompressor.sh)")
     ap.add_argument("--ckpt-dir", help="keep the llm-compressor checkpoints here (made if missing, reused if present)")

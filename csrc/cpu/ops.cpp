@@ -154,6 +154,11 @@ void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, con
   });
 }
 
+// The bias as contiguous fp32 (the epilogue adds it in fp32); undefined when there is none.
+at::Tensor bias_fp32(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
 template <typename T>
 void epilogue(const at::Tensor& D, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
               at::Tensor& y) {
@@ -161,12 +166,8 @@ void epilogue(const at::Tensor& D, const at::Tensor& scale, const std::optional<
   const float* d = D.data_ptr<float>();
   const float* s = scale.data_ptr<float>();
   const bool per_channel = scale.numel() != 1;
-  at::Tensor bf;
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    bf = bias->to(at::kFloat).contiguous();
-    b = bf.data_ptr<float>();
-  }
+  const at::Tensor bf = bias_fp32(bias);
+  const float* b = bf.defined() ? bf.data_ptr<float>() : nullptr;
   T* out = y.data_ptr<T>();
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
@@ -239,11 +240,8 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   }
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const CpuIsa isa = current_isa();
-  at::Tensor D = at::empty({M, N}, x.options().dtype(at::kFloat));
   const bool bf16 = x2.scalar_type() == at::kBFloat16;
-  if (K == 0) {
-    D.zero_();
-  } else if (isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
+  if (K > 0 && isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
     // AMX tiles: activations packed into pair-layout B tiles (zero-padded to 32 rows, 64
     // columns), weights decoded into A tiles inside gemm_amx, which also runs the epilogue.
     const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16;
@@ -256,14 +254,13 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
     at::Tensor Dp = at::empty({Np, ldd}, x.options().dtype(at::kFloat));
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
     float* dp = Dp.data_ptr<float>();
-    at::Tensor bf;
-    if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+    const at::Tensor bf = bias_fp32(bias);
     const AmxBlocking b = amx_blocking(Mp, K, N, at::get_num_threads());
     const int64_t panels = (N + b.nb - 1) / b.nb;
     // Blocks of activation rows: each passes over every weight panel (weights decoded again).
     for (int64_t m0 = 0; m0 < Mp; m0 += b.mc) {
       const int64_t mb = std::min(b.mc, Mp - m0);
-      const Bf16Epilogue ep{s.data_ptr<float>(), s.numel() != 1, bias.has_value() ? bf.data_ptr<float>() : nullptr,
+      const Bf16Epilogue ep{s.data_ptr<float>(), s.numel() != 1, bf.defined() ? bf.data_ptr<float>() : nullptr,
                             reinterpret_cast<uint16_t*>(y.data_ptr()) + m0 * N, std::min(mb, M - m0)};
       const uint16_t* xb = xp + (m0 / 16) * (Kp / 32) * 512;  // pack_x_vnni tiles of rows m0..
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -272,6 +269,11 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
       });
     }
     return y;  // the epilogue ran inside gemm_amx
+  }
+  // The other paths leave raw fp32 dot products in D for the epilogue below.
+  at::Tensor D = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (K == 0) {
+    D.zero_();
   } else if (M <= g_small_m_max.load()) {
     const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;
     at::Tensor xs = at::empty({M, Kp}, x.options().dtype(at::kFloat));

@@ -46,7 +46,7 @@ def quantize_linear_weight(
         scale = numerics.compute_scale(amax)  # [N, 1]
     else:
         scale = torch.cat([
-            numerics.compute_scale(shard.abs().amax() if shard.numel() else torch.zeros(())).expand(shard.shape[0])
+            numerics.per_tensor_scale(shard).expand(shard.shape[0])
             for shard in torch.split(weight, widths, dim=0)
         ]).reshape(-1, 1)
     q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
