@@ -129,7 +129,7 @@ def test_random_odd_shapes(isa, regime, dtype, per_channel, with_bias):
     gen = torch.Generator().manual_seed(1)
     for m, n, k in [(1, 1, 1), (1, 7, 5), (2, 3, 64), (3, 33, 65), (4, 5, 130), (5, 17, 200),
                     (17, 9, 257), (64, 40, 96), (65, 11, 33), (130, 6, 1000),
-                    (40, 300, 1100)]:  # several AMX panels (128 rows) and K chunks (512)
+                    (40, 300, 1100)]:  # AMX: several K chunks (256), the last partial
         w = torch.randn(n, k, generator=gen) * 0.1
         q, s = numerics.quantize_per_channel(w) if per_channel else numerics.quantize_per_tensor(w)
         s = s.reshape(-1)
@@ -192,6 +192,46 @@ def test_paths_agree_and_threads_do_not_change_gemv_results():
     finally:
         kernels.set_cpu_isa(before)
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not _C.cpu_isa_supported("amx"), reason="the AMX tile GEMM needs an AMX CPU")
+@pytest.mark.parametrize("scheme", ["per_channel", "block"])
+def test_amx_panels_chunks_row_blocks_and_threads(scheme):
+    """The AMX GEMM's whole blocking at once: two 512-row activation blocks (the second partial),
+    several weight panels (the decode of panel p + 1 pipelined into panel p's tile products), K
+    in chunks of 256 with a partial last one (partial sums kept between chunks), 1 and 2 threads.
+    Close to the exact product, and bit-identical across thread counts (each output is summed
+    by one thread in a fixed order)."""
+    gen = torch.Generator().manual_seed(4)
+    m, n, k = 530, 1040, 1100
+    w = torch.randn(n, k, generator=gen) * 0.1
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    before = kernels.cpu_isa(), _C.amx_min_m(), torch.get_num_threads()
+    try:
+        kernels.set_cpu_isa("amx")
+        _C.set_amx_min_m(0)
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            if scheme == "block":
+                q, s = numerics.quantize_block(w, block_size=(128, 128))
+                outs.append(kernels.w8a16_linear(x, q, s, None, [128, 128]))
+            else:
+                q, s = numerics.quantize_per_channel(w)
+                outs.append(kernels.w8a16_linear(x, q, s.reshape(-1)))
+        assert torch.equal(outs[0], outs[1])
+        if scheme == "block":
+            deq = numerics.dequantize(q, s, (128, 128)).double()
+            exact = x.double() @ deq.T
+            spread = x.double().abs() @ deq.abs().T
+            tol = k * 2.0**-24 * spread + 2.0**-8 * exact.abs() + 1e-30  # as in check_close
+            assert bool(((outs[0].double() - exact).abs() <= tol).all())
+        else:
+            check_close(outs[0], x, q, s.reshape(-1))
+    finally:
+        kernels.set_cpu_isa(before[0])
+        _C.set_amx_min_m(before[1])
+        torch.set_num_threads(before[2])
 
 
 def test_empty_and_degenerate_shapes(isa):

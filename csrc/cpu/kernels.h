@@ -44,8 +44,8 @@ struct Bf16Epilogue {
   int64_t M;
 };
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
-              int64_t nb, int64_t kc, int64_t p0, int64_t p1, float* Dt, int64_t ldd,
-              const float* blk_s, int64_t blk_bn, int64_t blk_bk, const Bf16Epilogue& ep);
+              int64_t nb, int64_t kc, int64_t p0, int64_t p1, const float* blk_s, int64_t blk_bn,
+              int64_t blk_bk, const Bf16Epilogue& ep);
 
 // Decode rows [n0, n1) of w [N, K] into out (fp32, natural order, row stride K).
 void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);

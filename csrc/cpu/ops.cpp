@@ -9,6 +9,7 @@
 #include <string>
 
 #include "fp8_e4m3.h"
+#include "huge_buffer.h"
 #include "kernels.h"
 
 namespace fp8_backend {
@@ -85,11 +86,6 @@ void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uin
     }
   });
 }
-
-// Row stride for buffers read or written as AMX tiles (16 rows at once): a multiple of 64 bytes
-// that is not a multiple of 4 KiB, so a tile's 16 rows fall in different L1 sets (at a power-of-
-// two stride such as 8 KiB all 16 rows alias to one 12-way set and tile loads miss).
-int64_t tile_stride(int64_t bytes) { return bytes % 4096 == 0 ? bytes + 64 : bytes; }
 
 
 // Large M: decode blocks of weight rows to fp32 (raw FP8 values, exact) and multiply with
@@ -244,16 +240,23 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   if (K > 0 && isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
     // AMX tiles: activations packed into pair-layout B tiles (zero-padded to 32 rows, 64
     // columns), weights decoded into A tiles inside gemm_amx, which also runs the epilogue.
-    const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64, Np = (N + 15) / 16 * 16;
-    const int64_t ldd = tile_stride(Mp * 4) / 4;  // D^T scratch: Np rows of Mp fp32
-    const at::Tensor xs = at::empty({Mp * Kp}, x2.options());
+    const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64;
+    // Packed activations: in this thread's huge-page scratch up to 32 MiB (kept between calls),
+    // beyond that (long prefills) in a temporary tensor.
+    static thread_local HugeBuffer x_scratch;
+    const size_t xs_bytes = static_cast<size_t>(Mp * Kp) * 2;
+    at::Tensor xs_big;
+    uint32_t* xs;
+    if (xs_bytes <= (32u << 20)) {
+      xs = static_cast<uint32_t*>(x_scratch.get(xs_bytes));
+    } else {
+      xs_big = at::empty({Mp * Kp}, x2.options());
+      xs = reinterpret_cast<uint32_t*>(xs_big.data_ptr());
+    }
     at::parallel_for(0, Mp / 16, 1, [&](int64_t i0, int64_t i1) {
-      pack_x_vnni(reinterpret_cast<const uint16_t*>(x2.data_ptr()), M, K, K, i0, i1, Kp,
-                  reinterpret_cast<uint32_t*>(xs.data_ptr()));
+      pack_x_vnni(reinterpret_cast<const uint16_t*>(x2.data_ptr()), M, K, K, i0, i1, Kp, xs);
     });
-    at::Tensor Dp = at::empty({Np, ldd}, x.options().dtype(at::kFloat));
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr());
-    float* dp = Dp.data_ptr<float>();
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs);
     const at::Tensor bf = bias_fp32(bias);
     const AmxBlocking b = amx_blocking(Mp, K, N, at::get_num_threads());
     const int64_t panels = (N + b.nb - 1) / b.nb;
@@ -264,8 +267,7 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
                             reinterpret_cast<uint16_t*>(y.data_ptr()) + m0 * N, std::min(mb, M - m0)};
       const uint16_t* xb = xp + (m0 / 16) * (Kp / 32) * 512;  // pack_x_vnni tiles of rows m0..
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        gemm_amx(xb, Kp, mb, wp, N, K, b.nb, b.kc, p0, p1, dp + m0, ldd, blk ? blk.s : nullptr, blk.bn,
-                 blk.bk, ep);
+        gemm_amx(xb, Kp, mb, wp, N, K, b.nb, b.kc, p0, p1, blk ? blk.s : nullptr, blk.bn, blk.bk, ep);
       });
     }
     return y;  // the epilogue ran inside gemm_amx

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "fp8_e4m3.h"
+#include "huge_buffer.h"
 #include "kernels.h"
 
 #pragma GCC push_options
@@ -182,17 +183,23 @@ void pack_x_vnni(const uint16_t* x, int64_t M, int64_t K, int64_t ld, int64_t i0
 }
 
 AmxBlocking amx_blocking(int64_t Mp, int64_t K, int64_t N, int threads) {
-  // Whole K per chunk when it is moderate (no partial sums through memory), else kKC.
+  // Whole K per chunk when it is small (no partial sums through memory); otherwise kKC: the
+  // activation tiles of one 32-row block for one chunk (2 x kc / 32 KiB) then stay in L1 while
+  // every weight tile of the panel passes (measured: whole-K chunks of 2048 were 10-25% slower).
   const int64_t Kp = (K + 63) / 64 * 64;
-  const int64_t kc = Kp <= 2048 ? Kp : kKC;
-  // Rows of x per block: its tiles for one chunk (mc * kc * 2 bytes) and the panel's partial sums
-  // (nb * mc * 4) stay in L2 while every weight panel passes; each block decodes the weights
-  // again, so blocks are as tall as that allows.
+  const int64_t kc = Kp <= 1024 ? Kp : kKC;
+  // Rows of x per block: its tiles for one chunk (mc * kc * 2 bytes) stay in L2 while every
+  // weight panel passes; each block decodes the weights again, so blocks are as tall as that allows.
   const int64_t mc = std::min<int64_t>(Mp, 512);
-  // Weight rows per panel: x is re-read once per panel, so panels are as wide as the decoded
-  // chunk (nb * kc * 2 bytes, <= 256 KiB) allows; their number is a multiple of the thread
-  // count and they are equal (to 16 rows) so that the threads get equal shares.
-  const int64_t nb_max = std::clamp<int64_t>((256 << 10) / (kc * 2) / 16 * 16, 32, 512);
+  // Weight rows per panel: x is re-read once per panel, so panels are as wide as allowed by
+  // (a) the decoded chunk (nb * kc * 2 bytes <= 256 KiB) and
+  // (b) when K is chunked, the panel's fp32 partial sums (nb * mc * 4 <= 512 KiB), which must
+  // stay in L2 between chunks (measured at M = 512, K = 4096: 512-row panels, 1 MiB of partial
+  // sums, were 10-15% slower than 256). Their number is a multiple of the thread count and they
+  // are equal (to 16 rows) so that the threads get equal shares.
+  int64_t nb_max = (256 << 10) / (kc * 2);
+  if (kc < Kp) nb_max = std::min<int64_t>(nb_max, (512 << 10) / (mc * 4));
+  nb_max = std::clamp<int64_t>(nb_max / 16 * 16, 32, 512);
   const int64_t t = std::max(threads, 1);
   const int64_t panels = t * ((N + t * nb_max - 1) / (t * nb_max));
   const int64_t nb = std::max<int64_t>(16, ((N + panels - 1) / panels + 15) / 16 * 16);
@@ -200,15 +207,13 @@ AmxBlocking amx_blocking(int64_t Mp, int64_t K, int64_t N, int threads) {
 }
 
 // y = epilogue(x W^T) for weight rows in panels [p0, p1) of nb rows, K in chunks of kc
-// (amx_blocking). x: pack_x_vnni's tiles
-// for Mp rows (a multiple of 32) and Kp = ldx (K rounded up to 64). Dt: fp32 scratch for the
-// partial sums D^T between K chunks, row stride ldd >= Mp (not a multiple of 4 KiB, so a tile's
-// 16 rows fall in different L1 sets), rows up to N rounded to 16. Block scales: D = sum over K
-// blocks of s[n / bn][kb] * partial sum; blk_bk must then be a multiple of 64 (chunks follow the
-// blocks).
+// (amx_blocking). x: pack_x_vnni's tiles for Mp rows (a multiple of 32) and Kp = ldx (K rounded
+// up to 64). The fp32 partial sums D^T of a panel live between K chunks in a per-thread scratch
+// (nb rows, reused by every panel, so it stays in L2). Block scales: D = sum over K blocks of
+// s[n / bn][kb] * partial sum; blk_bk must then be a multiple of 64 (chunks follow the blocks).
 void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int64_t N, int64_t K,
-              int64_t nb, int64_t kc, int64_t p0, int64_t p1, float* Dt, int64_t ldd,
-              const float* blk_s, int64_t blk_bn, int64_t blk_bk, const Bf16Epilogue& ep) {
+              int64_t nb, int64_t kc, int64_t p0, int64_t p1, const float* blk_s, int64_t blk_bn,
+              int64_t blk_bk, const Bf16Epilogue& ep) {
   const Bf16Decoder dec;
   configure_tiles();
   const uint32_t* xv = reinterpret_cast<const uint32_t*>(x);
@@ -217,7 +222,16 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
   const int64_t KC = block ? blk_bk : kc;
   const int64_t kb_total = (K + blk_bk - 1) / std::max<int64_t>(blk_bk, 1);
   const int64_t kcmax = (std::min(KC, K) + 63) / 64 * 64;
-  std::vector<uint16_t> wa(nb / 16 * (kcmax / 32) * 512 + 32);
+  // Partial sums: row stride ldd >= Mp, not a multiple of 1 KiB, so that a tile's 16 rows fall
+  // in different L1 sets.
+  const int64_t ldd = (Mp * 4) % 1024 == 0 ? Mp + 16 : Mp;
+  // Per-thread scratch, kept between calls: the panel's partial sums (row n - n0 of the current
+  // panel) and its decoded weight chunk, in one block of huge pages (see HugeBuffer).
+  static thread_local HugeBuffer scratch;
+  const size_t d_bytes = (nb * ldd * 4 + 4095) / 4096 * 4096;
+  char* base = static_cast<char*>(scratch.get(d_bytes + nb / 16 * (kcmax / 32) * 1024));
+  float* const Dt = reinterpret_cast<float*>(base);
+  uint16_t* const wa = reinterpret_cast<uint16_t*>(base + d_bytes);
   alignas(64) float ctmp[16 * 16];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * nb;
@@ -225,14 +239,14 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const int64_t kbs = (kc + 63) / 64 * 2;  // 32-wide k steps (kc padded to 64)
-      decode_w_tiles(dec, w, N, K, n0, np, k0, kc, wa.data());
+      decode_w_tiles(dec, w, N, K, n0, np, k0, kc, wa);
       const bool first = k0 == 0, last = k0 + kc >= K;
       for (int64_t m = 0; m < Mp; m += 32) {
         const uint32_t* b0 = xv + ((m / 16) * kbx + k0 / 32) * 256;  // activation rows m..m+15
         const uint32_t* b1 = b0 + kbx * 256;                         // m+16..m+31
         for (int64_t t = 0; t < np / 16; t += 2) {
           // C tiles: 0 = (n-tile t, m..), 1 = (t, m+16..), 2 = (t+1, m..), 3 = (t+1, m+16..)
-          float* c = Dt + (n0 + 16 * t) * ldd + m;
+          float* c = Dt + 16 * t * ldd + m;
           const bool two = t + 1 < np / 16;
           if (first || block) {
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -244,7 +258,7 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
               _tile_loadd(3, c + 16 * ldd + 16, ldd * 4);
             }
           }
-          const uint16_t* a0 = wa.data() + t * kbs * 512;
+          const uint16_t* a0 = wa + t * kbs * 512;
           const uint16_t* a1 = a0 + kbs * 512;
           for (int64_t kb = 0; kb < kbs; ++kb) {
             _tile_loadd(4, a0 + kb * 512, 64);
