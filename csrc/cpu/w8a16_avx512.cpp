@@ -77,10 +77,14 @@ struct F16cDecoder {
 };
 
 // ---- GEMV tile: R weight rows x MT activation rows, full K ---------------------------------
+// Weight bytes requested ahead of the rows being decoded: about a DRAM latency's worth of
+// streaming at this kernel's rate (16 KiB ~ 1 us at 15 GB/s).
+constexpr int64_t kPrefetchBytes = 16 << 10;
+
 // Each decoded 64-weight block is used for all MT activation rows while it sits in registers.
 template <class Dec, int R, int MT>
 inline void gemv_tile(const Dec& dec, const float* x, int64_t ldx, const uint8_t* w, int64_t K,
-                      float* D, int64_t ldd, bool prefetch_next) {
+                      float* D, int64_t ldd, int64_t prefetch_ahead) {
   __m512 acc[R][MT];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -91,8 +95,11 @@ inline void gemv_tile(const Dec& dec, const float* x, int64_t ldx, const uint8_t
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       // Rows are only K bytes long, too short for the hardware prefetcher to ramp up: fetch the
-      // next tile's rows (R*K bytes ahead) while this one computes.
-      if (prefetch_next) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+      // next tile's rows into L1 while this one computes and, when a tile is shorter than
+      // kPrefetchBytes (small K), the rows prefetch_ahead bytes further on into L2 (measured on
+      // SmolLM2-135M's layers, K = 576 / 1536: 15-20% faster at M = 1).
+      if (prefetch_ahead) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+      if (prefetch_ahead > R * K) _mm_prefetch(reinterpret_cast<const char*>(w + prefetch_ahead + r * K + k), _MM_HINT_T1);
       __m512 v[4];
       dec.decode64(w + r * K + k, mask, v);
 #pragma GCC unroll 16
@@ -119,13 +126,17 @@ inline void gemv_tile(const Dec& dec, const float* x, int64_t ldx, const uint8_t
 template <class Dec, int R>
 inline void gemv_rows(const Dec& dec, const float* x, int64_t ldx, int64_t M, const uint8_t* w,
                       int64_t K, float* D, int64_t ldd) {
-  // Only the first pass over these rows prefetches; later m-tiles find them in cache.
+  // Only the first pass over these rows prefetches; later m-tiles find them in cache. The far
+  // distance is a whole number of tiles and at least kPrefetchBytes.
+  const int64_t tile = R * K;
+  const int64_t ahead = (kPrefetchBytes + tile - 1) / tile * tile;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemv_tile<Dec, R, 4>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0);
+  for (; m + 4 <= M; m += 4) gemv_tile<Dec, R, 4>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0 ? ahead : 0);
+  const int64_t pf = m == 0 ? ahead : 0;
   switch (M - m) {
-    case 3: gemv_tile<Dec, R, 3>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0); break;
-    case 2: gemv_tile<Dec, R, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0); break;
-    case 1: gemv_tile<Dec, R, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0); break;
+    case 3: gemv_tile<Dec, R, 3>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
+    case 2: gemv_tile<Dec, R, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
+    case 1: gemv_tile<Dec, R, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
     default: break;
   }
 }
