@@ -234,6 +234,24 @@ def test_amx_panels_chunks_row_blocks_and_threads(scheme):
         torch.set_num_threads(before[2])
 
 
+@pytest.mark.parametrize("scale_exp", [0, -135])
+def test_output_rounding_is_bit_exact(isa, regime, scale_exp):
+    """One nonzero product per output (x has one nonzero per row), so the fp32 sum has no order:
+    every path must then give numerics.w8a16_linear's bits exactly — the scale and bias in fp32,
+    one round-to-nearest-even to bf16. scale_exp -135 makes the results fp32 denormals, which
+    the AMX epilogue's fast conversion (vcvtne2ps2bf16 flushes them) must leave to its exact path."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, k = 40, 37, 96
+    q = all_codes(n, k, gen)
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    x[torch.arange(m), torch.arange(m) * 7 % k] = torch.randn(m, generator=gen).to(torch.bfloat16)
+    s = (torch.rand(n, generator=gen) + 0.5) * 2.0**scale_exp
+    b = (torch.randn(n, generator=gen) * 2.0**scale_exp).to(torch.bfloat16)
+    for bias in (None, b):
+        y = kernels.w8a16_linear(x, q, s, bias)
+        assert torch.equal(y.view(torch.int16), numerics.w8a16_linear(x, q, s, bias).view(torch.int16))
+
+
 def test_empty_and_degenerate_shapes(isa):
     q = torch.zeros(5, 8).to(torch.float8_e4m3fn)
     assert kernels.w8a16_linear(torch.zeros(0, 8, dtype=torch.bfloat16), q, torch.ones(1)).shape == (0, 5)
