@@ -4,8 +4,11 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <string>
 
 #include "fp8_e4m3.h"
@@ -335,6 +338,19 @@ int64_t stream_read(const at::Tensor& t) {
   return static_cast<int64_t>(total.load());
 }
 
+// An uninitialized uint8 tensor of nbytes in memory of its own, 2 MiB-aligned and advised to use
+// transparent huge pages (weights streamed at M = 1 read ~15% faster from it on Sapphire Rapids:
+// fewer TLB misses, and the hardware prefetchers are not stopped at every 4 KiB boundary).
+at::Tensor huge_page_empty(int64_t nbytes) {
+  TORCH_CHECK(nbytes > 0, "huge_page_empty: nbytes must be positive; found ", nbytes);
+  constexpr size_t kHuge = 2 << 20;
+  const size_t size = (static_cast<size_t>(nbytes) + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, size);
+  TORCH_CHECK(p != nullptr, "huge_page_empty: could not allocate ", size, " bytes");
+  madvise(p, size, MADV_HUGEPAGE);  // a hint: without THP this stays ordinary memory
+  return at::from_blob(p, {nbytes}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kByte));
+}
+
 }  // namespace fp8_backend
 
 TORCH_LIBRARY(fp8_backend, m) {
@@ -351,6 +367,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_small_m_max", [](int64_t v) { fp8_backend::g_small_m_max.store(v); },
         "Largest M served by the GEMV kernel (larger M: decode + fp32 GEMM)");
   m.def("stream_read", &fp8_backend::stream_read, "Benchmark helper: read a tensor once");
+  m.def("huge_page_empty", &fp8_backend::huge_page_empty,
+        "An uninitialized uint8 tensor in 2 MiB-aligned memory advised to use transparent huge pages");
   m.def("small_m_max", []() { return fp8_backend::g_small_m_max.load(); });
   m.def("set_amx_min_m", [](int64_t v) { fp8_backend::g_amx_min_m.store(v); },
         "Smallest M served by the AMX tile GEMM (bf16 activations, amx path)");

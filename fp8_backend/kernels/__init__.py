@@ -13,6 +13,7 @@ import os
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.fp8_backend)
+from .huge_pages import to_huge_pages
 
 ISAS = ("amx", "avx512_vbmi", "avx512", "portable")
 ISA_ENV = "FP8_BACKEND_CPU_ISA"
@@ -39,7 +40,8 @@ def supported_cpu_isas() -> list[str]:
 
 def w8a16_prepack(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """Check an FP8 weight [N, K] and return it in the layout the kernels read (contiguous
-    float8_e4m3fn rows). NaN encodings (0x7F/0xFF) are refused here, once at load time."""
+    float8_e4m3fn rows; on CPU in transparent huge pages, see huge_pages.py). NaN encodings
+    (0x7F/0xFF) are refused here, once at load time."""
     if w.dtype != torch.float8_e4m3fn:
         raise ValueError(f"{name}: expected float8_e4m3fn, found {w.dtype}")
     if w.dim() != 2:
@@ -51,7 +53,7 @@ def w8a16_prepack(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
         raise ValueError(
             f"{name}: FP8 weight contains {int(nan.sum())} NaN encodings (first at index {idx})"
         )
-    return w
+    return to_huge_pages(w)
 
 
 def w8a16_linear(

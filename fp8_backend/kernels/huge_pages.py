@@ -1,0 +1,55 @@
+"""CPU weight storage in transparent huge pages.
+
+The W8A16 GEMV at small M streams every FP8 weight byte once per call; from 2 MiB pages it reads
+~15% faster than from 4 KiB pages on Sapphire Rapids (fewer TLB misses, and the hardware
+prefetchers are not stopped at every 4 KiB boundary). Weights are sub-allocated, 64-byte
+aligned, from 8 MiB blocks (``_C.huge_page_empty``: 2 MiB-aligned, ``madvise(MADV_HUGEPAGE)``;
+a larger weight gets a block of its own), so small layers do not each round up to a huge page.
+Where the kernel does not grant huge pages (THP "never") the blocks are ordinary memory and
+nothing else changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+
+BLOCK_BYTES = 8 << 20
+ALIGN = 64
+
+
+class HugePageArena:
+    """Hands out tensors that are views into shared huge-page blocks (a block lives as long as
+    any tensor placed in it)."""
+
+    def __init__(self, block_bytes: int = BLOCK_BYTES):
+        self.block_bytes = block_bytes
+        self._block: torch.Tensor | None = None
+        self._used = 0
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of CPU tensor ``t`` in huge-page memory."""
+        if t.device.type != "cpu":
+            raise ValueError(f"HugePageArena.place: expected a CPU tensor, found one on {t.device}")
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            return t.contiguous()
+        if nbytes >= self.block_bytes:
+            buf = _C.huge_page_empty(nbytes)  # a block of its own
+        else:
+            if self._block is None or self._used + nbytes > self._block.numel():
+                self._block, self._used = _C.huge_page_empty(self.block_bytes), 0
+            buf = self._block[self._used : self._used + nbytes]
+            self._used = (self._used + nbytes + ALIGN - 1) // ALIGN * ALIGN
+        out = buf.view(t.dtype).view(t.shape)
+        out.copy_(t)
+        return out
+
+
+_arena = HugePageArena()
+
+
+def to_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into the process-wide weight arena (CPU tensors; others are returned as is)."""
+    return _arena.place(t) if t.device.type == "cpu" else t
