@@ -20,6 +20,8 @@ import torch
 
 logger = logging.getLogger("vllm.fp8_backend")
 
+_cpu_w8a16_linear = torch.ops.fp8_backend.w8a16_linear.default  # csrc/cpu (loaded by kernels/__init__)
+
 CPU_W8A16 = "cpu_w8a16"
 GPU_W8A8 = "gpu_w8a8"
 GPU_MARLIN_W8A16 = "gpu_marlin_w8a16"
@@ -165,19 +167,24 @@ def fake_quant_activations(x: torch.Tensor, act: str, input_scale: torch.Tensor 
 
 
 def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Run the op chosen by :func:`prepare_layer`."""
-    path = layer.fp8_path
-    if path.kernel == CPU_W8A16:
-        from . import w8a16_linear
+    """Run the op chosen by :func:`prepare_layer`.
 
-        block = getattr(layer, "block_size", None)
-        scale = layer.weight_scale
+    Called once per linear layer and token: in eager mode its Python cost adds up (120 calls per
+    token on a 30-layer model), so the CPU path reads plain attributes from ``__dict__`` (no
+    ``nn.Module.__getattr__`` miss, which raises and catches) and calls the op overload directly:
+    ~8 us less per call than through the generic helpers."""
+    d = layer.__dict__
+    path = d["fp8_path"]
+    if path.kernel == CPU_W8A16:
+        params = layer._parameters
+        block = d.get("block_size")
+        scale = params["weight_scale"]
         if path.act is not None:  # W8A8 emulation
-            x, x_scale = fake_quant_activations(x, path.act, getattr(layer, "fp8_input_scale", None),
+            x, x_scale = fake_quant_activations(x, path.act, d.get("fp8_input_scale"),
                                                 block[1] if block else 128)
             if x_scale is not None:
                 scale = scale * x_scale
-        return w8a16_linear(x, layer.weight, scale, bias, block)
+        return _cpu_w8a16_linear(x, params["weight"], scale, bias, block)
     from . import gpu_ops  # noqa: F401  (registers the custom ops)
 
     if path.kernel == GPU_MARLIN_W8A16:
