@@ -89,7 +89,7 @@ namespace {
 constexpr int kT = 64;       // keys per tile (never crossing a cache block): four 16-key score tiles
 constexpr int kMaxD = 256;   // largest head size this kernel takes
 constexpr float kSlack = 8.f;  // lazy softmax rescaling threshold (softmax_rows)
-constexpr int kPRows = 48;   // probability rows: 3 bf16 parts x up to 16 query rows (three P tiles)
+constexpr int kPRows = 48;   // probability rows: 3 bf16 parts x up to 16 query rows (three P slabs; pp = 2 uses 32)
 
 #include "amx_tiles.h"
 
@@ -466,7 +466,7 @@ void store_scores(const Ctx& c, int n, int slot) {
 }
 
 // Online softmax of the group's rows over keys [t0, t0 + n) (scores in b.s): probabilities
-// (b.pf in fp32, b.p as three bf16 parts), rescaled accumulators, m / l. Returns whether some
+// (b.pf in fp32, b.p as pp bf16 parts), rescaled accumulators, m / l. Returns whether some
 // row sees only part of the tile.
 bool softmax_rows(const Ctx& c, const Group& g, int64_t t0, int n, int np, int nsq, int pp, bool keep_pf, int slot) {
   const AttnTask& a = c.a;
