@@ -253,7 +253,15 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
   const int64_t* qs = qsl.data();
   const int64_t* L = sls.data();
   const int64_t G = Hq / Hkv;
-  const int64_t rows_per_task = std::max<int64_t>(1, 64 / G);  // query tokens per task
+  // Query tokens per task: every task decodes the K/V its rows see once for all of its rows, so
+  // long prefills take up to 256 rows (tokens x heads of one kv head) per task; halved down to 64
+  // rows while that leaves fewer than 4 tasks per thread.
+  int64_t tokens = 0;
+  for (int64_t s = 0; s < S; ++s) tokens += std::max<int64_t>(0, qs[s + 1] - qs[s]);
+  int64_t rows_per_task = std::max<int64_t>(1, 256 / G);  // query tokens per task
+  const int64_t min_rows = std::max<int64_t>(1, 64 / G);
+  while (rows_per_task > min_rows && Hkv * ((tokens + rows_per_task - 1) / rows_per_task) < 4 * at::get_num_threads())
+    rows_per_task = std::max(min_rows, rows_per_task / 2);
   std::vector<Work> work;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = qs[s + 1] - qs[s];
