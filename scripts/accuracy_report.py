@@ -473,7 +473,7 @@ def w8a8_noise(results: dict, sims: dict, name: str = "static, W8A8 emulation") 
             f"({d(sims['bf16', 'float32'], results['bf16']['logprobs']):.4f}).")
 
 
-def like_for_like_note(rows_run, results: dict, sims: dict) -> str:
+def like_for_like_note(rows_run, results: dict, sims: dict, verdicts: dict | None = None) -> str:
     """Evidence for the like-for-like rule: the engine-vs-simulation offset of the bf16 row in both
     dtypes, and how far the bf16 and fp32 simulations of each FP8-rounding row land apart.
     "" without the bf16 row in both dtypes."""
@@ -490,7 +490,18 @@ def like_for_like_note(rows_run, results: dict, sims: dict) -> str:
             "FP8 moves the result by up to several times that (bf16 simulation vs fp32 simulation of the same FP8 "
             "numerics, +- one standard error): " + "; ".join(pairs) + ". The engine rounds bf16 values (and divides by "
             "the scale in fp32, as the simulation does), so the bf16 simulation is the like-for-like reference for "
-            "these rows; against it every FP8 KV row and the W8A8 row is within the target.")
+            "these rows" + _like_for_like_summary(rows_run, verdicts or {}) + ".")
+
+
+def _like_for_like_summary(rows_run, verdicts: dict) -> str:
+    """'; against it every ... is within the target' or the rows that are not."""
+    judged = [name for name, key, kv, env in rows_run
+              if like_for_like(kv, env) == "bfloat16" and (name, "bfloat16") in verdicts]
+    bad = [name for name in judged if not verdicts[name, "bfloat16"]]
+    if not judged:
+        return ""
+    return ("; against it all of them are within the target" if not bad
+            else "; against it these are not within the target: " + ", ".join(bad))
 
 
 def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float) -> int:
@@ -533,7 +544,7 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
     n_tok = sum(len(w) for w in ref)
     text = table(rows)
     w8a8_note = w8a8_noise(results, sims)
-    ll_note = like_for_like_note(rows_run, results, sims)
+    ll_note = like_for_like_note(rows_run, results, sims, verdicts)
     for note in (ll_note, w8a8_note):
         if note:
             print(note)
