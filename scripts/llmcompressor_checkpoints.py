@@ -224,6 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scores", help="JSON file to write the transformers log-probs to")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the runs an existing --scores file has (same windows!)")
     ap.add_argument("--keys", help="score only these runs, ','-separated scheme/dtype/mode keys "
                     "(mode act or weights), e.g. bf16/float32/weights,FP8/bfloat16/act")
     args = ap.parse_args(argv)
@@ -262,6 +263,11 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--keys: expected keys from {sorted(known)}, found {unknown}")
         todo = [known[k] for k in want]
+    if args.resume and Path(args.scores).is_file():
+        done = json.loads(Path(args.scores).read_text())["scores"]
+        res["scores"].update({k: v for k, v in done.items() if "logprobs" in v})
+        todo = [(s, d, m) for s, d, m in todo if f"{s}/{d}/{m}" not in res["scores"]]
+        print(f"--resume: {len(res['scores'])} runs already in {args.scores}", flush=True)
     if any(m == "act-padded" for _, _, m in todo):
         res["padded_groups_check"] = check_padded_groups(out / "FP8_BLOCK")
         print("padded_activation_groups:", res["padded_groups_check"], flush=True)
@@ -270,6 +276,7 @@ def main(argv=None) -> int:
         r = score(ckpt, windows, dtype, mode != "weights", args.threads, pad_groups=mode == "act-padded")
         key = f"{s}/{dtype}/{mode}"
         res["scores"][key] = r
+        Path(args.scores).write_text(json.dumps(res))  # after every run: an interrupted job keeps what it did
         what = {k: v for k, v in r.items() if k not in ("logprobs", "seconds")}
         if "logprobs" in r:
             flat = [x for w in r["logprobs"] for x in w]
