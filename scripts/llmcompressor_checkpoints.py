@@ -198,15 +198,13 @@ def score(ckpt: Path, windows: list[list[int]], dtype: str, act_quant: bool, thr
 
 def jobs(schemes: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
     """(scheme, dtype, mode) runs: the base model ("bf16") in each dtype; each checkpoint as
-    compressed-tensors runs it (mode "act": activation fake-quant on) in each dtype, and "weights"
-    only in float32 (the check of weight loading alone) and, for FP8_KV, also in each other dtype
-    (its keys/values are rounded to FP8 from values computed in that dtype); FP8_BLOCK also
-    "act-padded" in each dtype (:func:`padded_activation_groups`, since "act" fails on K = 576)."""
+    compressed-tensors runs it (mode "act": activation fake-quant on) and "weights" only (the check
+    of weight loading alone; bf16 as the engine's activations, fp32 as the exact math) in each
+    dtype; FP8_BLOCK also "act-padded" in each dtype (:func:`padded_activation_groups`, since "act"
+    fails on K = 576)."""
     out = [("bf16", d, "weights") for d in dtypes]
     for s in schemes:
-        out += [(s, d, "act") for d in dtypes] + [(s, "float32", "weights")]
-        if s == "FP8_KV":
-            out += [(s, d, "weights") for d in dtypes if d != "float32"]
+        out += [(s, d, "act") for d in dtypes] + [(s, d, "weights") for d in dtypes]
         if s == "FP8_BLOCK":
             out += [(s, d, "act-padded") for d in dtypes]
     return out

@@ -42,11 +42,11 @@ EMU = {"FP8_BACKEND_EMULATE_W8A8": "1"}
 #: decides the verdict)
 ROWS = [
     ("bf16", "bf16", "bfloat16", {}, ("bf16/float32/weights", "bf16/bfloat16/weights")),
-    ("FP8, W8A16", "FP8", "bfloat16", {}, ("FP8/float32/weights",)),
+    ("FP8, W8A16", "FP8", "bfloat16", {}, ("FP8/float32/weights", "FP8/bfloat16/weights")),
     ("FP8, W8A8 emulation", "FP8", "bfloat16", EMU, ("FP8/float32/act", "FP8/bfloat16/act")),
-    ("FP8_DYNAMIC, W8A16", "FP8_DYNAMIC", "bfloat16", {}, ("FP8_DYNAMIC/float32/weights",)),
+    ("FP8_DYNAMIC, W8A16", "FP8_DYNAMIC", "bfloat16", {}, ("FP8_DYNAMIC/float32/weights", "FP8_DYNAMIC/bfloat16/weights")),
     ("FP8_DYNAMIC, W8A8 emulation", "FP8_DYNAMIC", "bfloat16", EMU, ("FP8_DYNAMIC/float32/act", "FP8_DYNAMIC/bfloat16/act")),
-    ("FP8_BLOCK, W8A16", "FP8_BLOCK", "bfloat16", {}, ("FP8_BLOCK/float32/weights",)),
+    ("FP8_BLOCK, W8A16", "FP8_BLOCK", "bfloat16", {}, ("FP8_BLOCK/float32/weights", "FP8_BLOCK/bfloat16/weights")),
     ("FP8_BLOCK, W8A8 emulation", "FP8_BLOCK", "bfloat16", EMU, ("FP8_BLOCK/float32/act", "FP8_BLOCK/bfloat16/act",
                                                                  "FP8_BLOCK/float32/act-padded", "FP8_BLOCK/bfloat16/act-padded")),
     ("FP8 + FP8 KV, W8A16", "FP8_KV", "fp8", {}, ("FP8_KV/float32/weights", "FP8_KV/bfloat16/weights")),
@@ -355,7 +355,7 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
             "the dtype the activations are rounded from, show the size of that effect. Perplexity differences (+- one "
             "standard error): " + "; ".join(noise) + ". The W8A16 rows, which "
             "have no activation rounding, are the tight check of the weight (and KV scale) loading; the "
-            "'llmcompressor_more' section repeats the W8A8 and FP8 KV rows on 4x the text.",
+            "'llmcompressor_more' section repeats the W8A8 rows on more text (`--rows`).",
             "",
             f"W8A16 rows (no activation rounding) vs the weights-only loads: {w16}.",
             "",
