@@ -250,17 +250,19 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
                 rows.append(head + [ref_txt, "fails" if h["error"] != "not run" else "not run", "", "", "", ""])
                 continue
             s = ppl(h["logprobs"])
-            s_ref = ppl(hs[f"bf16/{dtype}/weights"]["logprobs"])
+            b_ref = hs.get(f"bf16/{dtype}/weights", {})
+            s_ref = ppl(b_ref["logprobs"]) if "logprobs" in b_ref else None  # None: bf16 model not scored in dtype
             agree = logprob_agreement(h["logprobs"], results[name]["logprobs"])
             ok = 100 * abs(p / s - 1) <= args.target
-            d_rel = 100 * abs((p / p_ref) / (s / s_ref) - 1)
-            verdict = "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"
+            d_rel = 100 * abs((p / p_ref) / (s / s_ref) - 1) if s_ref else None
+            verdict = ("yes" if ok else "no" if name == "bf16" or d_rel is None
+                       else f"no ({d_rel:.2f}% relative to bf16)")
             if has_ll and ll == "bfloat16" and dtype != ll:
                 verdict = f"{'yes' if ok else 'no'}, not like-for-like"
             elif has_ll and ll == "bfloat16":
                 verdict += " (like-for-like)"
             rows.append(head + [ref_txt, f"{s:.3f}", f(h["logprobs"], results[name]["logprobs"]),
-                                "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
+                                "" if name == "bf16" or not s_ref else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
                                 f"{agree['mean_abs']:.4f}", verdict])
     text = table(rows)
     w16 = []
