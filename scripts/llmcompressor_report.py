@@ -134,7 +134,8 @@ def fakequant_text(diff: dict) -> str:
 
     def rng(dtype, field, scale, fmt):
         v = [d[field] * scale for d in diff[dtype].values()]
-        return f"{min(v):{fmt}} to {max(v):{fmt}}"
+        lo, hi = f"{min(v):{fmt}}", f"{max(v):{fmt}}"
+        return lo if lo == hi else f"{lo} to {hi}"
 
     return ("Cause check (scripts/w8a8_fakequant_diff.py, FP8 checkpoint, first window, every quantized Linear of "
             "the 30 layers): compressed-tensors' input fake-quant and this plugin's emulation applied to the SAME "
@@ -292,6 +293,7 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
     n_win = len(ref)
     n_art = len(set(groups)) if groups else n_win
     elapsed = time.time() - t_start
+    run_s = sum(h.get("seconds", 0) for h in hs.values()) + sum(r.get("wall_s", 0) for r in results.values())
     print("\n" + text + f"\n\n{n_win} windows from {n_art} articles, {n_tok} scored tokens; total {elapsed:.0f}s; "
           f"transformers failures: {errors}; W8A8 rows: {'; '.join(noise)}; W8A16 rows: {w16}")
     if args.no_write:
@@ -325,7 +327,9 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
             f"## Accuracy: llm-compressor checkpoints of {Path(args.model).name}, chosen rows on more text "
             f"({n_win} windows)",
             "",
-            f"Regenerate: `{cmd}` (not in CI); about {elapsed / 60:.0f} min on this machine.",
+            f"Regenerate: `{cmd}` (not in CI); its runs took {run_s / 60:.0f} min of wall time here (a resumed "
+            "run: summed over the transformers and engine runs, which other jobs on this shared machine paused "
+            "at times, so less on a quiet one).",
             machine_line,
             "",
             f"Why: on 40 windows the W8A8 and FP8 KV rows of the section above differ from their references by "
