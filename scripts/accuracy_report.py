@@ -24,9 +24,10 @@ shard, per channel or per 128x128 block as stored), and for the W8A8 row every l
 fake-quantized with the checkpoint's static input_scale. FP8 KV rows (this plugin's kernels) are
 simulated by scripts/kv_sim.py: post-RoPE keys and values fake-quantized with numerics.quantize_kv
 and the checkpoint's k/v scales (1.0 for the bf16 model), attention in fp32 as the kernels compute
-it. The rows of BF16_SIMS (bf16, W8A8, two FP8 KV rows) are also simulated in bfloat16 (the engine's
-activation dtype): FP8 rounding of activations or keys/values amplifies bf16-vs-fp32 differences, so
-those rows are compared with both.
+it. The rows of BF16_SIMS (bf16, W8A8, the simulated FP8 KV rows) are also simulated in bfloat16 (the
+engine's activation dtype): FP8 rounding of activations or keys/values amplifies bf16-vs-fp32
+differences, so those rows are compared with both, and the bfloat16 simulation (like-for-like: it
+rounds the same bf16 values the engine rounds) decides their verdict.
 Fails (non-zero exit) if any engine or simulation fails.
 
     --rows "bf16 + FP8 KV;static, W8A8 emulation"  runs a subset (print only);
@@ -96,7 +97,17 @@ SIMS = {"bf16": (None, False, None), "bf16 + FP8 KV": (None, False, "fp8"),
 #: rows also simulated in bfloat16 (the engine's activation dtype) when --sim-dtype is float32:
 #: the W8A8 row fake-quantizes activations and FP8 KV rows keys/values, whose FP8 rounding depends
 #: on the dtype they were computed in
-BF16_SIMS = ("bf16", "static, W8A8 emulation", "bf16 + FP8 KV", "dynamic per-tensor + FP8 KV")
+BF16_SIMS = ("bf16", "static, W8A8 emulation", "bf16 + FP8 KV", "dynamic per-tensor + FP8 KV",
+             "bf16 + FP8 KV e5m2", "dynamic per-channel + FP8 KV", "static + FP8 KV", "block + FP8 KV")
+
+
+def like_for_like(kv: str, env: dict) -> str:
+    """Simulation dtype that computes what the engine rounds: the engine's activations, keys and
+    values are bf16; the W8A8 emulation rounds bf16 activations and an FP8 KV cache rounds bf16
+    keys/values to FP8, so for those rows only a bfloat16 simulation rounds the same values (3
+    mantissa bits turn the ~2^-9 bf16-vs-fp32 difference into different FP8 values). Other rows:
+    float32, the exact math."""
+    return "bfloat16" if kv.startswith("fp8") or env.get("FP8_BACKEND_EMULATE_W8A8") == "1" else "float32"
 
 
 def _worker(spec_path: str) -> None:
@@ -296,6 +307,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--window-len", type=int, default=512)
+    ap.add_argument("--per-article", type=int, default=1,
+                    help="up to this many consecutive windows per article (default 1: its first window-len tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows (producer num_samples)")
     ap.add_argument("--calib-len", type=int, default=256, help="calibration window length (producer seq_len)")
@@ -316,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="also write every log-prob (engines and simulations) to this JSON file")
     ap.add_argument("--load", help="render the report from a --save file instead of running anything")
     ap.add_argument("--rows", help="row names to run, separated by ';' (bf16 is always run); implies --no-write")
+    ap.add_argument("--add-sims", action="store_true",
+                    help="with --load and --ckpt-dir (the checkpoints the saved engines used): run the simulations "
+                    "the saved file lacks (e.g. after BF16_SIMS grew), then report; --save writes the completed file")
     args = ap.parse_args(argv)
     rows_run = ROWS
     if args.rows:
@@ -333,6 +349,8 @@ def main(argv=None) -> int:
         if not p.is_file():
             raise SystemExit(f"{p} missing: run {what} (or bash scripts/demo.sh) first")
 
+    if args.per_article != 1:
+        raise SystemExit(f"--per-article: expected 1 here (scripts/llmcompressor_report.py uses more), found {args.per_article}")
     t_start = time.time()
     skip = max(args.windows, 40)
     if args.load:
@@ -340,6 +358,16 @@ def main(argv=None) -> int:
         results = saved["results"]
         sims = {tuple(k.split("|")): v for k, v in saved["sims"].items()}
         t_start -= saved["elapsed"]
+        missing = [j for j in sim_jobs if j not in sims and j[0] in results]
+        if args.add_sims and missing:
+            if not args.ckpt_dir:
+                raise SystemExit("--add-sims: expected --ckpt-dir with the checkpoints of the saved run, found none")
+            t0 = time.time()
+            sims.update(run_sims(args, missing))
+            saved["sims"] = {"|".join(k): v for k, v in sims.items()}
+            saved["elapsed"] += time.time() - t0
+            if args.save:
+                Path(args.save).write_text(json.dumps(saved))
     else:
         results, sims = run_all(args, rows_run, sim_jobs, skip)
         if args.save:
@@ -369,25 +397,60 @@ def run_all(args, rows_run, sim_jobs, skip: int) -> tuple[dict, dict]:
             print(f"{name}: ppl {ppl(r['logprobs']):.4f} ({r['wall_s']:.0f}s; "
                   f"linear layers {', '.join(r['linear']['quant_methods'])}, "
                   f"scale sizes {r['scale_numels']}; {r['n_kv_scales']} distinct (k, v) scales, e.g. {r['kv_scales'][:2]})", flush=True)
-        for name, dtype in sim_jobs:
-            key, w8a8, sim_kv = SIMS[name]
-            t0 = time.perf_counter()
-            sims[name, dtype] = simulate(args.model, ckpts[key] if key else None, windows, w8a8, args.threads,
-                                         dtype, sim_kv)
-            print(f"simulation {name} ({dtype}): ppl {ppl(sims[name, dtype]):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        sims = run_sims(args, sim_jobs, ckpts, windows)
     return results, sims
 
 
-def ppl_diff_se(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
-    """Perplexity of log-probs ``b`` relative to ``a`` in percent, and its standard error from the
-    spread of the per-window mean log-prob differences (windows as independent samples)."""
-    import statistics
+def run_sims(args, sim_jobs, ckpts: dict | None = None, windows=None) -> dict:
+    """Every (row, dtype) simulation of ``sim_jobs`` on the scored windows; ``ckpts`` default to
+    those under --ckpt-dir (made by an earlier run with the same windows and calibration)."""
+    if windows is None:
+        windows = token_windows(args.model, args.data, args.windows, args.window_len)
+    if ckpts is None:
+        ckpts = {k: Path(args.ckpt_dir) / k.replace(" ", "_") for k in CHECKPOINTS}
+        for k, p in ckpts.items():
+            if not (p / "config.json").is_file():
+                raise SystemExit(f"--ckpt-dir: expected checkpoint {k} at {p}, found none")
+    sims = {}
+    for name, dtype in sim_jobs:
+        key, w8a8, sim_kv = SIMS[name]
+        t0 = time.perf_counter()
+        sims[name, dtype] = simulate(args.model, ckpts[key] if key else None, windows, w8a8, args.threads,
+                                     dtype, sim_kv)
+        print(f"simulation {name} ({dtype}): ppl {ppl(sims[name, dtype]):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return sims
 
-    per = [sum(y - x for x, y in zip(wa, wb)) / len(wa) for wa, wb in zip(a, b, strict=True)]
-    n = sum(len(w) for w in a)
-    d = sum(sum(y - x for x, y in zip(wa, wb)) for wa, wb in zip(a, b)) / n
-    se = statistics.stdev(per) / len(per) ** 0.5 if len(per) > 1 else float("nan")
+
+def ppl_diff_se(a: list[list[float]], b: list[list[float]], groups: list | None = None) -> tuple[float, float]:
+    """Perplexity of log-probs ``b`` relative to ``a`` in percent, and its standard error from the
+    spread of the per-window mean log-prob differences (windows as independent samples), or, with
+    ``groups`` (one label per window, e.g. its article), of the per-group sums (groups as
+    independent samples: windows of one article are not independent). Ratio estimator: the
+    difference is sum(delta) / tokens, its variance m/(m-1) * sum_g (D_g - d n_g)^2 / tokens^2 over
+    the m groups (D_g, n_g: the group's summed delta and token count); with one window per group of
+    equal length this is stdev(per-window means) / sqrt(windows)."""
+    if len(a) != len(b) or (groups is not None and len(groups) != len(a)):
+        raise ValueError(f"ppl_diff_se: expected equal numbers of windows, found {len(a)}, {len(b)}"
+                         + (f", {len(groups)} groups" if groups is not None else ""))
+    groups = list(range(len(a))) if groups is None else groups
+    dsum, nsum = {}, {}
+    for g, wa, wb in zip(groups, a, b):
+        dsum[g] = dsum.get(g, 0.0) + sum(y - x for x, y in zip(wa, wb, strict=True))
+        nsum[g] = nsum.get(g, 0) + len(wa)
+    n = sum(nsum.values())
+    d = sum(dsum.values()) / n
+    m = len(dsum)
+    se = (m / (m - 1) * sum((dsum[g] - d * nsum[g]) ** 2 for g in dsum)) ** 0.5 / n if m > 1 else float("nan")
     return 100 * (math.exp(-d) - 1), 100 * se
+
+
+def scored_windows(args) -> tuple[list[list[int]], list[int], int]:
+    """The token windows of --windows / --window-len / --per-article, the article (ordinal among
+    long-enough articles) of each, and how many long articles calibration must skip: every one a
+    window comes from, and at least 40, so that runs with up to 40 windows calibrate identically."""
+    groups: list[int] = []
+    windows = token_windows(args.model, args.data, args.windows, args.window_len, args.per_article, groups)
+    return windows, groups, max(groups[-1] + 1, 40)
 
 
 def w8a8_noise(results: dict, sims: dict, name: str = "static, W8A8 emulation") -> str:
@@ -408,6 +471,37 @@ def w8a8_noise(results: dict, sims: dict, name: str = "static, W8A8 emulation") 
             f"{f(s32, eng)} ({d(s32, eng):.4f}); engine vs bf16 simulation {f(s16, eng)} ({d(s16, eng):.4f}). "
             f"For scale, the bf16 row (no FP8 rounding of activations) has engine vs fp32 simulation {bf} "
             f"({d(sims['bf16', 'float32'], results['bf16']['logprobs']):.4f}).")
+
+
+def like_for_like_note(rows_run, results: dict, sims: dict, verdicts: dict | None = None) -> str:
+    """Evidence for the like-for-like rule: the engine-vs-simulation offset of the bf16 row in both
+    dtypes, and how far the bf16 and fp32 simulations of each FP8-rounding row land apart.
+    "" without the bf16 row in both dtypes."""
+    if ("bf16", "float32") not in sims or ("bf16", "bfloat16") not in sims:
+        return ""
+    f = lambda a, b: "{:+.2f}% +- {:.2f}%".format(*ppl_diff_se(a, b))  # noqa: E731
+    eng = results["bf16"]["logprobs"]
+    pairs = [f"{name} {f(sims[name, 'float32'], sims[name, 'bfloat16'])}" for name, *_ in rows_run
+             if name != "bf16" and (name, "float32") in sims and (name, "bfloat16") in sims]
+    return ("Which simulation is like-for-like, and the evidence: the bf16 row (no FP8 rounding of computed values) "
+            f"shows what the engine's bf16 activations alone do: engine vs fp32 simulation "
+            f"{f(sims['bf16', 'float32'], eng)}, vs bf16 simulation {f(sims['bf16', 'bfloat16'], eng)}; bf16 vs fp32 "
+            f"simulation {f(sims['bf16', 'float32'], sims['bf16', 'bfloat16'])}. Rounding bf16 instead of fp32 values to "
+            "FP8 moves the result by up to several times that (bf16 simulation vs fp32 simulation of the same FP8 "
+            "numerics, +- one standard error): " + "; ".join(pairs) + ". The engine rounds bf16 values (and divides by "
+            "the scale in fp32, as the simulation does), so the bf16 simulation is the like-for-like reference for "
+            "these rows" + _like_for_like_summary(rows_run, verdicts or {}) + ".")
+
+
+def _like_for_like_summary(rows_run, verdicts: dict) -> str:
+    """'; against it every ... is within the target' or the rows that are not."""
+    judged = [name for name, key, kv, env in rows_run
+              if like_for_like(kv, env) == "bfloat16" and (name, "bfloat16") in verdicts]
+    bad = [name for name in judged if not verdicts[name, "bfloat16"]]
+    if not judged:
+        return ""
+    return ("; against it all of them are within the target" if not bad
+            else "; against it these are not within the target: " + ", ".join(bad))
 
 
 def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float) -> int:
@@ -440,14 +534,20 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
             verdicts[name, dtype] = ok
             line = row if j == 0 else [f"{name} (again)", "", f"{p:.3f}", "", "", ""]
             d, se = ppl_diff_se(sims[name, dtype], r["logprobs"])
+            verdict = "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"
+            ll = like_for_like(kv, env)
+            if ll == "bfloat16" and len(dtypes) > 1:
+                # both simulations shown: the bfloat16 one decides (see like_for_like)
+                verdict = verdict + " (like-for-like)" if dtype == ll else f"{'yes' if ok else 'no'}, not like-for-like"
             rows.append(line + [f"{s:.3f}", short[dtype], f"{d:+.2f}% +- {se:.2f}%",
-                                "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%",
-                                "yes" if ok else f"no ({d_rel:.2f}% relative to bf16)" if name != "bf16" else "no"])
+                                "" if name == "bf16" else f"{100 * ((p / p_ref) / (s / s_ref) - 1):+.2f}%", verdict])
     n_tok = sum(len(w) for w in ref)
     text = table(rows)
     w8a8_note = w8a8_noise(results, sims)
-    if w8a8_note:
-        print(w8a8_note)
+    ll_note = like_for_like_note(rows_run, results, sims, verdicts)
+    for note in (ll_note, w8a8_note):
+        if note:
+            print(note)
     elapsed = time.time() - t_start
     print("\n" + text + f"\n\n{n_tok} scored tokens; total {elapsed:.0f}s")
     if args.no_write:
@@ -501,10 +601,15 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
         f"`within {args.target}%` applies the target to the direct comparison (the bracket gives the "
         "offset-cancelled one where the direct one misses). `(again)` lines repeat an engine row against a "
         "bfloat16 simulation: the W8A8 emulation rounds bf16 activations to FP8 and the FP8 KV rows round "
-        "keys/values computed in bf16, so a bf16 simulation starts from values closer to the engine's (an fp32 "
-        "simulation rounds different values to FP8; FP8 KV attention itself stays fp32 in both). `vLLM CPU_ATTN` rows "
+        "keys/values computed in bf16, so only a bf16 simulation rounds the values the engine rounds (an fp32 "
+        "simulation rounds different values to FP8; FP8 KV attention itself stays fp32 in both). For those rows the "
+        "bf16 line is the like-for-like comparison and its verdict counts (`(like-for-like)`); the fp32 line keeps "
+        "its numbers and says `not like-for-like`. Rows without FP8 rounding of computed values are judged against "
+        "the fp32 simulation (the exact math). `vLLM CPU_ATTN` rows "
         "run the same FP8 cache and scales on vLLM's own CPU attention kernels (FP8_BACKEND_ATTENTION=vllm) "
         "instead of this plugin's; they are not simulated (vLLM's FP8 cache write rounds toward zero).",
+        "",
+        ll_note,
         "",
         w8a8_note,
         "",

@@ -182,14 +182,15 @@ def ensure_inputs(model: str, data: str) -> None:
                    cwd=ROOT, check=True)
 
 
-def token_windows(model: str, data: str, n: int, length: int) -> list[list[int]]:
+def token_windows(model: str, data: str, n: int, length: int, per_article: int = 1,
+                  groups: list | None = None) -> list[list[int]]:
     sys.path.insert(0, str(ROOT / "scripts"))
     import transformers
     from wiki_ppl import wiki_windows
 
     transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum": we cut windows
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    return wiki_windows(tok, data, n, length)
+    return wiki_windows(tok, data, n, length, per_article=per_article, groups=groups)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ activations are fake-quantized in the forward pass).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -104,9 +105,71 @@ def disable_activation_quant(model) -> int:
     return n
 
 
-def score(ckpt: Path, windows: list[list[int]], dtype: str, act_quant: bool, threads: int) -> dict:
+@contextlib.contextmanager
+def padded_activation_groups():
+    """Reference-only shim for FP8_BLOCK's dynamic 1x128 activation groups, whose K (576, 1536 here)
+    is not a multiple of 128: compressed-tensors 0.19 then fails in the forward pass (unflatten).
+    While active, a dynamic group-quantized INPUT whose last dimension K is not a multiple of the
+    group size is zero-padded to the next multiple, fake-quantized by compressed-tensors' own
+    forward_quantize, and cut back to K. Exactly a partial last group of K % group_size columns:
+    the zeros are quantized alone in their own columns, and a group's scale comes from its
+    min/max, which calculate_qparams clamps through 0 anyway, so zeros never change it. Weights
+    and static or non-group activations are untouched."""
+    import torch
+    from compressed_tensors.quantization import QuantizationStrategy
+    from compressed_tensors.quantization.lifecycle import forward as fwd
+
+    orig = fwd.forward_quantize
+    groups = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
+
+    def padded(module, value, base_name, args):
+        g = args.group_size
+        if base_name != "input" or args.strategy not in groups or not args.dynamic or not g or value.shape[-1] % g == 0:
+            return orig(module, value, base_name, args)
+        k = value.shape[-1]
+        return orig(module, torch.nn.functional.pad(value, (0, g - k % g)), base_name, args)[..., :k]
+
+    fwd.forward_quantize = padded  # quantized_forward looks the name up in this module at call time
+    try:
+        yield
+    finally:
+        fwd.forward_quantize = orig
+
+
+def check_padded_groups(ckpt: Path) -> str:
+    """The shim on one real FP8_BLOCK input layer (K = 576, group 128): the padded fake-quant must
+    equal compressed-tensors' own on the whole groups, and on the partial last group the
+    fake-quant of those 64 columns with their own amax / 448 scale, in fp32; raises otherwise."""
+    import torch
+    from compressed_tensors.quantization.lifecycle import forward as fwd
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    mod = model.model.layers[0].self_attn.q_proj
+    args = mod.quantization_scheme.input_activations
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, mod.in_features, generator=gen) * torch.logspace(-3, 2, mod.in_features)
+    g = args.group_size
+    k_full = mod.in_features // g * g
+    with padded_activation_groups():
+        y = fwd.forward_quantize(mod, x, "input", args)
+    y_full = fwd.forward_quantize(mod, x[..., :k_full].contiguous(), "input", args)
+    tail = x[..., k_full:]
+    scale = tail.abs().amax(-1, keepdim=True) / 448.0
+    y_tail = (tail / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+    if not (torch.equal(y[..., :k_full], y_full) and torch.allclose(y[..., k_full:], y_tail, rtol=0, atol=0)):
+        raise SystemExit(f"padded_activation_groups: {mod.in_features}-column input expected the whole groups "
+                         f"as compressed-tensors and the last {mod.in_features - k_full} as their own group; "
+                         f"found max differences {(y[..., :k_full] - y_full).abs().max().item()} and "
+                         f"{(y[..., k_full:] - y_tail).abs().max().item()}")
+    return f"K={mod.in_features}, group {g}: whole groups bit-identical, partial group of {mod.in_features - k_full} exact"
+
+
+def score(ckpt: Path, windows: list[list[int]], dtype: str, act_quant: bool, threads: int,
+          pad_groups: bool = False) -> dict:
     """Log-probs of ``windows`` from transformers + compressed-tensors loading ``ckpt`` in ``dtype``;
-    ``act_quant`` False: with :func:`disable_activation_quant`. A forward-pass error (e.g.
+    ``act_quant`` False: with :func:`disable_activation_quant`; ``pad_groups``: under
+    :func:`padded_activation_groups`. A forward-pass error (e.g.
     compressed-tensors' dynamic group activations on K not a multiple of 128) is returned as
     ``error`` instead of log-probs."""
     import torch
@@ -119,7 +182,7 @@ def score(ckpt: Path, windows: list[list[int]], dtype: str, act_quant: bool, thr
         disable_activation_quant(model)
     lps = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (padded_activation_groups() if pad_groups else contextlib.nullcontext()):
             for w in windows:
                 ids = torch.tensor([w])
                 lp = torch.log_softmax(model(ids).logits.float()[0, :-1], -1)
@@ -133,13 +196,17 @@ def score(ckpt: Path, windows: list[list[int]], dtype: str, act_quant: bool, thr
     return info
 
 
-def jobs(schemes: list[str], dtypes: list[str]) -> list[tuple[str, str, bool]]:
-    """(scheme, dtype, activation fake-quant) runs: the base model ("bf16") in each dtype; each
-    checkpoint as compressed-tensors runs it (activation fake-quant on) in each dtype, and
-    weights-only in float32 (the check of weight loading alone)."""
-    out = [("bf16", d, False) for d in dtypes]
+def jobs(schemes: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
+    """(scheme, dtype, mode) runs: the base model ("bf16") in each dtype; each checkpoint as
+    compressed-tensors runs it (mode "act": activation fake-quant on) and "weights" only (the check
+    of weight loading alone; bf16 as the engine's activations, fp32 as the exact math) in each
+    dtype; FP8_BLOCK also "act-padded" in each dtype (:func:`padded_activation_groups`, since "act"
+    fails on K = 576)."""
+    out = [("bf16", d, "weights") for d in dtypes]
     for s in schemes:
-        out += [(s, d, True) for d in dtypes] + [(s, "float32", False)]
+        out += [(s, d, "act") for d in dtypes] + [(s, d, "weights") for d in dtypes]
+        if s == "FP8_BLOCK":
+            out += [(s, d, "act-padded") for d in dtypes]
     return out
 
 
@@ -155,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scores", help="JSON file to write the transformers log-probs to")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the runs an existing --scores file has (same windows!)")
+    ap.add_argument("--keys", help="score only these runs, ','-separated scheme/dtype/mode keys "
+                    "(mode act or weights), e.g. bf16/float32/weights,FP8/bfloat16/act")
     args = ap.parse_args(argv)
     schemes = [s for s in args.schemes.split(",") if s]
     for s in schemes:
@@ -183,11 +253,28 @@ def main(argv=None) -> int:
     res = {"versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                         "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__},
            "scores": {}}
-    for s, dtype, act in jobs(schemes, args.dtypes.split(",")):
+    todo = jobs(schemes, args.dtypes.split(","))
+    if args.keys:
+        want = [k for k in args.keys.split(",") if k]
+        known = {f"{s}/{d}/{m}": (s, d, m) for s, d, m in todo}
+        unknown = [k for k in want if k not in known]
+        if unknown:
+            raise SystemExit(f"--keys: expected keys from {sorted(known)}, found {unknown}")
+        todo = [known[k] for k in want]
+    if args.resume and Path(args.scores).is_file():
+        done = json.loads(Path(args.scores).read_text())["scores"]
+        res["scores"].update({k: v for k, v in done.items() if "logprobs" in v})
+        todo = [(s, d, m) for s, d, m in todo if f"{s}/{d}/{m}" not in res["scores"]]
+        print(f"--resume: {len(res['scores'])} runs already in {args.scores}", flush=True)
+    if any(m == "act-padded" for _, _, m in todo):
+        res["padded_groups_check"] = check_padded_groups(out / "FP8_BLOCK")
+        print("padded_activation_groups:", res["padded_groups_check"], flush=True)
+    for s, dtype, mode in todo:
         ckpt = Path(args.model) if s == "bf16" else out / s
-        r = score(ckpt, windows, dtype, act, args.threads)
-        key = f"{s}/{dtype}/{'act' if act else 'weights'}"
+        r = score(ckpt, windows, dtype, mode != "weights", args.threads, pad_groups=mode == "act-padded")
+        key = f"{s}/{dtype}/{mode}"
         res["scores"][key] = r
+        Path(args.scores).write_text(json.dumps(res))  # after every run: an interrupted job keeps what it did
         what = {k: v for k, v in r.items() if k not in ("logprobs", "seconds")}
         if "logprobs" in r:
             flat = [x for w in r["logprobs"] for x in w]
