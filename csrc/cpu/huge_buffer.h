@@ -13,22 +13,31 @@
 
 namespace fp8_backend {
 
+// bytes (rounded up to whole 2 MiB pages) of uninitialized memory, 2 MiB-aligned and advised to
+// use transparent huge pages; release with std::free. Throws std::bad_alloc.
+inline void* huge_alloc(size_t bytes) {
+  constexpr size_t kHuge = 2 << 20;
+  const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, size);
+  if (!p) throw std::bad_alloc();
+  madvise(p, size, MADV_HUGEPAGE);  // a hint: without THP this is ordinary memory
+  return p;
+}
+
+// A per-thread scratch buffer from huge_alloc that only grows.
 class HugeBuffer {
  public:
   void* get(size_t bytes) {
     if (bytes > size_) {
       release();
-      size_ = (bytes + kHuge - 1) / kHuge * kHuge;
-      ptr_ = std::aligned_alloc(kHuge, size_);
-      if (!ptr_) throw std::bad_alloc();
-      madvise(ptr_, size_, MADV_HUGEPAGE);  // a hint: without THP this is ordinary memory
+      ptr_ = huge_alloc(bytes);
+      size_ = bytes;
     }
     return ptr_;
   }
   ~HugeBuffer() { release(); }
 
  private:
-  static constexpr size_t kHuge = 2 << 20;
   void release() {
     std::free(ptr_);
     ptr_ = nullptr;

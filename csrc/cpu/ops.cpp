@@ -4,11 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <string>
 
 #include "fp8_e4m3.h"
@@ -343,11 +340,7 @@ int64_t stream_read(const at::Tensor& t) {
 // fewer TLB misses, and the hardware prefetchers are not stopped at every 4 KiB boundary).
 at::Tensor huge_page_empty(int64_t nbytes) {
   TORCH_CHECK(nbytes > 0, "huge_page_empty: nbytes must be positive; found ", nbytes);
-  constexpr size_t kHuge = 2 << 20;
-  const size_t size = (static_cast<size_t>(nbytes) + kHuge - 1) / kHuge * kHuge;
-  void* p = std::aligned_alloc(kHuge, size);
-  TORCH_CHECK(p != nullptr, "huge_page_empty: could not allocate ", size, " bytes");
-  madvise(p, size, MADV_HUGEPAGE);  // a hint: without THP this stays ordinary memory
+  void* p = huge_alloc(static_cast<size_t>(nbytes));
   return at::from_blob(p, {nbytes}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kByte));
 }
 

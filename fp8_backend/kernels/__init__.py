@@ -46,14 +46,13 @@ def w8a16_prepack(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
         raise ValueError(f"{name}: expected float8_e4m3fn, found {w.dtype}")
     if w.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [N, K] weight, found shape {tuple(w.shape)}")
-    w = w.contiguous()
     nan = (w.view(torch.uint8) & 0x7F) == 0x7F
     if bool(nan.any()):
         idx = tuple(int(i) for i in nan.nonzero()[0])
         raise ValueError(
             f"{name}: FP8 weight contains {int(nan.sum())} NaN encodings (first at index {idx})"
         )
-    return to_huge_pages(w)
+    return to_huge_pages(w) if w.device.type == "cpu" else w.contiguous()
 
 
 def w8a16_linear(

@@ -52,5 +52,5 @@ _arena = HugePageArena()
 
 
 def to_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """``t`` copied into the process-wide weight arena (CPU tensors; others are returned as is)."""
-    return _arena.place(t) if t.device.type == "cpu" else t
+    """A contiguous copy of CPU tensor ``t`` in the process-wide weight arena."""
+    return _arena.place(t)
