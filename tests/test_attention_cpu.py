@@ -410,3 +410,64 @@ def test_attention_long_prefill_one_thread(isa, qdtype):
             run_case(isa, 64, "fp8", qdtype, hq=8, hkv=2, bs=128, window=window, seed=7 + window, batch=batch)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,bs", [(32, 8, 128), (8, 1, 32), (5, 1, 16), (2, 2, 64)])
+def test_attention_decode_long_contexts(isa, kv, qdtype, hq, hkv, bs):
+    """Decode rows (1 to 3 tokens per sequence) over contexts of hundreds of keys: the amx path's
+    decode kernel (one row group per task: 1 / 2 / 3 query parts give 1 to 16 score columns),
+    with keys whose scores grow along the context so that the running max moves many times
+    (lazy rescaling), steps cut short by block ends and sequence ends, and a sliding window."""
+    gen = torch.Generator().manual_seed(hq * 31 + bs)
+    D = 128
+    lens, qlens = [700, 333, 97, 1], [1, 2, 3, 1]
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, hkv, D, bs, gen)
+    T = sum(lens)
+    ramp = torch.cat([torch.linspace(0.2, 3.0, L) for L in lens])[:, None, None]
+    k = (torch.randn(T, hkv, D, generator=gen) * ramp).bfloat16()
+    v = torch.randn(T, hkv, D, generator=gen).bfloat16()
+    ks, vs = torch.rand(hkv, generator=gen) * 0.01 + 0.005, torch.tensor(0.01)
+    kc, vc, kr, vr = fill_caches(kv, k, v, nb, hkv, bs, D, slots, ks, vs)
+    q = (torch.randn(sum(qlens), hq, D, generator=gen) * 4).to(qdtype)
+    for window in (-1, 150):
+        o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, kv, ks, vs, window)
+        ref = N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, ks, vs, window)
+        vmax = vr.float().abs().max().item() * 0.01
+        if qdtype == torch.float32:
+            # fp32 sums over up to 700 keys in another order: worst case ~700 * 2^-24 of max|v|
+            torch.testing.assert_close(o, ref, rtol=1e-4, atol=5e-5 * vmax)
+        else:
+            check_attention(o, ref, D, vmax=vmax)
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+def test_attention_decode_nan_policy(isa, kv, qdtype):
+    """Decode rows whose keys end or start inside a step (several tokens per sequence, sliding
+    window) with an Inf / NaN in V at keys some rows do not see: only rows that see one are not
+    finite, and p x Inf stays Inf (not NaN). bf16 queries take the amx decode kernel (6 rows, one
+    group), fp32 queries the general one (3 parts x 6 rows > 16 columns)."""
+    gen = torch.Generator().manual_seed(17)
+    D, hkv, hq, bs = 64, 1, 2, 32
+    lens, qlens = [90], [3]
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, hkv, D, bs, gen)
+    k = torch.randn(90, hkv, D, generator=gen)
+    v = torch.randn(90, hkv, D, generator=gen)
+    v[89, 0, 5] = float("nan")  # the last token: seen by the last query token only
+    kc, vc, kr, vr = fill_caches(kv, k, v, nb, hkv, bs, D, slots, 0.01, 0.01)
+    # token 40: an Inf code in e5m2 (the cache write saturates Inf, so written directly), NaN in e4m3
+    blk, off = bt[0, 40 // bs], 40 % bs
+    vc[blk, 0, off, 7] = 0x7C if kv == "fp8_e5m2" else 0x7F
+    vr[blk, 0, off, 7] = float("inf") if kv == "fp8_e5m2" else float("nan")
+    q = torch.randn(3, hq, D, generator=gen).to(qdtype)
+    for window in (-1, 30, 49):
+        o = A.paged_attention(q, kc, vc, qsl, sl, bt, 0.125, kv, 0.01, 0.01, window)
+        ref = N.paged_attention(q, kr, vr, qsl, sl, bt, 0.125, 0.01, 0.01, window)
+        check_attention(o, ref)
+        pos = torch.arange(87, 90)
+        sees = lambda t: (pos >= t) & ((pos - t < window) if window > 0 else True)  # noqa: E731
+        expect = (sees(89) | sees(40))[:, None].expand(3, hq)
+        bad = ~torch.isfinite(o).all(dim=2)
+        assert torch.equal(bad, expect), (window, bad)

@@ -342,6 +342,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
             for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(obuf[r * D + d] * vsc);
           }
       }
+      if (amx) attend_amx_release();
     });
   });
 }
