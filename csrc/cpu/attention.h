@@ -33,6 +33,11 @@ struct AttnTask {
   // (q . k) * qk_scale, and q is exact as a sum of q_parts bf16 values (bf16 1, fp16 2, fp32 3).
   float qk_scale = 1.f;
   int q_parts = 3;
+  // Prefetch hint (attend_amx decode path): K / V rows of the first cache block of the task this
+  // thread runs next (null if none), next_n of them; read near the end of this task.
+  const uint8_t* next_k = nullptr;
+  const uint8_t* next_v = nullptr;
+  int64_t next_n = 0;
 };
 
 constexpr int64_t kKeyTile = 32;  // keys decoded per tile (never crossing a cache block)

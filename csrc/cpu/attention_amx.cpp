@@ -889,6 +889,14 @@ void dec_v(const Dec& c, int64_t t, int n, int slot, int64_t tp, int np, bool pv
   if (np > 0) {
     pk = a.kc + a.blocks[tp / bs] * a.k_blk + (tp % bs) * a.k_tok;
     pvr = a.vc + a.blocks[tp / bs] * a.v_blk + (tp % bs) * a.v_tok;
+  } else if (a.next_k && np == 0 && n > 0) {
+    // past this task's keys: the next task's first rows (tp - hi of them are skipped)
+    const int64_t hi = a.pos[a.R - 1] + 1, skip = tp - hi > 0 ? tp - hi : 0;
+    if (skip < a.next_n) {
+      pk = a.next_k + skip * a.k_tok;
+      pvr = a.next_v + skip * a.v_tok;
+      np = static_cast<int>(a.next_n - skip < kDS ? a.next_n - skip : kDS);
+    }
   }
   // P x V starts a few pairs in (the probabilities were just stored by the softmax).
   constexpr int kFirst = 3;
@@ -1012,14 +1020,18 @@ bool dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot) {
   if (rescale) st.l = _mm512_mul_ps(st.l, _mm512_permutexvar_ps(st.col, _mm512_load_ps(alpha)));
   // Probabilities, bf16 parts in compact word order ([key][nc]).
   const __m512 mref = _mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmpneq_ps_mask(st.m, _mm512_set1_ps(-__builtin_inff())), st.m);
-  for (int z = 0; z < nz; ++z) {
-    __m512 e = _mm512_maskz_mov_ps(mk[z], exp512(_mm512_sub_ps(sv[z], mref)));
-    st.l = _mm512_add_ps(st.l, e);
-    _mm512_storeu_ps(b.pf + 16 * z, e);  // for dec_pv_rows
+  for (int z = 0; z < nz; z += 2) {  // nz is even; whole 64-byte word vectors are stored (a
+                                      // later load spanning two stores could not be forwarded)
+    __m512 e0 = _mm512_maskz_mov_ps(mk[z], exp512(_mm512_sub_ps(sv[z], mref)));
+    __m512 e1 = _mm512_maskz_mov_ps(mk[z + 1], exp512(_mm512_sub_ps(sv[z + 1], mref)));
+    st.l = _mm512_add_ps(st.l, _mm512_add_ps(e0, e1));
+    _mm512_storeu_ps(b.pf + 16 * z, e0);  // for dec_pv_rows
+    _mm512_storeu_ps(b.pf + 16 * z + 16, e1);
     for (int k = 0; k < c.pp; ++k) {
-      const __m256i h = to_bf16(e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(b.w[k] + 16 * z), h);
-      e = _mm512_sub_ps(e, from_bf16(h));
+      const __m256i h0 = to_bf16(e0), h1 = to_bf16(e1);
+      _mm512_store_si512(b.w[k] + 16 * z, _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1));
+      e0 = _mm512_sub_ps(e0, from_bf16(h0));
+      e1 = _mm512_sub_ps(e1, from_bf16(h1));
     }
   }
   // Transpose each part [32 keys][nc] -> R rows of 32 keys: row i = words j * nc + i. Word
@@ -1182,7 +1194,7 @@ void attend_decode(const Dec& c) {
       const bool rows = (partial || a.kind == KvKind::e5m2) && dec_v_special(c, t, n);
       if (rows) dec_pv_rows(c, st, t, n);
       const int64_t tp = t1 + kPfSteps * kDS;
-      dec_v(c, t1, n1, nxt, tp, n1 > 0 ? len(tp) : 0, !rows, cur);  // and step s's P x V
+      dec_v(c, t1, n1, nxt, tp, len(tp), !rows, cur);  // and step s's P x V
       dec_k(c, t2, n2, cur, nxt, n1);                              // and step s + 1's scores
       t = t1;
       n = n1;

@@ -328,6 +328,13 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
         t.work = wbuf.get();
         t.qk_scale = sm * ks[wk.h];
         t.q_parts = q_parts;
+        if (w + 1 < w1 && !(sliding_window > 0)) {
+          const Work& nx = work[w + 1];
+          const int32_t b0 = block_table.data_ptr<int32_t>()[nx.s * block_table.stride(0)];
+          t.next_k = kc + (nx.h * key_cache.stride(1) + b0 * key_cache.stride(0)) * eb;
+          t.next_v = vc + (nx.h * value_cache.stride(1) + b0 * value_cache.stride(0)) * eb;
+          t.next_n = std::min<int64_t>(BS, L[nx.s]);
+        }
         if (amx)
           attend_amx(t);
         else if (avx)
