@@ -384,14 +384,31 @@ const float* k_order(const float* q, int64_t D, float* dst) {
   return dst;
 }
 
+// Q^T B tiles of one query row q (k_order's d order) split into nsq bf16 parts: chunk kc (32 d),
+// d pair r -> row r, part k -> column col0 + k * col_step, in tiles of nc columns (dwords) per
+// row. One 16-dword scatter per (chunk, part).
+void scatter_qt(const float* q, int64_t D, int nsq, int nc, int col0, int col_step, uint16_t* qt) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(nc));
+  for (int64_t kc = 0; kc < D / 32; ++kc) {
+    __m512 x0 = _mm512_loadu_ps(q + 32 * kc), x1 = _mm512_loadu_ps(q + 32 * kc + 16);
+    for (int k = 0; k < nsq; ++k) {
+      const __m256i h0 = to_bf16(x0), h1 = to_bf16(x1);
+      x0 = _mm512_sub_ps(x0, from_bf16(h0));
+      x1 = _mm512_sub_ps(x1, from_bf16(h1));
+      // words d 0..15 then 16..31 of the chunk -> dwords = d pairs (2r, 2r + 1)
+      const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+      _mm512_i32scatter_epi32(qt + kc * 16 * nc * 2, _mm512_add_epi32(rows, _mm512_set1_epi32(col0 + k * col_step)),
+                              pairs, 4);
+    }
+  }
+}
+
 // Q^T of a group: chunk kc, d pair r, column col -> qt[(kc * 16 + r) * 32 + 2 * col + (d & 1)];
 // column k * rg + i holds bf16 part k of row r0 + i. Columns >= nsq * rg are left stale: they
 // only feed score columns that are never read.
 void stage_q(const Ctx& c, const Group& g, int nsq) {
-  const int64_t D = c.D, nch = D / 32;
-  // Column col of chunk kc: its 32 d as 16 bf16 pairs (dwords), scattered to 16 rows of 64 bytes.
-  const __m512i rows = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+  const int64_t D = c.D;
   alignas(64) float qo[kMaxD];
   for (int i = 0; i < g.rg; ++i) {
     const float* q = c.dec ? k_order(c.a.q + (g.r0 + i) * D, D, qo) : c.a.q + (g.r0 + i) * D;
@@ -406,17 +423,7 @@ void stage_q(const Ctx& c, const Group& g, int nsq) {
       }
       continue;
     }
-    for (int64_t kc = 0; kc < nch; ++kc) {
-      __m512 x0 = _mm512_loadu_ps(q + 32 * kc), x1 = _mm512_loadu_ps(q + 32 * kc + 16);
-      for (int k = 0; k < nsq; ++k) {
-        const __m256i h0 = to_bf16(x0), h1 = to_bf16(x1);
-        x0 = _mm512_sub_ps(x0, from_bf16(h0));
-        x1 = _mm512_sub_ps(x1, from_bf16(h1));
-        const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
-        const int col = k * g.rg + i;
-        _mm512_i32scatter_epi32(g.qt + kc * 16 * 32, _mm512_add_epi32(rows, _mm512_set1_epi32(col)), pairs, 4);
-      }
-    }
+    scatter_qt(q, D, nsq, 16, i, g.rg, g.qt);
   }
 }
 
@@ -1111,27 +1118,10 @@ void attend_decode(const Dec& c) {
   const int cols[8] = {4 * nc, 4 * nc, 64, 64, 4 * nc, 64, 64, 64};
   amx_tiles_for(1000 * nc + c.prow, rows, cols);
 
-  // Q^T: chunk kc, d pair r, column k R + i = bf16 part k of row i (k_order's d order); unused
-  // columns zero. One 16-dword scatter per (chunk, column): d pairs go to rows r, column col.
+  // Q^T: column k R + i = bf16 part k of row i (scatter_qt); unused columns zero.
   std::memset(b.qt, 0, sizeof(uint16_t) * (D / 32) * 16 * nc * 2);
   alignas(64) float qo[kMaxD];
-  const __m512i prow_idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(nc));
-  for (int i = 0; i < R; ++i) {
-    const float* q = k_order(a.q + i * D, D, qo);
-    for (int64_t kc = 0; kc < D / 32; ++kc) {
-      __m512 x0 = _mm512_loadu_ps(q + 32 * kc), x1 = _mm512_loadu_ps(q + 32 * kc + 16);
-      for (int k = 0; k < nsq; ++k) {
-        const __m256i h0 = to_bf16(x0), h1 = to_bf16(x1);
-        x0 = _mm512_sub_ps(x0, from_bf16(h0));
-        x1 = _mm512_sub_ps(x1, from_bf16(h1));
-        // words d 0..15 then 16..31 of the chunk -> dwords = d pairs (2r, 2r + 1)
-        const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
-        _mm512_i32scatter_epi32(b.qt + kc * 16 * nc * 2, _mm512_add_epi32(prow_idx, _mm512_set1_epi32(k * R + i)),
-                                pairs, 4);
-      }
-    }
-  }
+  for (int i = 0; i < R; ++i) scatter_qt(k_order(a.q + i * D, D, qo), D, nsq, nc, i, R, b.qt);
   std::memset(b.o, 0, sizeof(float) * c.prow * D);
 
   DecState st;
