@@ -768,10 +768,11 @@ void attend_task(const Ctx& c) {
 //  - V pairs decoded in an interleaved column order (o_col) that needs no byte permute: two
 //    rows' bytes are interleaved by unpacklo/hi, which the decoder's own unpacks keep; the
 //    accumulator columns follow that order and are put back in the epilogue;
-//  - software pipelining across steps: step s + 1's scores are issued (tile unit) while its V
-//    is decoded (vector unit), step s's softmax reads scores stored one step earlier, step
-//    s + 2's K is decoded between the softmax and step s's P x V, so no tile load ever waits
-//    for a vector store just issued (nor the reverse);
+//  - software pipelining across steps, each iteration in the order: softmax of step s; K of
+//    step s + 2 decoded (vector unit) with step s + 1's scores issued along the way (tile
+//    unit); V of step s + 1 decoded with step s's P x V issued along the way. Every tile load
+//    reads data stored a phase earlier and the softmax reads scores stored a phase earlier, so
+//    neither unit waits for the other's latest stores;
 //  - the rows of the step kPfSteps ahead are prefetched into L2 during the V decode.
 // Tiles: 0, 1 scores C [16 x nc*4 B]; 2, 3 K rows A / V pairs B [16 x 64 B]; 4 Q^T B
 // [16 x nc*4 B]; 5 P A [prow x 64 B]; 6, 7 accumulators C [prow x 64 B].
@@ -780,8 +781,9 @@ constexpr int kDS = 32;       // keys per decode step: one P tile
 constexpr int kPfSteps = 4;   // prefetch distance in steps
 
 struct DecBuf {
-  alignas(64) uint16_t k[2][kDS * kMaxD];            // K rows [key][d], d in load_k's lane order
-  alignas(64) uint16_t v[2][kDS * kMaxD];            // V pairs [pair][col][2], columns in o_col order
+  // K rows (slots 0, 1: [key][d]) and V pairs (slots 2, 3: [pair][col][2], columns in o_col
+  // order), each slot kDS * D words, packed so that a small head size uses a small part of L1.
+  alignas(64) uint16_t kv[4 * kDS * kMaxD];
   alignas(64) uint16_t qt[kMaxD / 32 * 16 * 32];     // Q^T per 32-d chunk [d pair][nc][2]
   alignas(64) float s[2][kDS * 16];                  // scores [key][nc]
   alignas(64) uint16_t w[3][kDS * 16];               // probability parts, compact [key][nc] (bf16)
@@ -805,6 +807,9 @@ struct Dec {
   int R, nsq, pp, nc, prow;
 };
 
+inline uint16_t* kbuf(const Dec& c, int slot) { return c.b.kv + slot * kDS * c.D; }
+inline uint16_t* vbuf(const Dec& c, int slot) { return c.b.kv + (2 + slot) * kDS * c.D; }
+
 // Step of keys starting at t: up to kDS keys, never crossing a cache block, before hi.
 inline int step_len(int64_t t, int64_t bs, int64_t hi) {
   int64_t n = bs - t % bs;
@@ -817,10 +822,10 @@ inline int step_len(int64_t t, int64_t bs, int64_t hi) {
 // the tile unit runs them in order, each waiting for the previous ones, and a long burst of them
 // fills the reorder buffer so that the vector work behind them stalls as well.
 
-// Scores of step `slot` (n keys, K rows in b.k[slot]), 32-d chunk kc: two 16-key C tiles.
+// Scores of step `slot` (n keys, K rows in kbuf(slot)), 32-d chunk kc: two 16-key C tiles.
 inline void qk_chunk(const Dec& c, int n, int slot, int64_t kc) {
   const int64_t D = c.D;
-  const uint16_t* k = c.b.k[slot];
+  const uint16_t* k = kbuf(c, slot);
   if (kc == 0) {
     _tile_zero(0);
     _tile_zero(1);
@@ -843,7 +848,7 @@ inline void qk_store(const Dec& c, int n, int slot) {
 inline void pv_chunk(const Dec& c, int slot, int64_t ch) {
   const int64_t D = c.D;
   float* o = c.b.o + 32 * ch;
-  const uint16_t* v = c.b.v[slot] + 64 * ch;
+  const uint16_t* v = vbuf(c, slot) + 64 * ch;
   _tile_loadd(6, o, D * 4);
   _tile_loadd(7, o + 16, D * 4);
   _tile_loadd(2, v, D * 4);
@@ -854,8 +859,8 @@ inline void pv_chunk(const Dec& c, int slot, int64_t ch) {
   _tile_stored(7, o + 16, D * 4);
 }
 
-// K rows of keys [t, t + n) -> b.k[slot] (lane order, see load_k), with the scores of the step
-// in b.k[qslot] (qn keys; none if qn == 0) issued along the way and stored at the end.
+// K rows of keys [t, t + n) -> kbuf(slot) (lane order, see load_k), with the scores of the step
+// in kbuf(qslot) (qn keys; none if qn == 0) issued along the way and stored at the end.
 void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn) {
   const AttnTask& a = c.a;
   const int64_t bs = a.block_size, nch = c.D / 32;
@@ -863,7 +868,7 @@ void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn) {
   int64_t kc = 0;
   if (n > 0) {
     const uint8_t* src = a.kc + a.blocks[t / bs] * a.k_blk + (t % bs) * a.k_tok;
-    uint16_t* dst = c.b.k[slot];
+    uint16_t* dst = kbuf(c, slot);
     const Decoder dec = c.dec;  // a local copy stays in registers (stores may alias c.dec)
     const int64_t tok = a.k_tok, D = c.D;
     for (int j = 0; j < n; ++j) {
@@ -884,7 +889,7 @@ void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn) {
   }
 }
 
-// V rows of keys [t, t + n) -> b.v[slot] as pairs (keys 2r, 2r + 1 interleaved, o_col column
+// V rows of keys [t, t + n) -> vbuf(slot) as pairs (keys 2r, 2r + 1 interleaved, o_col column
 // order), pairs past n zero (their probabilities are 0, and 0 x NaN would be NaN); with P x V
 // of step pslot (if pv) issued along the way. Prefetches into L2 the K and V rows of the keys
 // starting at tp (np of them), spread over the decode.
@@ -905,17 +910,16 @@ void dec_v(const Dec& c, int64_t t, int n, int slot, int64_t tp, int np, bool pv
       np = static_cast<int>(a.next_n - skip < kDS ? a.next_n - skip : kDS);
     }
   }
-  // P x V starts a few pairs in (the probabilities were just stored by the softmax).
-  constexpr int kFirst = 3;
-  const int every = static_cast<int>((kDS / 2 - kFirst) / nch) > 0 ? static_cast<int>((kDS / 2 - kFirst) / nch) : 1;
+  // P x V chunks spread over the pairs (P was stored by the softmax before the K decode).
+  const int every = static_cast<int>(kDS / 2 / nch) > 0 ? static_cast<int>(kDS / 2 / nch) : 1;
   int64_t ch = 0;
   if (n > 0) {
     const uint8_t* src = a.vc + a.blocks[t / bs] * a.v_blk + (t % bs) * a.v_tok;
-    uint16_t* dst = c.b.v[slot];
+    uint16_t* dst = vbuf(c, slot);
     const __m512i zero = _mm512_setzero_si512();
     const Decoder dec = c.dec;  // a local copy stays in registers (stores may alias c.dec)
     for (int r = 0; r < kDS / 2; ++r) {
-      if (pv && r >= kFirst && (r - kFirst) % every == 0 && ch < nch) {
+      if (pv && r % every == 0 && ch < nch) {
         if (ch == 0) _tile_loadd(5, c.b.p[pslot], 64);
         pv_chunk(c, pslot, ch++);
       }
@@ -961,30 +965,36 @@ struct DecState {
   __m512 m;              // running max per lane (-inf: nothing seen yet)
   __m512 l;              // softmax denominators, per lane (summed across key slots at the end)
   int64_t row_lo[16], row_hi[16];
+  int64_t all_lo, all_hi;  // keys [all_lo, all_hi) are seen by every row
   __m512i tr_idx[8];     // P transpose: word permutes of compact word vector pairs (see dec_softmax)
   __mmask32 tr_mask[8];
 };
 
+// Does a row see only part of the keys [t0, t0 + n)?
+inline bool dec_partial(const DecState& st, int64_t t0, int n) { return t0 < st.all_lo || t0 + n > st.all_hi; }
+
 // Softmax of step s (scores in b.s[slot], keys [t0, t0 + n)): probabilities as P rows in
-// b.p[slot] (pp bf16 parts each), accumulators rescaled where the max moved. Returns whether a
-// row sees only part of the step (and then leaves fp32 probabilities in b.pf).
-bool dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot) {
+// b.p[slot] (PP bf16 parts each), accumulators rescaled where the max moved; with `rows`, also
+// the fp32 probabilities in b.pf (for dec_pv_rows).
+template <int PP>
+void dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot, bool rows) {
   const AttnTask& a = c.a;
   DecBuf& b = c.b;
   const int nc = c.nc, R = c.R, nz = kDS * nc / 16;  // score vectors in the step
   const int kpz = 16 / nc;                            // keys per vector
   const float* s = b.s[slot];
-  bool partial = false;
-  for (int i = 0; i < R; ++i)
-    if (st.row_lo[i] > t0 || st.row_hi[i] < t0 + n) partial = true;
+  const bool masked = dec_partial(st, t0, n) || n < kDS;  // else every lane of every vector is a seen key
   const __m512 qks = _mm512_set1_ps(a.qk_scale);
   __m512 sv[32];
   __mmask16 mk[32];
   __m512 mx = _mm512_set1_ps(-__builtin_inff());
   for (int z = 0; z < nz; ++z) {
-    const __m512i key = _mm512_add_epi32(st.slot, _mm512_set1_epi32(static_cast<int>(t0) + z * kpz));
-    mk[z] = _mm512_cmpge_epi32_mask(key, st.lo) & _mm512_cmplt_epi32_mask(key, st.hi) &
-            _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t0) + n));
+    mk[z] = 0xFFFF;
+    if (masked) {
+      const __m512i key = _mm512_add_epi32(st.slot, _mm512_set1_epi32(static_cast<int>(t0) + z * kpz));
+      mk[z] = _mm512_cmpge_epi32_mask(key, st.lo) & _mm512_cmplt_epi32_mask(key, st.hi) &
+              _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t0) + n));
+    }
     __m512 x = _mm512_loadu_ps(s + 16 * z);
     __m512 acc = x;
     for (int k = 1; k < c.nsq; ++k) acc = _mm512_add_ps(acc, _mm512_permutexvar_ps(st.part_idx[k - 1], x));
@@ -992,49 +1002,46 @@ bool dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot) {
     mx = _mm512_mask_max_ps(mx, mk[z], sv[z], mx);  // NaN scores are skipped (as attend_task)
   }
   for (int i = 0; i < st.nred; ++i) mx = _mm512_max_ps(mx, _mm512_permutexvar_ps(st.red[i], mx));
-  // Per row (scalar, R <= 16): the lazy-rescaling decision of softmax_rows.
-  alignas(64) float mxa[16], ma[16], alpha[16];
-  _mm512_store_ps(mxa, mx);
-  _mm512_store_ps(ma, st.m);
-  bool rescale = false;
-  for (int i = 0; i < R; ++i) {
-    const int64_t j0 = st.row_lo[i] > t0 ? st.row_lo[i] - t0 : 0;
-    const int64_t j1 = st.row_hi[i] < t0 + n ? st.row_hi[i] - t0 : n;
-    const float mold = ma[i];
-    float m = mxa[i];
-    alpha[i] = 1.f;
-    if (mold == -__builtin_inff()) {
-      if (j1 <= j0) continue;  // nothing seen yet: m stays -inf
-      alpha[i] = 0.f;
-      if (m == -__builtin_inff()) m = 0.f;  // all scores NaN
-    } else if (m > mold + kSlack) {
-      alpha[i] = __builtin_expf(mold - m);
-    } else {
-      m = mold;
-    }
-    ma[i] = m;
-    if (alpha[i] != 1.f) {
-      rescale = true;
-      const __m512 av = _mm512_set1_ps(alpha[i]);
-      for (int k = 0; k < c.pp; ++k) {
+  // The lazy-rescaling decision of softmax_rows, per lane (every lane of a column holds its row's
+  // max): a row seeing its first keys takes m = mx (alpha = 0 would scale zero accumulators: not
+  // needed); a row whose max grew by more than kSlack rescales by alpha = exp(m_old - mx); else
+  // m stays. Rows that see no key of the step (mx = -inf) keep m.
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  const __m512i t0v = _mm512_set1_epi32(static_cast<int>(t0));
+  const __mmask16 seen = _mm512_cmplt_epi32_mask(st.lo, _mm512_add_epi32(t0v, _mm512_set1_epi32(n))) &
+                         _mm512_cmpgt_epi32_mask(st.hi, t0v);
+  const __mmask16 first = seen & _mm512_cmpeq_ps_mask(st.m, ninf);
+  const __mmask16 grow = seen & ~first & _mm512_cmp_ps_mask(mx, _mm512_add_ps(st.m, _mm512_set1_ps(kSlack)), _CMP_GT_OQ);
+  if (grow) {  // rare: rescale the accumulators and denominators of those rows
+    const __m512 alpha = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), grow, exp512(_mm512_sub_ps(st.m, mx)));
+    st.l = _mm512_mul_ps(st.l, alpha);
+    alignas(64) float al[16];
+    _mm512_store_ps(al, alpha);
+    for (int i = 0; i < R; ++i) {
+      if (!((grow >> i) & 1)) continue;  // lane i holds row i (column i, key slot 0)
+      const __m512 av = _mm512_set1_ps(al[i]);
+      for (int k = 0; k < PP; ++k) {
         float* o = b.o + (k * R + i) * c.D;
         for (int64_t d = 0; d < c.D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
       }
     }
   }
-  for (int i = R; i < 16; ++i) alpha[i] = 1.f;
-  st.m = _mm512_permutexvar_ps(st.col, _mm512_load_ps(ma));
-  if (rescale) st.l = _mm512_mul_ps(st.l, _mm512_permutexvar_ps(st.col, _mm512_load_ps(alpha)));
+  // all scores NaN on a row's first keys: m = 0 (as softmax_rows)
+  const __m512 mfirst = _mm512_mask_mov_ps(mx, _mm512_cmpeq_ps_mask(mx, ninf), _mm512_setzero_ps());
+  st.m = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.m, grow, mx), first, mfirst);
   // Probabilities, bf16 parts in compact word order ([key][nc]).
   const __m512 mref = _mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmpneq_ps_mask(st.m, _mm512_set1_ps(-__builtin_inff())), st.m);
+  __m512 l = st.l;
   for (int z = 0; z < nz; z += 2) {  // nz is even; whole 64-byte word vectors are stored (a
                                       // later load spanning two stores could not be forwarded)
     __m512 e0 = _mm512_maskz_mov_ps(mk[z], exp512(_mm512_sub_ps(sv[z], mref)));
     __m512 e1 = _mm512_maskz_mov_ps(mk[z + 1], exp512(_mm512_sub_ps(sv[z + 1], mref)));
-    st.l = _mm512_add_ps(st.l, _mm512_add_ps(e0, e1));
-    _mm512_storeu_ps(b.pf + 16 * z, e0);  // for dec_pv_rows
-    _mm512_storeu_ps(b.pf + 16 * z + 16, e1);
-    for (int k = 0; k < c.pp; ++k) {
+    l = _mm512_add_ps(l, _mm512_add_ps(e0, e1));
+    if (rows) {
+      _mm512_storeu_ps(b.pf + 16 * z, e0);
+      _mm512_storeu_ps(b.pf + 16 * z + 16, e1);
+    }
+    for (int k = 0; k < PP; ++k) {
       const __m256i h0 = to_bf16(e0), h1 = to_bf16(e1);
       _mm512_store_si512(b.w[k] + 16 * z, _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1));
       e0 = _mm512_sub_ps(e0, from_bf16(h0));
@@ -1044,8 +1051,9 @@ bool dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot) {
   // Transpose each part [32 keys][nc] -> R rows of 32 keys: row i = words j * nc + i. Word
   // vector pair (2q, 2q + 1) holds keys [q * 64 / nc, (q + 1) * 64 / nc); a two-source word
   // permute brings them to their place in the row (tr_idx[q] + i), masks merge the pairs.
+  st.l = l;
   uint16_t* p = b.p[slot];
-  for (int k = 0; k < c.pp; ++k) {
+  for (int k = 0; k < PP; ++k) {
     const uint16_t* wk = b.w[k];
     for (int i = 0; i < R; ++i) {
       __m512i row;
@@ -1064,7 +1072,6 @@ bool dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot) {
       _mm512_storeu_si512(p + (k * R + i) * kDS, row);
     }
   }
-  return partial;
 }
 
 // Does V hold an Inf / NaN code in keys [t, t + n)?
@@ -1130,6 +1137,8 @@ void attend_decode(const Dec& c) {
   st.slot = _mm512_srli_epi32(iota, __builtin_ctz(nc));
   alignas(64) int32_t lo16[16], hi16[16];
   int64_t lo = INT64_MAX, hi = 0;
+  st.all_lo = 0;
+  st.all_hi = INT64_MAX;
   for (int i = 0; i < 16; ++i) {
     lo16[i] = INT32_MAX;
     hi16[i] = INT32_MIN;
@@ -1142,6 +1151,8 @@ void attend_decode(const Dec& c) {
     hi16[i] = static_cast<int32_t>(st.row_hi[i]);
     lo = std::min(lo, st.row_lo[i]);
     hi = std::max(hi, st.row_hi[i]);
+    st.all_lo = std::max(st.all_lo, st.row_lo[i]);
+    st.all_hi = std::min(st.all_hi, st.row_hi[i]);
   }
   st.lo = _mm512_permutexvar_epi32(st.col, _mm512_load_si512(lo16));
   st.hi = _mm512_permutexvar_epi32(st.col, _mm512_load_si512(hi16));
@@ -1165,7 +1176,7 @@ void attend_decode(const Dec& c) {
 
   if (lo < hi) {
     // Pipeline (see the section comment): at the top of iteration s, b.s[s & 1] holds step s's
-    // scores, b.v[s & 1] its V pairs, b.k[(s + 1) & 1] step s + 1's K rows.
+    // scores, vbuf(s & 1) its V pairs, kbuf((s + 1) & 1) step s + 1's K rows.
     auto len = [&](int64_t t) { return t < hi ? step_len(t, bs, hi) : 0; };
     int64_t t = lo;
     int n = len(t);
@@ -1178,14 +1189,17 @@ void attend_decode(const Dec& c) {
       const int cur = s & 1, nxt = cur ^ 1;
       const int64_t t2 = t1 + n1;
       const int n2 = n1 > 0 ? len(t2) : 0;
-      const bool partial = dec_softmax(c, st, t, n, cur);
       // fp32 rows where a NaN must not reach rows that do not see it, and for e5m2 wherever V
       // holds Inf (p x Inf split into bf16 parts of both signs would be Inf - Inf = NaN).
-      const bool rows = (partial || a.kind == KvKind::e5m2) && dec_v_special(c, t, n);
+      const bool rows = (dec_partial(st, t, n) || a.kind == KvKind::e5m2) && dec_v_special(c, t, n);
+      if (c.pp == 2)
+        dec_softmax<2>(c, st, t, n, cur, rows);
+      else
+        dec_softmax<3>(c, st, t, n, cur, rows);
       if (rows) dec_pv_rows(c, st, t, n);
       const int64_t tp = t1 + kPfSteps * kDS;
-      dec_v(c, t1, n1, nxt, tp, len(tp), !rows, cur);  // and step s's P x V
-      dec_k(c, t2, n2, cur, nxt, n1);                              // and step s + 1's scores
+      dec_k(c, t2, n2, cur, nxt, n1);                    // and step s + 1's scores
+      dec_v(c, t1, n1, nxt, tp, len(tp), !rows, cur);   // and step s's P x V
       t = t1;
       n = n1;
       t1 = t2;

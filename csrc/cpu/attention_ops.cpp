@@ -263,6 +263,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
   while (rows_per_task > min_rows && Hkv * ((tokens + rows_per_task - 1) / rows_per_task) < 4 * at::get_num_threads())
     rows_per_task = std::max(min_rows, rows_per_task / 2);
   std::vector<Work> work;
+  int64_t max_rows = 1;  // query rows of the largest task (sizes the per-thread scratch)
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = qs[s + 1] - qs[s];
     TORCH_CHECK(n >= 0 && qs[s + 1] <= T, op, ": query_start_loc is not non-decreasing within [0, ", T, "] at ", s);
@@ -275,6 +276,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     for (int64_t b = 0; b < nblk; ++b)
       TORCH_CHECK(row[b] >= 0 && row[b] < NB, op, ": block_table[", s, ", ", b, "] = ", row[b],
                   " is outside the cache (num_blocks = ", NB, ")");
+    max_rows = std::max(max_rows, std::min(n, rows_per_task) * G);
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t j0 = 0; j0 < n; j0 += rows_per_task) work.push_back({s, h, j0, std::min(n, j0 + rows_per_task)});
   }
@@ -293,7 +295,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     const scalar_t* qp = query.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
-      const int64_t Rmax = rows_per_task * G;
+      const int64_t Rmax = max_rows;
       // Scratch without zero-filling (every element is written before it is read).
       std::unique_ptr<float[]> qbuf(new float[Rmax * D]), obuf(new float[Rmax * D]),
           wbuf(new float[attn_work_floats(Rmax, D)]);
