@@ -860,11 +860,12 @@ inline void pv_chunk(const Dec& c, int slot, int64_t ch) {
 }
 
 // K rows of keys [t, t + n) -> kbuf(slot) (lane order, see load_k), with the scores of the step
-// in kbuf(qslot) (qn keys; none if qn == 0) issued along the way and stored at the end.
-void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn) {
+// in kbuf(qslot) (qn keys; none if qn == 0) issued along the way, from row `from` on, and
+// stored at the end.
+void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn, int from = 0) {
   const AttnTask& a = c.a;
   const int64_t bs = a.block_size, nch = c.D / 32;
-  const int every = static_cast<int>(kDS / nch) > 0 ? static_cast<int>(kDS / nch) : 1;
+  const int every = static_cast<int>((kDS - from) / nch) > 0 ? static_cast<int>((kDS - from) / nch) : 1;
   int64_t kc = 0;
   if (n > 0) {
     const uint8_t* src = a.kc + a.blocks[t / bs] * a.k_blk + (t % bs) * a.k_tok;
@@ -872,7 +873,7 @@ void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn) {
     const Decoder dec = c.dec;  // a local copy stays in registers (stores may alias c.dec)
     const int64_t tok = a.k_tok, D = c.D;
     for (int j = 0; j < n; ++j) {
-      if (qn > 0 && j % every == 0 && kc < nch) qk_chunk(c, qn, qslot, kc++);
+      if (qn > 0 && j >= from && (j - from) % every == 0 && kc < nch) qk_chunk(c, qn, qslot, kc++);
       const uint8_t* r = src + j * tok;
       uint16_t* o = dst + j * D;
       for (int64_t d = 0; d < D; d += 64) {
@@ -1183,7 +1184,9 @@ void attend_decode(const Dec& c) {
     int64_t t1 = t + n;
     int n1 = len(t1);
     dec_k(c, t, n, 0, 0, 0);
-    dec_k(c, t1, n1, 1, 0, n);  // and step 0's scores
+    // and step 0's scores, from half-way through: tile loads of K rows stored just before
+    // would wait for those stores to reach L1
+    dec_k(c, t1, n1, 1, 0, n, kDS / 2);
     dec_v(c, t, n, 0, t + kPfSteps * kDS, len(t + kPfSteps * kDS), false, 0);
     for (int s = 0; n > 0; ++s) {
       const int cur = s & 1, nxt = cur ^ 1;

@@ -11,8 +11,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -210,6 +212,39 @@ void kv_cache_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   });
 }
 
+// Row conversions for the query / output staging, written so that the compiler vectorizes them
+// (bf16 <-> fp32 by bit operations: c10's scalar conversions are not vectorized).
+template <typename T>
+inline void row_to_float(const T* src, int64_t n, float scale, float* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t d = 0; d < n; ++d) {
+      const uint32_t bits = static_cast<uint32_t>(s[d]) << 16;
+      float f;
+      std::memcpy(&f, &bits, 4);
+      dst[d] = f * scale;
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+  }
+}
+
+template <typename T>
+inline void row_from_float(const float* src, int64_t n, float scale, T* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t d = 0; d < n; ++d) {
+      const float f = src[d] * scale;
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round half to even
+      o[d] = static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);           // NaN stays NaN
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * scale);
+  }
+}
+
 struct Work {  // one task: sequence s, kv head h, query tokens [j0, j1) of that sequence
   int64_t s, h, j0, j1;
 };
@@ -308,7 +343,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
           for (int64_t g = 0; g < G; ++g) {
             const int64_t r = (j - wk.j0) * G + g;
             const scalar_t* src = qp + (qs[wk.s] + j) * query.stride(0) + (wk.h * G + g) * query.stride(1);
-            for (int64_t d = 0; d < D; ++d) qbuf[r * D + d] = static_cast<float>(src[d]) * qscale;
+            row_to_float(src, D, qscale, qbuf.get() + r * D);
             pos[r] = L[wk.s] - n + j;
           }
         AttnTask t;
@@ -348,7 +383,7 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
           for (int64_t g = 0; g < G; ++g) {
             const int64_t r = (j - wk.j0) * G + g;
             scalar_t* dst = op_ + (qs[wk.s] + j) * out.stride(0) + (wk.h * G + g) * out.stride(1);
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(obuf[r * D + d] * vsc);
+            row_from_float(obuf.get() + r * D, D, vsc, dst);
           }
       }
       if (amx) attend_amx_release();
