@@ -51,6 +51,9 @@ void attend_avx512(const AttnTask& t);  // needs AVX-512F/BW/VL/DQ + F16C and D 
 // Needs AMX-BF16 + AVX512-BF16/VBMI with tile permission, an e4m3 / e5m2 / bf16 cache,
 // D % 32 == 0 and D <= 256 (attention_amx.cpp).
 void attend_amx(const AttnTask& t);
+// attend_amx's kernel for decode tasks (attention_amx_decode.cpp): runs the task and returns true
+// if it fits (FP8 cache, D % 64 == 0, one row group with every probability part in one P tile).
+bool attend_amx_decode(const AttnTask& t);
 // After a thread's attend_amx calls of one op call: releases the tiles (they stay configured
 // between tasks of the call).
 void attend_amx_release();
