@@ -442,6 +442,41 @@ def test_attention_decode_long_contexts(isa, kv, qdtype, hq, hkv, bs):
             check_attention(o, ref, D, vmax=vmax)
 
 
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("qmul", [30.0, 1000.0])
+def test_attention_wide_score_range(isa, qdtype, qmul):
+    """Scores spread over hundreds (queries scaled up): most probabilities fall below fp32's
+    normal range (exp(s - m) < 2^-126), which the kernels flush to zero (FTZ / DAZ while they
+    run: denormal arithmetic took 1.7-1.9x longer); such a term is < 2^-126 of the softmax
+    denominator, so the outputs still meet the reference's bounds. The caller's floating-point
+    state (denormals kept) is restored afterwards."""
+    gen = torch.Generator().manual_seed(int(qmul))
+    D, hq, hkv, bs = 128, 8, 2, 32
+    lens, qlens = [300, 77, 5], [1, 3, 5]
+    nb, bt, slots, qsl, sl = make_batch(lens, qlens, hkv, D, bs, gen)
+    T = sum(lens)
+    k = torch.randn(T, hkv, D, generator=gen).bfloat16()
+    v = torch.randn(T, hkv, D, generator=gen).bfloat16()
+    ks, vs = torch.tensor(0.01), torch.tensor(0.01)
+    kc, vc, kr, vr = fill_caches("fp8", k, v, nb, hkv, bs, D, slots, ks, vs)
+    q = (torch.randn(sum(qlens), hq, D, generator=gen) * qmul).to(qdtype)
+    o = A.paged_attention(q, kc, vc, qsl, sl, bt, D**-0.5, "fp8", ks, vs)
+    ref = N.paged_attention(q, kr, vr, qsl, sl, bt, D**-0.5, ks, vs)
+    assert torch.isfinite(o).all()
+    vmax = vr.float().abs().max().item() * 0.01
+    if qdtype == torch.float32:
+        # Scores of magnitude ~100 summed in fp32 in another order differ by up to D * 2^-24 of
+        # sum_d |q_d k_d| (the usual bound on a D-term sum), and a softmax moves its output by at
+        # most 2 * max |score error| * max |v|.
+        kq = kr.float().reshape(-1, D) * ks.item()  # every cached key, dequantized
+        sabs = (q.float().abs().reshape(-1, D) @ kq.abs().T).max().item() * D**-0.5
+        torch.testing.assert_close(o, ref, rtol=2e-5, atol=2 * D * 2**-24 * sabs * vmax + 2e-6)
+    else:
+        check_attention(o, ref, D, vmax=vmax)
+    tiny = torch.tensor([2.0**-140]) * torch.tensor([1.0])  # a float32 denormal, computed
+    assert tiny.item() != 0.0, "the attention op left flush-to-zero on in the calling thread"
+
+
 @pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
 def test_attention_decode_nan_policy(isa, kv, qdtype):
