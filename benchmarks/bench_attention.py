@@ -61,7 +61,6 @@ class Pool:
             cache = torch.randn(self.nb, HKV, 2 * BS, D, generator=g).to(torch.bfloat16)
         self.cache = cache
         self.k, self.v = cache.chunk(2, dim=2)
-        self.i = 0
 
     def tables(self, batch: int, ctx: int, resident: bool = False) -> list[torch.Tensor]:
         """Block tables [batch, blocks per sequence]: one (resident), else enough disjoint
@@ -70,13 +69,10 @@ class Pool:
         need = batch * per
         g = torch.Generator().manual_seed(batch * 100003 + ctx)
         n_tables = 1 if resident else max(8, self.nb // need)
-        out: list[torch.Tensor] = []
-        while len(out) < n_tables:
-            perm = torch.randperm(self.nb, generator=g)
-            for i in range(self.nb // need):
-                if len(out) < n_tables:
-                    out.append(perm[i * need:(i + 1) * need].reshape(batch, per).to(torch.int32))
-        return out
+        per_perm = self.nb // need  # disjoint tables per permutation (>= 2: see pool())
+        perms = [torch.randperm(self.nb, generator=g) for _ in range(-(-n_tables // per_perm))]
+        chunks = [p[i * need:(i + 1) * need] for p in perms for i in range(per_perm)]
+        return [c.reshape(batch, per).to(torch.int32) for c in chunks[:n_tables]]
 
 
 _pools: dict[tuple, Pool] = {}

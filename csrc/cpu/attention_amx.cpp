@@ -38,8 +38,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <algorithm>
-#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -286,8 +284,6 @@ bool load_v(const Ctx& c, const uint8_t* src, int64_t tok, int n, int zero_pairs
   if (c.dec) return _mm512_cmpeq_epi8_mask(topb, c.dec->special) != 0;
   return _mm512_cmpeq_epi16_mask(top, expo) != 0;
 }
-
-
 
 // Q^T of a group: chunk kc, d pair r, column col -> qt[(kc * 16 + r) * 32 + 2 * col + (d & 1)];
 // column k * rg + i holds bf16 part k of row r0 + i. Columns >= nsq * rg are left stale: they
@@ -642,12 +638,11 @@ void attend_task(const Ctx& c) {
 }  // namespace
 
 void attend_amx(const AttnTask& a) {
+  if (attend_amx_decode(a)) return;
   static thread_local Buffers* buf = nullptr;
   if (!buf) buf = new Buffers();  // per thread, kept (the pool's threads live as long as the process)
   static const Perms perms;
-  static const Decoder e4m3(0), e5m2(1);
-  const Decoder* dec = a.kind == KvKind::e4m3 ? &e4m3 : (a.kind == KvKind::e5m2 ? &e5m2 : nullptr);
-  if (attend_amx_decode(a)) return;
+  const Decoder* dec = decoder_for(a.kind);
   const int rows[8] = {16, 16, 16, 16, 16, 16, 16, 16}, cols[8] = {64, 64, 64, 64, 64, 64, 64, 64};
   amx_tiles_for(-1, rows, cols);
   const int per = 16 / a.q_parts;

@@ -85,6 +85,12 @@ struct Decoder {
   }
 };
 
+// The decoder of an FP8 cache kind (null for 16/32-bit caches); built on first use.
+inline const Decoder* decoder_for(KvKind kind) {
+  static const Decoder e4m3(0), e5m2(1);
+  return kind == KvKind::e4m3 ? &e4m3 : (kind == KvKind::e5m2 ? &e5m2 : nullptr);
+}
+
 // fp32 -> bf16 bits (RNE) of 16 values, as 16-bit words in a __m256i.
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 inline __m512 from_bf16(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }

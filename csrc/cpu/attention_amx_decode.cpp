@@ -11,7 +11,7 @@
 //  - scores C[16 keys x nc] with nc = the score columns rounded up to a power of two, stored
 //    compactly ([key][nc], 16 / nc keys per vector), so the softmax works on full vectors
 //    without gathers; probabilities are transposed to P rows with word permutes;
-//  - V pairs decoded in an interleaved column order (o_col) that needs no byte permute: two
+//  - V pairs decoded in an interleaved column order (see DecBuf) that needs no byte permute: two
 //    rows' bytes are interleaved by unpacklo/hi, which the decoder's own unpacks keep; the
 //    accumulator columns follow that order and are put back in the epilogue;
 //  - software pipelining across steps, each iteration in the order: softmax of step s; K of
@@ -46,8 +46,10 @@ constexpr int kDS = 32;       // keys per decode step: one P tile
 constexpr int kPfSteps = 4;   // prefetch distance in steps
 
 struct DecBuf {
-  // K rows (slots 0, 1: [key][d]) and V pairs (slots 2, 3: [pair][col][2], columns in o_col
+  // K rows (slots 0, 1: [key][d]) and V pairs (slots 2, 3: [pair][col][2], accumulator column
   // order), each slot kDS * D words, packed so that a small head size uses a small part of L1.
+  // Accumulator column order: within each 64-d group, d = 16 L + 4 w + q sits in column
+  // 16 w + 4 L + q (the order dec_v's unpacks produce; the epilogue puts d back in place).
   alignas(64) uint16_t kv[4 * kDS * kMaxD];
   alignas(64) uint16_t qt[kMaxD / 32 * 16 * 32];     // Q^T per 32-d chunk [d pair][nc][2]
   alignas(64) float s[2][kDS * 16];                  // scores [key][nc]
@@ -56,13 +58,6 @@ struct DecBuf {
   alignas(64) float pf[kDS * 16];                    // fp32 probabilities [key][nc] (fallback)
   alignas(64) float o[16 * kMaxD];                   // accumulators [part * R + row][col]
 };
-
-// Accumulator column of head dim d: within each 64-d group, d = 16 L + 4 w + q sits in column
-// 16 w + 4 L + q (the order decode_v_pair produces; its own inverse).
-inline int64_t o_col(int64_t d) {
-  const int64_t e = d & 63;
-  return (d & ~int64_t(63)) + 16 * ((e >> 2) & 3) + 4 * (e >> 4) + (e & 3);
-}
 
 struct Dec {
   const AttnTask& a;
@@ -155,7 +150,7 @@ void dec_k(const Dec& c, int64_t t, int n, int slot, int qslot, int qn, int from
   }
 }
 
-// V rows of keys [t, t + n) -> vbuf(slot) as pairs (keys 2r, 2r + 1 interleaved, o_col column
+// V rows of keys [t, t + n) -> vbuf(slot) as pairs (keys 2r, 2r + 1 interleaved, accumulator column
 // order), pairs past n zero (their probabilities are 0, and 0 x NaN would be NaN); with P x V
 // of step pslot (if pv) issued along the way. Prefetches into L2 the K and V rows of the keys
 // starting at tp (np of them), spread over the decode.
@@ -167,7 +162,7 @@ void dec_v(const Dec& c, int64_t t, int n, int slot, int64_t tp, int np, bool pv
   if (np > 0) {
     pk = a.kc + a.blocks[tp / bs] * a.k_blk + (tp % bs) * a.k_tok;
     pvr = a.vc + a.blocks[tp / bs] * a.v_blk + (tp % bs) * a.v_tok;
-  } else if (a.next_k && np == 0 && n > 0) {
+  } else if (a.next_k && n > 0) {
     // past this task's keys: the next task's first rows (tp - hi of them are skipped)
     const int64_t hi = a.pos[a.R - 1] + 1, skip = tp - hi > 0 ? tp - hi : 0;
     if (skip < a.next_n) {
@@ -223,7 +218,7 @@ void dec_v(const Dec& c, int64_t t, int n, int slot, int64_t tp, int np, bool pv
 // Per-task softmax state, in the compact layout (lane l: key slot l / nc, column l % nc; row i
 // is column i once the query parts are summed).
 struct DecState {
-  __m512i col, slot;     // column and key slot of each lane
+  __m512i slot;          // key slot of each lane
   __m512i lo, hi;        // per lane: keys [lo, hi) its row sees (empty for columns >= R)
   __m512i part_idx[2];   // lane l -> lane l + k R (query part k + 1 of the same row)
   __m512i red[4];        // lane l -> lane l ^ (nc << i): reduction across key slots
@@ -239,17 +234,17 @@ struct DecState {
 // Does a row see only part of the keys [t0, t0 + n)?
 inline bool dec_partial(const DecState& st, int64_t t0, int n) { return t0 < st.all_lo || t0 + n > st.all_hi; }
 
-// Softmax of step s (scores in b.s[slot], keys [t0, t0 + n)): probabilities as P rows in
-// b.p[slot] (PP bf16 parts each), accumulators rescaled where the max moved; with `rows`, also
-// the fp32 probabilities in b.pf (for dec_pv_rows).
+// Softmax of step s (scores in b.s[slot], keys [t0, t0 + n); `partial`: dec_partial of the
+// step): probabilities as P rows in b.p[slot] (PP bf16 parts each), accumulators rescaled where
+// the max moved; with `rows`, also the fp32 probabilities in b.pf (for dec_pv_rows).
 template <int PP>
-void dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot, bool rows) {
+void dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot, bool partial, bool rows) {
   const AttnTask& a = c.a;
   DecBuf& b = c.b;
   const int nc = c.nc, R = c.R, nz = kDS * nc / 16;  // score vectors in the step
   const int kpz = 16 / nc;                            // keys per vector
   const float* s = b.s[slot];
-  const bool masked = dec_partial(st, t0, n) || n < kDS;  // else every lane of every vector is a seen key
+  const bool masked = partial || n < kDS;  // else every lane of every vector is a seen key
   const __m512 qks = _mm512_set1_ps(a.qk_scale);
   __m512 sv[32];
   __mmask16 mk[32];
@@ -296,7 +291,7 @@ void dec_softmax(const Dec& c, DecState& st, int64_t t0, int n, int slot, bool r
   const __m512 mfirst = _mm512_mask_mov_ps(mx, _mm512_cmpeq_ps_mask(mx, ninf), _mm512_setzero_ps());
   st.m = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.m, grow, mx), first, mfirst);
   // Probabilities, bf16 parts in compact word order ([key][nc]).
-  const __m512 mref = _mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmpneq_ps_mask(st.m, _mm512_set1_ps(-__builtin_inff())), st.m);
+  const __m512 mref = _mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmpneq_ps_mask(st.m, ninf), st.m);
   __m512 l = st.l;
   for (int z = 0; z < nz; z += 2) {  // nz is even; whole 64-byte word vectors are stored (a
                                       // later load spanning two stores could not be forwarded)
@@ -354,27 +349,24 @@ bool dec_v_special(const Dec& c, int64_t t, int n) {
   return any != 0;
 }
 
-// P x V of such a step in fp32, row by row over the keys each row sees (b.pf): a NaN in a key a
-// row does not see never reaches it (0 x NaN), and p x Inf stays Inf.
-void dec_pv_rows(const Dec& c, const DecState& st, int64_t t0, int n) {
-  const AttnTask& a = c.a;
-  const int64_t bs = a.block_size, D = c.D;
-  const uint8_t* src = a.vc + a.blocks[t0 / bs] * a.v_blk + (t0 % bs) * a.v_tok;
-  const AmxTables& tb = amx_tables();
-  const int tab = a.kind == KvKind::e4m3 ? 0 : 1;
+// P x V of such a step (its V pairs in vbuf(slot)) in fp32, row by row over the keys each row
+// sees (b.pf): a NaN in a key a row does not see never reaches it (0 x NaN), and p x Inf stays
+// Inf. Accumulator and V pair columns share one order.
+void dec_pv_rows(const Dec& c, const DecState& st, int64_t t0, int n, int slot) {
+  const int64_t D = c.D;
+  const uint16_t* v = vbuf(c, slot);
   for (int i = 0; i < c.R; ++i) {
     const int64_t j0 = st.row_lo[i] > t0 ? st.row_lo[i] - t0 : 0;
     const int64_t j1 = st.row_hi[i] < t0 + n ? st.row_hi[i] - t0 : n;
     float* o = c.b.o + i * D;
     for (int64_t j = j0; j < j1; ++j) {
       const float pj = c.b.pf[j * c.nc + i];
-      const uint8_t* r = src + j * a.v_tok;
-      for (int64_t d = 0; d < D; ++d) {
-        const int m = r[d] & 0x7F;
-        const uint32_t bits = ((static_cast<uint32_t>(tb.hi[tab][m] | (r[d] & 0x80)) << 8) | tb.lo[tab][m]) << 16;
+      const uint16_t* vj = v + (j / 2) * 2 * D + (j & 1);  // key j's word in each pair
+      for (int64_t col = 0; col < D; ++col) {
+        const uint32_t bits = static_cast<uint32_t>(vj[2 * col]) << 16;
         float vf;
         std::memcpy(&vf, &bits, 4);
-        o[o_col(d)] += pj * vf;
+        o[col] += pj * vf;
       }
     }
   }
@@ -399,7 +391,7 @@ void attend_decode(const Dec& c) {
 
   DecState st;
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  st.col = _mm512_and_si512(iota, _mm512_set1_epi32(nc - 1));
+  const __m512i col = _mm512_and_si512(iota, _mm512_set1_epi32(nc - 1));  // column of each lane
   st.slot = _mm512_srli_epi32(iota, __builtin_ctz(nc));
   alignas(64) int32_t lo16[16], hi16[16];
   int64_t lo = INT64_MAX, hi = 0;
@@ -420,8 +412,8 @@ void attend_decode(const Dec& c) {
     st.all_lo = std::max(st.all_lo, st.row_lo[i]);
     st.all_hi = std::min(st.all_hi, st.row_hi[i]);
   }
-  st.lo = _mm512_permutexvar_epi32(st.col, _mm512_load_si512(lo16));
-  st.hi = _mm512_permutexvar_epi32(st.col, _mm512_load_si512(hi16));
+  st.lo = _mm512_permutexvar_epi32(col, _mm512_load_si512(lo16));
+  st.hi = _mm512_permutexvar_epi32(col, _mm512_load_si512(hi16));
   for (int k = 1; k < 3; ++k)
     st.part_idx[k - 1] = _mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(k * R)), _mm512_set1_epi32(15));
   st.nred = 0;
@@ -459,12 +451,13 @@ void attend_decode(const Dec& c) {
       const int n2 = n1 > 0 ? len(t2) : 0;
       // fp32 rows where a NaN must not reach rows that do not see it, and for e5m2 wherever V
       // holds Inf (p x Inf split into bf16 parts of both signs would be Inf - Inf = NaN).
-      const bool rows = (dec_partial(st, t, n) || a.kind == KvKind::e5m2) && dec_v_special(c, t, n);
+      const bool partial = dec_partial(st, t, n);
+      const bool rows = (partial || a.kind == KvKind::e5m2) && dec_v_special(c, t, n);
       if (c.pp == 2)
-        dec_softmax<2>(c, st, t, n, cur, rows);
+        dec_softmax<2>(c, st, t, n, cur, partial, rows);
       else
-        dec_softmax<3>(c, st, t, n, cur, rows);
-      if (rows) dec_pv_rows(c, st, t, n);
+        dec_softmax<3>(c, st, t, n, cur, partial, rows);
+      if (rows) dec_pv_rows(c, st, t, n, cur);
       const int64_t tp = t1 + kPfSteps * kDS;
       dec_k(c, t2, n2, cur, nxt, n1);                    // and step s + 1's scores
       dec_v(c, t1, n1, nxt, tp, len(tp), !rows, cur);   // and step s's P x V
@@ -504,8 +497,7 @@ void attend_decode(const Dec& c) {
 }  // namespace
 
 bool attend_amx_decode(const AttnTask& a) {
-  static const Decoder e4m3(0), e5m2(1);
-  const Decoder* dec = a.kind == KvKind::e4m3 ? &e4m3 : (a.kind == KvKind::e5m2 ? &e5m2 : nullptr);
+  const Decoder* dec = decoder_for(a.kind);
   const int pp = a.q_parts == 3 ? 3 : 2;
   if (!dec || a.D % 64 != 0 || a.q_parts * a.R > 16 || pp * a.R > 16) return false;
   static thread_local DecBuf* dbuf = nullptr;

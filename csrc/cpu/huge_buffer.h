@@ -13,12 +13,16 @@
 
 namespace fp8_backend {
 
-// bytes (rounded up to whole 2 MiB pages) of uninitialized memory, 2 MiB-aligned and advised to
-// use transparent huge pages; release with std::free. Throws std::bad_alloc.
+constexpr size_t kHugePage = 2 << 20;
+
+// bytes rounded up to whole huge pages: what huge_alloc(bytes) really provides.
+inline size_t huge_size(size_t bytes) { return (bytes + kHugePage - 1) / kHugePage * kHugePage; }
+
+// huge_size(bytes) of uninitialized memory, 2 MiB-aligned and advised to use transparent huge
+// pages; release with std::free. Throws std::bad_alloc.
 inline void* huge_alloc(size_t bytes) {
-  constexpr size_t kHuge = 2 << 20;
-  const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = std::aligned_alloc(kHuge, size);
+  const size_t size = huge_size(bytes);
+  void* p = std::aligned_alloc(kHugePage, size);
   if (!p) throw std::bad_alloc();
   madvise(p, size, MADV_HUGEPAGE);  // a hint: without THP this is ordinary memory
   return p;
@@ -31,7 +35,7 @@ class HugeBuffer {
     if (bytes > size_) {
       release();
       ptr_ = huge_alloc(bytes);
-      size_ = bytes;
+      size_ = huge_size(bytes);
     }
     return ptr_;
   }
