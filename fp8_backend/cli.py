@@ -106,6 +106,9 @@ def quantize_cmd(argv: list[str]) -> int:
         return 1
     print(f"wrote {r.out_dir}: {len(r.quantized)} FP8 linear layers, {len(r.ignored)} left 16-bit "
           f"({', '.join(r.ignored[:4])}{', ...' if len(r.ignored) > 4 else ''}), shards {r.shards}")
+    if r.moe_16bit:
+        print(f"mixture-of-experts: {len(r.moe_16bit)} MoE layers ({sum(n for _, n in r.moe_16bit)} experts) "
+              f"written 16-bit: FP8 conversion of experts is not implemented yet")
     if args.scale_search == "mse":
         print(f"scale search: weight quantization MSE {r.mse_ratio:.4f} x that of amax scales")
     return 0

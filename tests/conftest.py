@@ -67,5 +67,7 @@ def run_engine(
     out = p.stdout + "\n" + p.stderr
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+            result = json.loads(line[len("RESULT ") :])
+            result["log"] = out  # the engine's stdout + stderr (vLLM's and the plugin's log lines)
+            return result
     raise EngineError(f"engine failed (exit {p.returncode}):\n{out[-6000:]}", out)

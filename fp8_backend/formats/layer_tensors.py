@@ -54,6 +54,32 @@ def _local(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def check_fp8_weight(
+    name: str, w: torch.Tensor, fp8_dtype: torch.dtype, *, check_values: bool = True
+) -> torch.Tensor:
+    """An FP8 weight as the config declares it: dtype ``fp8_dtype`` and (``check_values``) no
+    NaN encodings. Returned unchanged."""
+    if w.dtype != fp8_dtype:
+        raise CheckpointFormatError(
+            f"{name}: expected dtype {_dtype_name(fp8_dtype)} (the config declares FP8 "
+            f"weights), found {_dtype_name(w.dtype)}; if this layer is meant to stay unquantized "
+            f"it must be in the config's ignore list"
+        )
+    if check_values and w.numel():
+        nan = (w.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only non-finite encodings
+        if bool(nan.any()):
+            raise CheckpointFormatError(
+                f"{name}: expected finite FP8 values, found {int(nan.sum())} NaN encodings "
+                f"(0x7F/0xFF) of {w.numel()}"
+            )
+    return w
+
+
+def check_scale(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A stored scale tensor as float32 (exact): a float dtype, every value finite and > 0."""
+    return _scale_fp32(name, t)
+
+
 def _scale_fp32(name: str, t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise CheckpointFormatError(f"{name}: expected a tensor, found {type(t).__name__}")
@@ -119,23 +145,10 @@ def validate_layer_tensors(
             f"{wname}: missing; expected a float8_e4m3fn (F8_E4M3) [N, K] weight{hint}; "
             f"found tensors {sorted(f'{prefix}.{k}' for k in t)}"
         )
-    w = t["weight"]
-    if w.dtype != scheme.fp8_dtype:
-        raise CheckpointFormatError(
-            f"{wname}: expected dtype {_dtype_name(scheme.fp8_dtype)} (the config declares FP8 "
-            f"weights), found {_dtype_name(w.dtype)}; if this layer is meant to stay unquantized "
-            f"it must be in the config's ignore list"
-        )
+    w = check_fp8_weight(wname, t["weight"], scheme.fp8_dtype, check_values=check_weight_values)
     if w.dim() != 2:
         raise CheckpointFormatError(f"{wname}: expected a 2-D [N, K] weight, found shape {list(w.shape)}")
     n, k = w.shape
-    if check_weight_values and w.numel():
-        nan = (w.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only non-finite encodings
-        if bool(nan.any()):
-            raise CheckpointFormatError(
-                f"{wname}: expected finite FP8 values, found {int(nan.sum())} NaN encodings "
-                f"(0x7F/0xFF) of {w.numel()}"
-            )
 
     # -- weight scale ---------------------------------------------------------------------------
     sname = names["weight_scale"]
@@ -239,6 +252,8 @@ def validate_kv_scale(
 
 __all__ = [
     "LayerTensors",
+    "check_fp8_weight",
+    "check_scale",
     "SCALE_DTYPES",
     "kv_scale_role",
     "validate_kv_scale",

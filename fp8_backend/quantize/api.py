@@ -39,6 +39,8 @@ class QuantizeReport:
     sse_amax: float = 0.0  #: the same with plain amax scales (equal unless scale_search="mse")
     input_amax: dict[str, float] = field(default_factory=dict)
     kv_amax: dict[str, float] = field(default_factory=dict)
+    #: mixture-of-experts blocks whose experts were written 16-bit (name, number of experts)
+    moe_16bit: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def mse_ratio(self) -> float:
@@ -88,7 +90,8 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
 
     ct = opts.format == "compressed-tensors"
     qcfg = quantization_config(opts, ignored)
-    report = QuantizeReport(out_dir, qcfg, quant, ignored, [], input_amax=input_amax, kv_amax=kv_amax)
+    report = QuantizeReport(out_dir, qcfg, quant, ignored, [], input_amax=input_amax, kv_amax=kv_amax,
+                            moe_16bit=list(layers.moe))
     quant_set = set(quant)
     with atomic_output_dir(out_dir, force) as tmp:
         writer = ShardWriter(tmp, opts.max_shard_bytes)

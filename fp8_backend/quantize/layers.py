@@ -17,6 +17,20 @@ from ..formats.scheme import match_ignore
 class ModelLayers:
     linear: tuple[str, ...]  #: every nn.Linear module name (lm_head included)
     attention: tuple[str, ...]  #: modules owning k_proj and v_proj (get k_scale / v_scale)
+    #: mixture-of-experts blocks (name, number of experts): their experts are not converted yet
+    moe: tuple[tuple[str, int], ...] = ()
+
+
+def _num_experts(module: torch.nn.Module) -> int | None:
+    """Experts in a module named "experts" (transformers' convention for Mixtral, Qwen-MoE,
+    DeepSeek, ...): a ModuleList of experts, or fused 3-D expert weights [E, ...]."""
+    if isinstance(module, torch.nn.ModuleList):
+        return len(module)
+    n = getattr(module, "num_experts", None)
+    if isinstance(n, int):
+        return n
+    dims = {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
+    return dims.pop() if len(dims) == 1 else None
 
 
 def linear_modules(model: torch.nn.Module) -> ModelLayers:
@@ -26,7 +40,13 @@ def linear_modules(model: torch.nn.Module) -> ModelLayers:
         if isinstance(getattr(m, "k_proj", None), torch.nn.Linear)
         and isinstance(getattr(m, "v_proj", None), torch.nn.Linear)
     )
-    return ModelLayers(linear, attention)
+    moe = []
+    for n, m in model.named_modules():
+        if n.rsplit(".", 1)[-1] == "experts":
+            e = _num_experts(m)
+            if e:
+                moe.append((n, e))
+    return ModelLayers(linear, attention, tuple(moe))
 
 
 def model_layers(model_dir: Path) -> ModelLayers:

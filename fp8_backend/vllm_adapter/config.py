@@ -15,6 +15,7 @@ from ..formats.checkpoint import (
     parse_quantization_config,
 )
 from ..formats.scheme import Fp8Scheme, match_ignore
+from .layer_owner import layer_owner, linear_kind
 
 # A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
 logger = logging.getLogger("vllm.fp8_backend")
@@ -35,7 +36,11 @@ class Fp8Config(QuantizationConfig):
         super().__init__()
         self.scheme = scheme or Fp8Scheme()
         self.checkpoint = checkpoint  # set for FP8 checkpoints: how their tensors are stored
+        self.quantization_config: dict[str, Any] | None = None  # the checkpoint's, as read
         self._logged = False
+        self._vllm_config = None  # vLLM's own config for the same checkpoint (layers it serves)
+        self._vllm_mappers: list = []
+        self._moe_16bit: list[tuple[str, int]] = []  # online: MoE layers left 16-bit (name, experts)
 
     # -- vLLM's QuantizationConfig interface ----------------------------------------------------
 
@@ -68,7 +73,9 @@ class Fp8Config(QuantizationConfig):
         if "quant_method" not in config:
             return cls(Fp8Scheme(online=True))
         checkpoint = parse_quantization_config(config)  # names the bad field on error
-        return cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        cfg = cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        cfg.quantization_config = dict(config)
+        return cfg
 
     # vLLM attaches the user's --quantization-config (QuantizationConfigArgs) to the checkpoint
     # config as an OnlineQuantizationConfig, which would route layers to vLLM's own online
@@ -90,7 +97,10 @@ class Fp8Config(QuantizationConfig):
         if getattr(args, "targets", None):
             raise ValueError("quantization_config.targets: not supported by fp8-backend; use 'ignore'")
         if getattr(args, "moe", None) is not None and getattr(args, "linear", None) is None:
-            raise ValueError("quantization_config.moe: MoE layers are not supported by fp8-backend")
+            raise ValueError(
+                "quantization_config.moe: online FP8 of mixture-of-experts layers is not "
+                "implemented in fp8-backend yet (with quantization='fp8' the experts stay 16-bit)"
+            )
         linear = getattr(args, "linear", None)
         strategy = self.scheme.weight_strategy
         if linear is not None:
@@ -109,9 +119,14 @@ class Fp8Config(QuantizationConfig):
 
         from vllm.model_executor.layers.attention import Attention
 
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+
         if isinstance(layer, Attention):
             return self._kv_cache_method(layer)
+        if isinstance(layer, RoutedExperts):
+            return self._moe_method(layer, prefix)
         if not isinstance(layer, LinearBase):
+            self._log_moe_summary(prefix)
             return None  # lm_head (ParallelLMHead) and embeddings stay 16-bit
         if self.checkpoint is not None:
             if not self.checkpoint.is_quantized(prefix, self.packed_modules_mapping):
@@ -122,10 +137,76 @@ class Fp8Config(QuantizationConfig):
             return Fp8CheckpointLinearMethod(self.checkpoint, prefix)
         if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
+        if layer_owner(linear_kind(prefix), "online").owner == "unquantized":
+            return UnquantizedLinearMethod()
         if not self._logged:
             logger.info("fp8-backend: %s", self.scheme.describe())
             self._logged = True
         return Fp8OnlineLinearMethod(self.scheme, prefix)
+
+    def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase:
+        """FusedMoE layers, as layer_owner decides: vLLM's own method for the same checkpoint,
+        16-bit experts (online FP8 and ignored layers), or a refusal naming the layer."""
+        from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+        from vllm.platforms import current_platform
+
+        from .layer_owner import this_cpu_features
+        from .moe import UnsupportedLayerError, delegated_moe_method
+
+        ckpt = self.checkpoint
+        if ckpt is not None and not ckpt.is_quantized(prefix, self.packed_modules_mapping):
+            return UnquantizedFusedMoEMethod(layer.moe_config)
+        if ckpt is None and match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
+            return UnquantizedFusedMoEMethod(layer.moe_config)
+        platform = "cpu" if current_platform.is_cpu() else ("cuda" if current_platform.is_cuda() else current_platform.device_name)
+        activation = getattr(getattr(layer.moe_config, "activation", None), "value", None)
+        rule = layer_owner(
+            "moe",
+            "online" if ckpt is None else ckpt.source,
+            weight_strategy=None if ckpt is None else ckpt.weight_strategy,
+            block_size=None if ckpt is None else ckpt.block_size,
+            platform=platform,
+            cpu_features=this_cpu_features() if platform == "cpu" else frozenset(),
+            activation=activation,
+        )
+        if rule.owner == "refuse":
+            raise UnsupportedLayerError(f"{prefix}: {rule.reason}")
+        if rule.owner == "unquantized":
+            experts = int(getattr(layer, "global_num_experts", 0) or layer.moe_config.num_experts)
+            if not self._moe_16bit:
+                logger.info("fp8-backend: %s: %s", prefix, rule.reason)
+            self._moe_16bit.append((prefix, experts))
+            return UnquantizedFusedMoEMethod(layer.moe_config)
+        logger.info("fp8-backend: %s: %s", prefix, rule.reason)
+        return delegated_moe_method(self._vllm_own_config(), layer, prefix, ckpt.source, ckpt.fp8_dtype)
+
+    def _log_moe_summary(self, prefix: str) -> None:
+        """Online FP8: once the model's lm_head is built (after its decoder layers), say how many
+        MoE layers and experts stayed 16-bit."""
+        if self._moe_16bit and prefix.endswith("lm_head"):
+            logger.info(
+                "fp8-backend: %d mixture-of-experts layers (%d experts) stay 16-bit; the other "
+                "linear layers are FP8",
+                len(self._moe_16bit), sum(n for _, n in self._moe_16bit),
+            )
+
+    def _vllm_own_config(self) -> QuantizationConfig:
+        """vLLM's own config class for this checkpoint's quantization_config (built once)."""
+        from .moe import vllm_config_for
+
+        if self._vllm_config is None:
+            cfg = vllm_config_for(self.checkpoint.source, self.quantization_config or {})
+            cfg.packed_modules_mapping = self.packed_modules_mapping
+            for mapper in self._vllm_mappers:
+                cfg.apply_vllm_mapper(mapper)
+            self._vllm_config = cfg
+        return self._vllm_config
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        # Kept for vLLM's own config, built only if a layer is delegated to it.
+        self._vllm_mappers.append(hf_to_vllm_mapper)
+        if self._vllm_config is not None:
+            self._vllm_config.apply_vllm_mapper(hf_to_vllm_mapper)
 
     def _kv_cache_method(self, layer: torch.nn.Module) -> QuantizeMethodBase | None:
         """k/v scales for attention layers (Fp8KVCacheMethod). vLLM refuses fp8_e5m2 with any
@@ -200,6 +281,7 @@ class Fp8CompressedTensorsConfig(Fp8Config):
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         checkpoint = parse_quantization_config(config)
         cfg = cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        cfg.quantization_config = dict(config)
         # vLLM's Attention reads quant_config.kv_cache_scheme: an FP8 KV cache by default, and
         # per-head scale parameters for strategy "attn_head" (Fp8KVCacheMethod loads both).
         cfg.kv_cache_scheme = config.get("kv_cache_scheme")

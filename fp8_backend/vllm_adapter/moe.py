@@ -1,0 +1,127 @@
+"""Mixture-of-experts layers under fp8-backend's configs, as :func:`layer_owner` decides.
+
+* Delegated (FP8 checkpoints where vLLM's own MoE method runs): the method vLLM alone would
+  build, from vLLM's own config class and the same ``quantization_config``, so the layer is
+  created, loaded and run exactly as without the plugin. fp8-backend only adds its checks on the
+  expert tensors as they load (an expert weight that is not FP8, a non-finite scale, an expert
+  missing from the checkpoint): vLLM's loader would copy a 16-bit tensor into an FP8 parameter,
+  or leave a scale at its initial value, without a word.
+* Online ``quantization="fp8"``: the experts stay 16-bit (vLLM's unquantized MoE), and the log
+  says how many.
+* Anything else is refused at load with the rule's sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..formats.checkpoint import CheckpointFormatError
+from ..formats.layer_tensors import check_fp8_weight, check_scale
+
+logger = logging.getLogger("vllm.fp8_backend")
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer of the model that neither fp8-backend nor vLLM can serve in this format on this
+    platform. The message names the layer, the format and what is missing."""
+
+
+def vllm_config_for(fmt: str, quantization_config: dict[str, Any]):
+    """vLLM's own QuantizationConfig for a checkpoint's ``quantization_config``."""
+    if fmt == "fp8":
+        from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+        return Fp8Config.from_config(quantization_config)
+    if fmt == "compressed-tensors":
+        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+            CompressedTensorsConfig,
+        )
+
+        return CompressedTensorsConfig.from_config(quantization_config)
+    raise ValueError(f"vllm_config_for: no vLLM config for format {fmt!r}")
+
+
+def delegated_moe_method(vllm_config, layer: torch.nn.Module, prefix: str, fmt: str, fp8_dtype: torch.dtype):
+    """vLLM's own method for MoE layer ``prefix``, with fp8-backend's tensor checks attached."""
+    try:
+        method = vllm_config.get_quant_method(layer, prefix)
+    except (ValueError, NotImplementedError) as e:
+        raise UnsupportedLayerError(
+            f"{prefix}: vLLM's own {fmt} mixture-of-experts method cannot serve this layer here: {e}"
+        ) from e
+    if method is None:
+        raise UnsupportedLayerError(f"{prefix}: vLLM's {fmt} config has no method for this layer")
+    attach_expert_checks(method, prefix, fp8_dtype)
+    return method
+
+
+# Checkpoint tensor name suffixes, by what the loader fills: FP8 weights and their scales.
+_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
+
+
+def attach_expert_checks(method, prefix: str, fp8_dtype: torch.dtype) -> None:
+    """Wrap ``method``'s create_weights (so every expert tensor passes fp8-backend's checks as it
+    loads, and which ones arrived is recorded) and process_weights_after_loading (so an expert
+    tensor the checkpoint lacks is named before serving). ``method`` stays vLLM's object."""
+    create = method.create_weights
+    process = method.process_weights_after_loading
+    seen: dict[int, dict[tuple[int, str], str]] = {}  # id(param) -> (expert, shard) -> tensor name
+
+    def create_weights(layer, *args, **extra):
+        loader = extra.get("weight_loader")
+        if loader is not None:
+            extra["weight_loader"] = _checked_expert_loader(loader, fp8_dtype, seen)
+        return create(layer, *args, **extra)
+
+    def process_weights_after_loading(layer):
+        _check_experts_complete(layer, prefix, seen)
+        return process(layer)
+
+    method.create_weights = create_weights
+    method.process_weights_after_loading = process_weights_after_loading
+
+
+def _checked_expert_loader(loader, fp8_dtype, seen):
+    def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
+        if weight_name.endswith(_SCALE_SUFFIXES):
+            check_scale(weight_name, loaded_weight)
+        elif param.dtype == fp8_dtype:
+            check_fp8_weight(weight_name, loaded_weight, fp8_dtype)
+        seen.setdefault(id(param), {})[(int(expert_id), str(shard_id))] = weight_name
+        return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
+
+    return load
+
+
+# The layer's FP8 expert weights and their weight scales: every expert must bring them.
+_REQUIRED = ("_weight", "_weight_scale", "_weight_scale_inv")
+
+
+def _check_experts_complete(layer, prefix, seen) -> None:
+    """Every expert's weight and weight scale, for every shard vLLM loads into them, came from
+    the checkpoint; names the first one that did not."""
+    num_experts = int(getattr(layer, "global_num_experts", 0) or getattr(layer, "local_num_experts", 0))
+    for name, p in layer.named_parameters(recurse=False):
+        if not name.endswith(_REQUIRED):
+            continue
+        got = seen.get(id(p))
+        if not got:
+            raise CheckpointFormatError(
+                f"{prefix}.{name}: no expert tensor of the checkpoint was loaded into it (expected "
+                f"one per expert and shard for {num_experts} experts, dtype {p.dtype})"
+            )
+        shards = sorted({s for _, s in got})
+        for expert in range(num_experts):
+            for shard in shards:
+                if (expert, shard) in got:
+                    continue
+                other, example = next((e, n) for (e, s), n in got.items() if s == shard)
+                head, _, tail = example.rpartition(f".{other}.")  # the expert index comes last
+                missing = f"{head}.{expert}.{tail}"
+                raise CheckpointFormatError(
+                    f"{missing}: missing from the checkpoint (expected for every one of the "
+                    f"{num_experts} experts of {prefix}, as e.g. {example})"
+                )

@@ -1,0 +1,178 @@
+"""The rule that says who serves each layer (fp8_backend.vllm_adapter.layer_owner): one case
+per branch, and the expert-tensor checks attached to layers delegated to vLLM."""
+
+import pytest
+import torch
+
+from fp8_backend.formats.checkpoint import CheckpointFormatError
+from fp8_backend.vllm_adapter.layer_owner import LayerOwner, describe_cpu, layer_owner
+
+AMX = frozenset({"avx2", "avx512", "avx512_bf16", "amx"})
+ZEN4 = frozenset({"avx2", "avx512", "avx512_bf16"})
+AVX2 = frozenset({"avx2"})
+BLOCK = dict(weight_strategy="block", block_size=(128, 128))
+
+
+def test_dense_layers_are_the_plugins():
+    for fmt in ("online", "fp8", "compressed-tensors"):
+        assert layer_owner("linear", fmt).owner == "plugin"
+        assert layer_owner("attention", fmt).owner == "plugin"
+        assert layer_owner("other", fmt).owner == "none"
+
+
+def test_routers_stay_16bit_online_and_as_stored_in_checkpoints():
+    from fp8_backend.vllm_adapter.layer_owner import linear_kind
+
+    assert linear_kind("model.layers.3.mlp.gate") == "router"
+    assert linear_kind("model.layers.3.mlp.shared_expert_gate") == "router"
+    assert linear_kind("model.layers.3.mlp.gate_proj") == "linear"
+    assert linear_kind("model.layers.3.mlp.gate_up_proj") == "linear"
+    assert layer_owner("router", "online").owner == "unquantized"
+    assert layer_owner("router", "fp8").owner == "plugin"
+    assert layer_owner("router", "compressed-tensors").owner == "plugin"
+
+
+def test_online_moe_stays_16bit_and_says_so():
+    r = layer_owner("moe", "online", cpu_features=AVX2)
+    assert r.owner == "unquantized" and "16-bit" in r.reason
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_block_fp8_moe_on_amx_cpu_goes_to_vllm(fmt):
+    r = layer_owner("moe", fmt, platform="cpu", cpu_features=AMX, activation="silu", **BLOCK)
+    assert r.owner == "vllm" and "CPUExpertsFp8" in r.reason
+
+
+@pytest.mark.parametrize("features,cpu", [(ZEN4, "AVX-512 BF16 without AMX"), (AVX2, "AVX2 without AVX-512 or AMX")])
+def test_block_fp8_moe_without_amx_is_refused_naming_the_cpu(features, cpu):
+    r = layer_owner("moe", "fp8", platform="cpu", cpu_features=features, activation="silu", **BLOCK)
+    assert r.owner == "refuse"
+    assert "128x128 block-FP8" in r.reason and "AMX only" in r.reason and cpu in r.reason
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_non_block_fp8_moe_on_cpu_is_refused_even_with_amx(strategy):
+    r = layer_owner("moe", "fp8", weight_strategy=strategy, platform="cpu", cpu_features=AMX)
+    assert r.owner == "refuse" and "block-FP8 experts only" in r.reason
+    assert ("per-channel" if strategy == "channel" else "per-tensor") in r.reason
+
+
+def test_other_block_size_on_cpu_is_refused():
+    r = layer_owner("moe", "fp8", weight_strategy="block", block_size=(64, 64), platform="cpu", cpu_features=AMX)
+    assert r.owner == "refuse" and "64x64" in r.reason
+
+
+def test_unsupported_activation_on_cpu_is_refused():
+    r = layer_owner("moe", "fp8", platform="cpu", cpu_features=AMX, activation="swigluoai", **BLOCK)
+    assert r.owner == "refuse" and "swigluoai" in r.reason
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
+def test_fp8_moe_on_cuda_goes_to_vllms_fp8_moe_method(strategy):
+    # Any scheme, any activation: vLLM's own Fp8MoEMethod / compressed-tensors MoE method picks
+    # its kernel (and refuses what it cannot run; the adapter wraps that error with the layer).
+    r = layer_owner("moe", "fp8", weight_strategy=strategy, block_size=(128, 128) if strategy == "block" else None,
+                    platform="cuda", activation="gelu")
+    assert r.owner == "vllm" and "cuda" in r.reason
+
+
+def test_owner_is_validated():
+    with pytest.raises(ValueError, match="LayerOwner.owner"):
+        LayerOwner("maybe", "")
+    assert describe_cpu(frozenset()) == "neither AVX2, AVX-512 nor AMX"
+
+
+# ---- expert-tensor checks on a delegated method ----------------------------------------------
+
+
+class _FakeMethod:
+    """The two methods attach_expert_checks wraps, recording what vLLM's would receive."""
+
+    def __init__(self):
+        self.loaded = []
+        self.processed = False
+
+    def create_weights(self, layer, num_experts, **extra):
+        for name, dtype in (("w13_weight", torch.float8_e4m3fn), ("w13_weight_scale_inv", torch.float32)):
+            p = torch.nn.Parameter(torch.zeros(num_experts, 2, dtype=dtype), requires_grad=False)
+            layer.register_parameter(name, p)
+        layer.loader = extra["weight_loader"]
+
+    def process_weights_after_loading(self, layer):
+        self.processed = True
+
+
+def _layer(num_experts=3):
+    from fp8_backend.vllm_adapter.moe import attach_expert_checks
+
+    method = _FakeMethod()
+    attach_expert_checks(method, "model.layers.0.mlp.experts", torch.float8_e4m3fn)
+    layer = torch.nn.Module()
+    layer.global_num_experts = num_experts
+    method.create_weights(layer, num_experts, weight_loader=lambda p, w, name, shard, e, *a, **k: method.loaded.append(name))
+    return method, layer
+
+
+def _load_all(layer, skip=(), weight=None, scale=None):
+    for e in range(layer.global_num_experts):
+        for shard, proj in (("w1", "gate_proj"), ("w3", "up_proj")):
+            base = f"model.layers.0.mlp.experts.{e}.{proj}"
+            if (e, proj, "weight") not in skip:
+                w = weight if weight is not None else torch.zeros(2, 2, dtype=torch.float8_e4m3fn)
+                layer.loader(layer.w13_weight, w, base + ".weight", shard, e)
+            if (e, proj, "scale") not in skip:
+                s = scale if scale is not None else torch.ones(1)
+                layer.loader(layer.w13_weight_scale_inv, s, base + ".weight_scale_inv", shard, e)
+
+
+def test_expert_checks_pass_a_complete_checkpoint_through():
+    method, layer = _layer()
+    _load_all(layer)
+    method.process_weights_after_loading(layer)
+    assert method.processed and len(method.loaded) == 12
+
+
+def test_expert_weight_in_16_bit_is_refused_by_name():
+    method, layer = _layer()
+    with pytest.raises(CheckpointFormatError, match=r"experts\.0\.gate_proj\.weight: expected dtype float8_e4m3fn.*found bfloat16"):
+        _load_all(layer, weight=torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad,what", [(float("nan"), "NaN"), (float("inf"), "Inf"), (0.0, "<= 0"), (-1.0, "<= 0")])
+def test_expert_scale_not_finite_positive_is_refused_by_name(bad, what):
+    method, layer = _layer()
+    with pytest.raises(CheckpointFormatError, match=r"experts\.0\.gate_proj\.weight_scale_inv: .*" + what):
+        _load_all(layer, scale=torch.tensor([bad]))
+
+
+def test_expert_weight_of_nan_encodings_is_refused():
+    method, layer = _layer()
+    nan = torch.full((2, 2), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointFormatError, match="NaN encodings"):
+        _load_all(layer, weight=nan)
+
+
+def test_missing_expert_tensor_is_named_before_serving():
+    method, layer = _layer()
+    _load_all(layer, skip={(2, "up_proj", "scale")})
+    with pytest.raises(CheckpointFormatError, match=r"model\.layers\.0\.mlp\.experts\.2\.up_proj\.weight_scale_inv: missing"):
+        method.process_weights_after_loading(layer)
+    assert not method.processed
+
+
+def test_scales_missing_for_every_expert_are_refused():
+    method, layer = _layer()
+    _load_all(layer, skip={(e, p, "scale") for e in range(3) for p in ("gate_proj", "up_proj")})
+    with pytest.raises(CheckpointFormatError, match=r"w13_weight_scale_inv: no expert tensor"):
+        method.process_weights_after_loading(layer)
+
+
+def test_vllm_refusal_is_reworded_with_the_layer():
+    from fp8_backend.vllm_adapter.moe import UnsupportedLayerError, delegated_moe_method
+
+    class Refusing:
+        def get_quant_method(self, layer, prefix):
+            raise ValueError("FP8 MoE backend CPU does not support the deployment configuration")
+
+    with pytest.raises(UnsupportedLayerError, match=r"^model\.layers\.3\.mlp\.experts: vLLM's own fp8 .*deployment"):
+        delegated_moe_method(Refusing(), torch.nn.Module(), "model.layers.3.mlp.experts", "fp8", torch.float8_e4m3fn)
