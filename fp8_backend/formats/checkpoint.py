@@ -53,12 +53,14 @@ class NotFp8CheckpointError(ValueError):
     MXFP8): not this plugin's to serve; the caller should leave it to vLLM. ``reason`` says what
     was found."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, weight_kinds: tuple[str, ...] = ()):
         super().__init__(
             f"not an FP8 checkpoint fp8-backend serves: {reason}; leaving it to vLLM's own "
             f"quantization methods"
         )
         self.reason = reason
+        #: the non-FP8 weight kinds found ("int8", "int4", "float4", "MXFP8", ...)
+        self.weight_kinds = weight_kinds
 
 
 @dataclass(frozen=True)
@@ -627,6 +629,7 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
     notes: list[str] = []
     fp8: dict[str, _Fp8Group] = {}
     other: list[str] = []
+    kinds: list[str] = []
     targets: list[str] = []
     for name, s in schemes.items():
         where = f"{top}.config_groups.{name}"
@@ -645,10 +648,12 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
         if w.type != "float" or w.num_bits != 8 or _is_mx(w):
             kind = "MXFP8" if w.type == "float" and w.num_bits == 8 else f"{w.type}{w.num_bits}"
             other.append(f"{name}: {kind} weights ({_scheme_summary(s)})")
+            kinds.append(kind)
             continue
         fmt = s.format if s.format is not None else global_fmt
         if fmt == "mxfp8-quantized":
             other.append(f"{name}: MXFP8 weights (format mxfp8-quantized)")
+            kinds.append("MXFP8")
             continue
         fp8[name] = _fp8_group(where, s, fmt)
         targets += [t for t in s.targets if t not in targets]
@@ -657,7 +662,7 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
         what = "; ".join(other)
         if fp8:
             what = f"FP8 groups {sorted(fp8)} mixed with non-FP8 groups: {what}"
-        raise NotFp8CheckpointError(f"compressed-tensors config_groups: {what}")
+        raise NotFp8CheckpointError(f"compressed-tensors config_groups: {what}", tuple(kinds))
     if not fp8:
         kv_note = " (only kv_cache_scheme)" if kv_raw else ""
         raise NotFp8CheckpointError(f"compressed-tensors config with no quantized linear layers{kv_note}")

@@ -22,6 +22,7 @@ from vllm.model_executor.parameter import (
 from .. import kernels
 from ..kernels import dispatch
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
+from ..formats.layer_tensors import check_fp8_weight
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -36,18 +37,24 @@ def _missing(shape) -> torch.Tensor:
 _static_logged = False
 
 
-def _checked_loader(loader, name: str, expect: str):
-    """Wrap vLLM's weight loader: a copy into our parameter would silently convert any dtype."""
+def _checked_loader(loader, name: str, expect: str, layer_shape: str):
+    """Wrap vLLM's weight loader: a copy into our parameter would silently convert any dtype,
+    and a tensor of the wrong shape fails inside vLLM's loader without its name."""
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
-        if expect == "fp8" and loaded_weight.dtype != torch.float8_e4m3fn:
-            raise CheckpointFormatError(
-                f"{name}: expected F8_E4M3 (float8_e4m3fn) as quantization_config declares FP8, "
-                f"found {loaded_weight.dtype}"
-            )
-        if expect == "scale" and not loaded_weight.is_floating_point():
+        if expect == "fp8":
+            check_fp8_weight(name, loaded_weight, torch.float8_e4m3fn)
+        elif not loaded_weight.is_floating_point():
             raise CheckpointFormatError(f"{name}: expected a float32/bf16/fp16 scale, found {loaded_weight.dtype}")
-        return loader(param, loaded_weight, *args, **kwargs)
+        try:
+            return loader(param, loaded_weight, *args, **kwargs)
+        except (AssertionError, RuntimeError, ValueError, IndexError) as e:
+            shard = f" (shard {args[0] if args else kwargs.get('loaded_shard_id')})" if args or "loaded_shard_id" in kwargs else ""
+            raise CheckpointFormatError(
+                f"{name}{shard}: found shape {list(loaded_weight.shape)}, which does not fit this "
+                f"layer ({layer_shape}; parameter {list(param.shape)}); vLLM's loader said: "
+                f"{str(e) or type(e).__name__}"
+            ) from e
 
     return load
 
@@ -77,26 +84,28 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             )
         loader = extra_weight_attrs.get("weight_loader")
         n, k = sum(output_partition_sizes), input_size_per_partition
+        what = self.scheme.weight_strategy
+        shapes = f"{what} scales, output widths {list(output_partition_sizes)}, input size {k} per rank, from config.json"
         layer.logical_widths = list(output_partition_sizes)
         layer.orig_dtype = params_dtype
         weight = ModelWeightParameter(
             data=torch.full((n, k), _NAN_CODE, dtype=torch.uint8).view(torch.float8_e4m3fn),
             input_dim=1,
             output_dim=0,
-            weight_loader=_checked_loader(loader, f"{self.prefix}.weight", "fp8"),
+            weight_loader=_checked_loader(loader, f"{self.prefix}.weight", "fp8", shapes),
         )
         layer.register_parameter("weight", weight)
         scale_name = f"{self.prefix}.{self.scheme.weight_scale_name}"
         if self.scheme.weight_strategy == "tensor":
             scale = PerTensorScaleParameter(
                 data=_missing((len(output_partition_sizes),)),
-                weight_loader=_checked_loader(loader, scale_name, "scale"),
+                weight_loader=_checked_loader(loader, scale_name, "scale", shapes),
             )
         elif self.scheme.weight_strategy == "channel":
             scale = ChannelQuantScaleParameter(
                 data=_missing((n, 1)),
                 output_dim=0,
-                weight_loader=_checked_loader(loader, scale_name, "scale"),
+                weight_loader=_checked_loader(loader, scale_name, "scale", shapes),
             )
         else:
             bn, bk = self.scheme.block_size  # type: ignore[misc]
@@ -115,7 +124,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         if self.scheme.activation_scheme == "static":
             input_scale = PerTensorScaleParameter(
                 data=_missing((len(output_partition_sizes),)),
-                weight_loader=_checked_loader(loader, f"{self.prefix}.input_scale", "scale"),
+                weight_loader=_checked_loader(loader, f"{self.prefix}.input_scale", "scale", shapes),
             )
             layer.register_parameter("input_scale", input_scale)
 

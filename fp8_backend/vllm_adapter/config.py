@@ -151,7 +151,8 @@ class Fp8Config(QuantizationConfig):
         from vllm.platforms import current_platform
 
         from .layer_owner import this_cpu_features
-        from .moe import UnsupportedLayerError, delegated_moe_method
+        from .layer_owner import UnsupportedLayerError
+        from .moe import delegated_moe_method
 
         ckpt = self.checkpoint
         if ckpt is not None and not ckpt.is_quantized(prefix, self.packed_modules_mapping):
@@ -272,6 +273,13 @@ class Fp8CompressedTensorsConfig(Fp8Config):
         try:
             parse_quantization_config(hf_quant_cfg)
         except NotFp8CheckpointError as e:
+            from vllm.platforms import current_platform
+
+            from .layer_owner import UnsupportedLayerError, non_fp8_scheme_owner
+
+            rule = non_fp8_scheme_owner(e.weight_kinds, "cpu" if current_platform.is_cpu() else "gpu")
+            if rule.owner == "refuse":
+                raise UnsupportedLayerError(f"quantization_config.config_groups: {rule.reason}") from None
             logger.info("fp8-backend: %s", e)
             return None
         # A malformed FP8 config raises CheckpointFormatError here, naming the field.

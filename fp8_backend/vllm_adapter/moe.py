@@ -20,13 +20,9 @@ import torch
 
 from ..formats.checkpoint import CheckpointFormatError
 from ..formats.layer_tensors import check_fp8_weight, check_scale
+from .layer_owner import UnsupportedLayerError
 
 logger = logging.getLogger("vllm.fp8_backend")
-
-
-class UnsupportedLayerError(ValueError):
-    """A layer of the model that neither fp8-backend nor vLLM can serve in this format on this
-    platform. The message names the layer, the format and what is missing."""
 
 
 def vllm_config_for(fmt: str, quantization_config: dict[str, Any]):
