@@ -354,3 +354,27 @@ def test_float4_compressed_tensors_refused_on_cpu(tiny_model, tmp_path):
     out = ei.value.output
     assert "quantization_config.config_groups: the scheme is not FP8 (float4 weights)" in out, out[-3000:]
     assert "static_scaled_fp8_quant" not in out
+
+
+def _truncate(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
+def _corrupt_header(d):
+    f = d / "model.safetensors"
+    b = bytearray(f.read_bytes())
+    b[8:16] = b"{garbage"
+    f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, "model.safetensors: expected a complete safetensors file, found one that cannot be read"),
+    (_corrupt_header, "model.safetensors: expected a complete safetensors file"),
+], ids=["truncated", "corrupt-header"])
+def test_damaged_safetensors_file_is_named(tiny_model, tmp_path, damage, message):
+    d = write_autofp8(tiny_model, tmp_path / "dmg", "dynamic")
+    damage(d)
+    with pytest.raises(EngineError) as ei:
+        run_engine(d, {"enforce_eager": True}, ["hi"])
+    assert message in ei.value.output and str(d) in ei.value.output, ei.value.output[-3000:]

@@ -121,6 +121,7 @@ class Fp8Config(QuantizationConfig):
 
         from vllm.model_executor.layers.fused_moe import RoutedExperts
 
+        self._check_files_once()
         if isinstance(layer, Attention):
             return self._kv_cache_method(layer)
         if isinstance(layer, RoutedExperts):
@@ -143,6 +144,23 @@ class Fp8Config(QuantizationConfig):
             logger.info("fp8-backend: %s", self.scheme.describe())
             self._logged = True
         return Fp8OnlineLinearMethod(self.scheme, prefix)
+
+    def _check_files_once(self) -> None:
+        """The model directory's safetensors files, checked before vLLM reads any tensor, so a
+        truncated or corrupt shard is named (safetensors' own error names no file)."""
+        if getattr(self, "_files_checked", False):
+            return
+        self._files_checked = True
+        import os
+
+        from vllm.config import get_current_vllm_config
+
+        from ..formats.safetensors_files import check_safetensors_files
+
+        model_config = get_current_vllm_config().model_config
+        model = getattr(model_config, "model", None)
+        if model and os.path.isdir(model) and getattr(model_config, "quantization", None):
+            check_safetensors_files(model)
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase:
         """FusedMoE layers, as layer_owner decides: vLLM's own method for the same checkpoint,
