@@ -143,14 +143,14 @@ def _reshape_scale(name):
          "model.layers.0.mlp.down_proj.weight: expected dtype float8_e4m3fn (F8_E4M3) (the config declares "
          "FP8 weights), found bfloat16"),
         (_drop("model.layers.1.self_attn.v_proj.weight"),
-         "model.layers.1.self_attn.qkv_proj.weight: rows"),
+         "model.layers.1.self_attn.qkv_proj.weight: expected an F8_E4M3 tensor for every shard of [256, 128, 128] output rows, found rows 384..511 missing"),
         (_nan_weight("model.layers.0.mlp.up_proj.weight"),
          "model.layers.0.mlp.gate_up_proj.weight: expected finite FP8 values, found 176128 NaN encodings"),
         (_rows("model.layers.1.mlp.down_proj.weight", 200),
-         "model.layers.1.mlp.down_proj.weight: found shape [200, 688], which does not fit this layer "
-         "(tensor scales, output widths [256], input size 688 per rank"),
+         "model.layers.1.mlp.down_proj.weight: expected a tensor that fits this layer's parameter [256, 688] "
+         "(tensor scales, output widths [256], input size 688 per rank, from config.json), found shape [200, 688]"),
         (_reshape_scale("model.layers.0.self_attn.o_proj.weight_scale"),
-         "model.layers.0.self_attn.o_proj.weight_scale: found shape [3], which does not fit this layer"),
+         "model.layers.0.self_attn.o_proj.weight_scale: expected a tensor that fits this layer's parameter [1]"),
     ],
     ids=["missing-scale", "nan-scale", "zero-input-scale", "negative-scale", "bf16-weight", "missing-weight",
          "nan-weight", "weight-shape", "scale-shape"],
@@ -352,7 +352,7 @@ def test_float4_compressed_tensors_refused_on_cpu(tiny_model, tmp_path):
     with pytest.raises(EngineError) as ei:
         run_engine(d, {"enforce_eager": True}, ["hi"])
     out = ei.value.output
-    assert "quantization_config.config_groups: the scheme is not FP8 (float4 weights)" in out, out[-3000:]
+    assert "quantization_config.config_groups: expected an FP8 scheme (8-bit float, e4m3), found float4 weights" in out, out[-3000:]
     assert "static_scaled_fp8_quant" not in out
 
 

@@ -32,20 +32,20 @@ def test_truncated_shard_named(sharded):
 
 def test_index_naming_missing_shard(sharded):
     (sharded / "s2.safetensors").unlink()
-    with pytest.raises(CheckpointFormatError, match=r"names shard 's2.safetensors' \(for 1 tensors, e.g. c\).*does not exist"):
+    with pytest.raises(CheckpointFormatError, match=r"expected shard file .*s2.safetensors \(the index names it for 1 tensors, e.g. c\), found no such file"):
         check_safetensors_files(sharded)
 
 
 def test_tensor_stored_twice(sharded):
     save_file({"c": torch.zeros(32), "a": torch.zeros(64)}, sharded / "s2.safetensors")
-    with pytest.raises(CheckpointFormatError, match=r"^a: stored twice, in .*s1\.safetensors and in .*s2\.safetensors"):
+    with pytest.raises(CheckpointFormatError, match=r"^a: expected in one file, found stored twice, in .*s1\.safetensors and in .*s2\.safetensors"):
         check_safetensors_files(sharded)
 
 
 def test_index_pointing_to_wrong_shard(sharded):
     (sharded / INDEX).write_text(json.dumps({"weight_map": {"a": "s2.safetensors", "b": "s1.safetensors",
                                                             "c": "s2.safetensors"}}))
-    with pytest.raises(CheckpointFormatError, match=r"maps tensor a to 's2.safetensors', but it is in s1.safetensors"):
+    with pytest.raises(CheckpointFormatError, match=r"tensor a: expected in 's2.safetensors' as the index says, found it in s1.safetensors"):
         check_safetensors_files(sharded)
 
 

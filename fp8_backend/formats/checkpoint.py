@@ -427,7 +427,7 @@ def _args(where: str, value: Any):
         raise CheckpointFormatError(f"{where}: expected a dict of quantization args, found {value!r:.120}")
     try:
         return QuantizationArgs.model_validate(dict(value))
-    except (ValueError, NotImplementedError) as e:
+    except (ValueError, TypeError, NotImplementedError) as e:
         raise _pydantic_error(where, e) from None
 
 
@@ -609,7 +609,7 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
                 f"{where}: expected a scheme dict, or a list of targets under a preset name "
                 f"({e.args[0]}), found {group!r:.120}"
             ) from None
-        except (ValueError, NotImplementedError) as e:
+        except (ValueError, TypeError, NotImplementedError) as e:
             if isinstance(e, CheckpointFormatError):
                 raise
             raise _pydantic_error(where, e) from None
@@ -622,7 +622,7 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
     whole["config_groups"] = schemes
     try:
         QuantizationConfig.model_validate(whole)
-    except (ValueError, NotImplementedError) as e:
+    except (ValueError, TypeError, NotImplementedError) as e:
         raise _pydantic_error(top, e) from None
 
     global_fmt = cfg.get("format")

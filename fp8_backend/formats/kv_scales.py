@@ -46,7 +46,9 @@ def load_kv_scales_json(path: str | os.PathLike, tp_rank: int = 0, num_layers: i
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointFormatError(f"{where}: cannot read KV-cache scales JSON: {e}") from None
+        raise CheckpointFormatError(
+            f"{where}: expected a JSON file of KV-cache scales, found one that cannot be read ({e})"
+        ) from None
     kv = data.get("kv_cache") if isinstance(data, dict) else None
     if not isinstance(kv, dict) or not isinstance(kv.get("scaling_factor"), dict):
         raise CheckpointFormatError(f"{where}: expected {{'kv_cache': {{'dtype': ..., 'scaling_factor': {{rank: {{layer: scale}}}}}}}}")
@@ -66,10 +68,16 @@ def load_kv_scales_json(path: str | os.PathLike, tp_rank: int = 0, num_layers: i
         except (TypeError, ValueError):
             raise CheckpointFormatError(f"{where}: rank {tp_rank} layer {layer!r}: expected an int key and a float, found {value!r}") from None
         if not math.isfinite(s) or s <= 0:
-            raise CheckpointFormatError(f"{where}: rank {tp_rank} layer {idx}: KV-cache scale must be finite and > 0, found {s}")
+            raise CheckpointFormatError(f"{where}: rank {tp_rank} layer {idx}: expected a finite KV-cache scale > 0, found {s}")
         out[idx] = s
     if num_layers is not None:
         missing = [i for i in range(num_layers) if i not in out]
         if missing:
             raise CheckpointFormatError(f"{where}: rank {tp_rank}: no KV-cache scale for layers {missing[:8]} (of {num_layers})")
+        extra = sorted(i for i in out if not 0 <= i < num_layers)
+        if extra:
+            raise CheckpointFormatError(
+                f"{where}: rank {tp_rank}: expected KV-cache scales for the model's {num_layers} layers "
+                f"(0..{num_layers - 1}), found scales for layers {extra[:8]} too: a file made for another model?"
+            )
     return out

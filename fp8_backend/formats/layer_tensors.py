@@ -87,6 +87,8 @@ def _scale_fp32(name: str, t: torch.Tensor) -> torch.Tensor:
         raise CheckpointFormatError(
             f"{name}: expected a float32, bfloat16 or float16 scale, found dtype {_dtype_name(t.dtype)}"
         )
+    if t.numel() == 0:
+        raise CheckpointFormatError(f"{name}: expected at least one scale, found an empty tensor of shape {list(t.shape)}")
     s = t.float()
     finite = torch.isfinite(s)
     if not bool(finite.all()):

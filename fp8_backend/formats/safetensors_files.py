@@ -41,8 +41,8 @@ def check_safetensors_files(model_dir: str | Path) -> dict[str, str]:
             if not (model_dir / f).is_file():
                 named = sorted(t for t, s in weight_map.items() if s == f)
                 raise CheckpointFormatError(
-                    f"{index_path}: names shard {f!r} (for {len(named)} tensors, e.g. {named[0]}), "
-                    f"but {model_dir / f} does not exist"
+                    f"{index_path}: expected shard file {model_dir / f} (the index names it for "
+                    f"{len(named)} tensors, e.g. {named[0]}), found no such file"
                 )
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
@@ -61,8 +61,8 @@ def check_safetensors_files(model_dir: str | Path) -> dict[str, str]:
         for k in keys:
             if k in where:
                 raise CheckpointFormatError(
-                    f"{k}: stored twice, in {model_dir / where[k]} and in {path}; expected each "
-                    f"tensor in one file"
+                    f"{k}: expected in one file, found stored twice, in {model_dir / where[k]} and "
+                    f"in {path}"
                 )
             where[k] = f
     if weight_map is not None:
@@ -70,6 +70,6 @@ def check_safetensors_files(model_dir: str | Path) -> dict[str, str]:
             if where.get(t) != f:
                 found = f"in {where[t]}" if t in where else "in no shard"
                 raise CheckpointFormatError(
-                    f"{index_path}: maps tensor {t} to {f!r}, but it is {found}"
+                    f"{index_path}: tensor {t}: expected in {f!r} as the index says, found it {found}"
                 )
     return where

