@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import numerics
+from ..formats.safetensors_files import check_safetensors_files
 from .config import quantization_config
 from .layers import model_layers, quantized_layers
 from .options import QuantizeError, QuantizeOptions
@@ -62,7 +63,13 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
                            ignore=tuple(ignore), scale_search=scale_search, calib=calib,
                            num_samples=num_samples, seq_len=seq_len, max_shard_bytes=max_shard_bytes)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg_path = model_dir / "config.json"
+    try:
+        json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise QuantizeError(f"{cfg_path}: expected the model's config.json as JSON, found {type(e).__name__}: {e}") from None
     shards = input_shards(model_dir)
+    check_safetensors_files(model_dir)  # a truncated or corrupt shard is named now, not mid-way
     check_out_dir(out_dir, model_dir, force)
     keys = {s: shard_keys(s) for s in shards}
     layers = model_layers(model_dir)

@@ -37,7 +37,15 @@ def load_texts(path: str | None) -> str:
     p = Path(path)
     if not p.is_file():
         raise QuantizeError(f"calib: expected a text file, found no file at {str(p)!r}")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    data = p.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    nul = b"\x00" in data
+    if nul or bad > 0.01 * max(1, len(text)):
+        raise QuantizeError(
+            f"calib: expected a UTF-8 text file, found binary data in {str(p)!r} "
+            f"({bad} of {len(text)} characters are not UTF-8{', and NUL bytes' if nul else ''})"
+        )
     if not text.strip():
         raise QuantizeError(f"calib: expected calibration text, found an empty file {str(p)!r}")
     return text
