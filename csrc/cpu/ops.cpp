@@ -48,26 +48,27 @@ CpuIsa parse_isa(const std::string& name) {
 
 constexpr int64_t kBlock = 64;  // GEMV k-block; activations are zero-padded to a multiple
 
-// Activations -> fp32 [M, Kp] (Kp = K rounded up to 64, zero tail), in the order the decoder
-// of `isa` produces weights.
+// Activations -> fp32 [M, Kp] (Kp = K rounded up to 64, zero tail), in the order the GEMV's
+// decoder of `isa` produces weights (vbmi_source_index / avx2_source_index within blocks).
 template <typename T>
-void stage_activations(const at::Tensor& x2, int64_t Kp, bool permuted, float* out) {
+void stage_activations(const at::Tensor& x2, int64_t Kp, CpuIsa isa, float* out) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const T* src = x2.data_ptr<T>();
+  const int lanes = isa == CpuIsa::avx512_vbmi ? 16 : isa == CpuIsa::avx2 ? 8 : 0;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* s = src + m * K;
       float* o = out + m * Kp;
-      if (!permuted) {
+      if (lanes == 0) {
         for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(s[k]);
         std::fill(o + K, o + Kp, 0.f);
         continue;
       }
-      for (int64_t b = 0; b < Kp; b += kBlock)
+      for (int64_t b = 0; b < Kp; b += 4 * lanes)
         for (int j = 0; j < 4; ++j)
-          for (int l = 0; l < 16; ++l) {
+          for (int l = 0; l < lanes; ++l) {
             const int64_t k = b + vbmi_source_index(j, l);
-            o[b + 16 * j + l] = k < K ? static_cast<float>(s[k]) : 0.f;
+            o[b + lanes * j + l] = k < K ? static_cast<float>(s[k]) : 0.f;
           }
     }
   });
@@ -284,11 +285,10 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   } else if (plan.kernel == W8a16Kernel::gemv) {
     const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;
     at::Tensor xs = at::empty({M, Kp}, x.options().dtype(at::kFloat));
-    const bool permuted = plan.fp32_isa == CpuIsa::avx512_vbmi;
     if (x2.scalar_type() == at::kBFloat16)
-      stage_activations<at::BFloat16>(x2, Kp, permuted, xs.data_ptr<float>());
+      stage_activations<at::BFloat16>(x2, Kp, plan.fp32_isa, xs.data_ptr<float>());
     else
-      stage_activations<at::Half>(x2, Kp, permuted, xs.data_ptr<float>());
+      stage_activations<at::Half>(x2, Kp, plan.fp32_isa, xs.data_ptr<float>());
     if (!blk)
       gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>());
     else
