@@ -33,24 +33,25 @@
 namespace fp8_backend {
 namespace {
 
-// The bf16 encoding of an e4m3 code c = eeeemmm (sign apart) is, for e >= 1,
-//     high byte = (e + 120) >> 1 (the top 7 bits of the 8-bit exponent e + 120),
-//     low byte  = (e & 1) << 7 | m << 4 = (c << 4) & 0xF0,
-// so the high byte is a 16-entry lookup on e and the low byte a shift. For e = 0 (zero and the
-// subnormals m * 2^-9) a second lookup on 8 + m adds the difference: its index c + 0x78 has bit 7
-// set (vpshufb then gives 0) exactly when c >= 8.
+// The bf16 encoding of an e4m3 byte s.eeee.mmm with e >= 1 is
+//     high byte = s << 7 | (e + 120) >> 1 = s << 7 | (60 + (e >> 1)),
+//     low byte  = (e & 1) << 7 | m << 4 = (byte << 4) & 0xF0,
+// so the high byte is a 16-entry lookup on the byte's high nibble s.eee and the low byte a
+// shift. For e = 0 (zero and the subnormals m * 2^-9) a second pair of lookups on 8 + m XORs in
+// the difference to the exact encoding: its index c + 0x78 (c = byte & 0x7F) has bit 7 set, so
+// that vpshufb gives 0, exactly when e >= 1.
 struct Bf16LutDecoder {
   __m256i t_hi, t_hi_sub, t_lo_sub;
 
   Bf16LutDecoder() {
     alignas(32) uint8_t hi[32], hs[32], ls[32];
-    for (int i = 0; i < 16; ++i) {
-      hi[i] = hi[16 + i] = i == 0 ? 0 : static_cast<uint8_t>((i + 120) >> 1);
+    for (int i = 0; i < 16; ++i) {  // i = s.eee (e's top 3 bits)
+      hi[i] = hi[16 + i] = static_cast<uint8_t>((i & 8) << 4 | (60 + (i & 7)));
       hs[i] = hs[16 + i] = ls[i] = ls[16 + i] = 0;
     }
     const DecodeTables& t = decode_tables();
-    for (int m = 0; m < 8; ++m) {  // e = 0: the exact encoding, low byte relative to m << 4
-      hs[8 + m] = hs[24 + m] = t.bf16_hi[m];
+    for (int m = 0; m < 8; ++m) {  // e = 0: exact encoding XOR the e >= 1 formula's
+      hs[8 + m] = hs[24 + m] = static_cast<uint8_t>(t.bf16_hi[m] ^ 60);
       ls[8 + m] = ls[24 + m] = static_cast<uint8_t>(t.bf16_lo[m] ^ (m << 4));
     }
     t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
@@ -58,14 +59,15 @@ struct Bf16LutDecoder {
     t_lo_sub = _mm256_load_si256(reinterpret_cast<const __m256i*>(ls));
   }
 
-  // v[j], lane l holds the weight of byte avx2_source_index(j, l) of b.
-  inline void decode(__m256i b, __m256 v[4]) const {
+  // v[j], lane l holds the weight of byte avx2_source_index(j, l) of b. nan_max: the byte-wise
+  // maximum of b & 0x7F so far (0x7F iff a NaN encoding was seen).
+  inline void decode(__m256i b, __m256 v[4], __m256i& nan_max) const {
     const __m256i c = _mm256_and_si256(b, _mm256_set1_epi8(0x7F));
-    // e = bits 6..3; the 16-bit shift pulls the neighbour byte's bits into 7..5, masked off.
-    const __m256i e = _mm256_and_si256(_mm256_srli_epi16(b, 3), _mm256_set1_epi8(0x0F));
+    nan_max = _mm256_max_epu8(nan_max, c);
     const __m256i sub = _mm256_add_epi8(c, _mm256_set1_epi8(0x78));
-    __m256i hi = _mm256_or_si256(_mm256_shuffle_epi8(t_hi, e), _mm256_shuffle_epi8(t_hi_sub, sub));
-    hi = _mm256_or_si256(hi, _mm256_and_si256(b, _mm256_set1_epi8(static_cast<char>(0x80))));  // sign
+    // High nibble: the 16-bit shift pulls the neighbour byte's bits into 7..4, masked off.
+    const __m256i nib = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
+    const __m256i hi = _mm256_xor_si256(_mm256_shuffle_epi8(t_hi, nib), _mm256_shuffle_epi8(t_hi_sub, sub));
     __m256i lo = _mm256_and_si256(_mm256_slli_epi16(b, 4), _mm256_set1_epi8(static_cast<char>(0xF0)));
     lo = _mm256_xor_si256(lo, _mm256_shuffle_epi8(t_lo_sub, sub));
     // bf16 words (within 128-bit lanes: bytes 0-7 / 8-15 of each), then bf16 -> fp32.
@@ -105,15 +107,13 @@ inline void gemv_tile(const Bf16LutDecoder& dec, const float* x, int64_t ldx, co
     for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 2
       for (int u = 0; u < U; ++u) acc[r][m][u] = _mm256_setzero_ps();
-  // The byte-wise minimum of ~b & 0x7F over the tile's rows is 0 iff some byte is s.1111.111
-  // (one register for all R rows; the rare tile that has one is then checked row by row).
-  // Zero-filled tail bytes read as 0x7F: never a false NaN.
-  __m256i nan_min = _mm256_set1_epi8(0x7F);
+  // Byte-wise maximum of b & 0x7F over the tile's rows: 0x7F iff some byte is s.1111.111 (one
+  // register for all R rows; the rare tile that has one is then checked row by row).
+  __m256i nan_max = _mm256_setzero_si256();
 
   auto step = [&](int r, int64_t k, __m256i b) {
-    nan_min = _mm256_min_epu8(nan_min, _mm256_andnot_si256(b, _mm256_set1_epi8(0x7F)));
     __m256 v[4];
-    dec.decode(b, v);
+    dec.decode(b, v, nan_max);
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
       const float* xm = x + m * ldx + k;  // zero-padded to a multiple of 64: no tail mask
@@ -147,7 +147,7 @@ inline void gemv_tile(const Bf16LutDecoder& dec, const float* x, int64_t ldx, co
     for (int r = 0; r < R; ++r) step(r, kfull, load_tail32(w + r * K + kfull, K - kfull));
   }
 
-  const bool tile_nan = _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan_min, _mm256_setzero_si256())) != 0;
+  const bool tile_nan = _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan_max, _mm256_set1_epi8(0x7F))) != 0;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     bool nan = false;
