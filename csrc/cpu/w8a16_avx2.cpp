@@ -35,18 +35,19 @@ namespace {
 
 // The bf16 encoding of an e4m3 byte s.eeee.mmm with e >= 1 is
 //     high byte = s << 7 | (e + 120) >> 1 = s << 7 | (60 + (e >> 1)),
-//     low byte  = (e & 1) << 7 | m << 4 = (byte << 4) & 0xF0,
-// so the high byte is a 16-entry lookup on the byte's high nibble s.eee and the low byte a
-// shift. For e = 0 (zero and the subnormals m * 2^-9) a second pair of lookups on 8 + m XORs in
+//     low byte  = (e & 1) << 7 | m << 4,
+// so the high byte is a 16-entry lookup on the byte's high nibble s.eee and the low byte one on
+// its low nibble (indexed with c = byte & 0x7F: bit 7 clear). For e = 0 (zero and the subnormals m * 2^-9) a second pair of lookups on 8 + m XORs in
 // the difference to the exact encoding: its index c + 0x78 (c = byte & 0x7F) has bit 7 set, so
 // that vpshufb gives 0, exactly when e >= 1.
 struct Bf16LutDecoder {
-  __m256i t_hi, t_hi_sub, t_lo_sub;
+  __m256i t_hi, t_lo, t_hi_sub, t_lo_sub;
 
   Bf16LutDecoder() {
-    alignas(32) uint8_t hi[32], hs[32], ls[32];
-    for (int i = 0; i < 16; ++i) {  // i = s.eee (e's top 3 bits)
-      hi[i] = hi[16 + i] = static_cast<uint8_t>((i & 8) << 4 | (60 + (i & 7)));
+    alignas(32) uint8_t hi[32], lo[32], hs[32], ls[32];
+    for (int i = 0; i < 16; ++i) {
+      hi[i] = hi[16 + i] = static_cast<uint8_t>((i & 8) << 4 | (60 + (i & 7)));  // i = s.eee
+      lo[i] = lo[16 + i] = static_cast<uint8_t>(i << 4);                          // i = e0.mmm
       hs[i] = hs[16 + i] = ls[i] = ls[16 + i] = 0;
     }
     const DecodeTables& t = decode_tables();
@@ -55,6 +56,7 @@ struct Bf16LutDecoder {
       ls[8 + m] = ls[24 + m] = static_cast<uint8_t>(t.bf16_lo[m] ^ (m << 4));
     }
     t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+    t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
     t_hi_sub = _mm256_load_si256(reinterpret_cast<const __m256i*>(hs));
     t_lo_sub = _mm256_load_si256(reinterpret_cast<const __m256i*>(ls));
   }
@@ -68,8 +70,7 @@ struct Bf16LutDecoder {
     // High nibble: the 16-bit shift pulls the neighbour byte's bits into 7..4, masked off.
     const __m256i nib = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
     const __m256i hi = _mm256_xor_si256(_mm256_shuffle_epi8(t_hi, nib), _mm256_shuffle_epi8(t_hi_sub, sub));
-    __m256i lo = _mm256_and_si256(_mm256_slli_epi16(b, 4), _mm256_set1_epi8(static_cast<char>(0xF0)));
-    lo = _mm256_xor_si256(lo, _mm256_shuffle_epi8(t_lo_sub, sub));
+    const __m256i lo = _mm256_xor_si256(_mm256_shuffle_epi8(t_lo, c), _mm256_shuffle_epi8(t_lo_sub, sub));
     // bf16 words (within 128-bit lanes: bytes 0-7 / 8-15 of each), then bf16 -> fp32.
     const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
     const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
