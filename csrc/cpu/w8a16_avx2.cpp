@@ -175,13 +175,16 @@ inline void gemv_rows(const Bf16LutDecoder& dec, const float* x, int64_t ldx, in
   // distance is a whole number of tiles and at least kPrefetchBytes.
   const int64_t tile = R * K;
   const int64_t ahead = (kPrefetchBytes + tile - 1) / tile * tile;
+  // Two accumulators per output for tiles of 1 or 2 activation rows (enough independent FMA
+  // chains); the choice depends on the tile's MT only, so each output's summation order does
+  // not depend on R, N or the threads.
   int64_t m = 0;
   for (; m + MT <= M; m += MT)
-    gemv_tile<R, MT, MT == 1 ? 2 : 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0 ? ahead : 0);
+    gemv_tile<R, MT, MT <= 2 ? 2 : 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0 ? ahead : 0);
   const int64_t pf = m == 0 ? ahead : 0;
   switch (M - m) {  // MT <= 4
     case 3: gemv_tile<R, 3, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
-    case 2: gemv_tile<R, 2, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
+    case 2: gemv_tile<R, 2, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
     case 1: gemv_tile<R, 1, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
     default: break;
   }
