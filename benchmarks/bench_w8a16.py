@@ -5,7 +5,8 @@
 Rewrites the "w8a16" section of benchmarks/RESULTS.md (AVX-512 CPUs) or "w8a16_avx2" (CPUs
 without AVX-512). Environment (partial runs, which write JSON instead of RESULTS.md):
 BENCH_W8A16_SHAPES="4096x4096,...", BENCH_W8A16_MS="1,4", BENCH_W8A16_IMPLS="fp8_backend,F.linear",
-BENCH_W8A16_SECONDS (time per measurement, default 1), BENCH_W8A16_JSON=path (results as JSON). Compared, in one run, at the threads
+BENCH_W8A16_SECONDS (time per measurement, default 1), BENCH_W8A16_JSON=path (results as JSON);
+an M list alone still writes RESULTS.md. Compared, in one run, at the threads
 vLLM would use (torch.get_num_threads()):
   * fp8_backend   torch.ops.fp8_backend.w8a16_linear, FP8 weights, bf16 activations (the kernel
                   path is FP8_BACKEND_CPU_ISA's, default the best this CPU has)
@@ -44,7 +45,7 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 MS = [1, 4, 16, 64, 512]
 IMPLS = ["fp8_backend", "F.linear", "vllm_onednn", "vllm_fp8"]
 _env = {k: os.environ.get(f"BENCH_W8A16_{k}", "").strip() for k in ("SHAPES", "MS", "IMPLS", "SECONDS", "JSON")}
-PARTIAL = any(_env[k] for k in ("SHAPES", "MS", "IMPLS"))
+PARTIAL = any(_env[k] for k in ("SHAPES", "IMPLS"))
 if _env["SHAPES"]:
     SHAPES = [tuple(int(v) for v in s.split("x")) for s in _env["SHAPES"].split(",")]
 if _env["MS"]:

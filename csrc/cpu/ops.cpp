@@ -24,8 +24,12 @@ std::atomic<int64_t> g_amx_min_m{-1};
 // (small M, fp16 activations, block sizes the tile GEMM does not take).
 CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_vbmi : isa; }
 
-constexpr int64_t kAvx2SmallMMax = 64;      // placeholder until measured
-constexpr int64_t kPortableSmallMMax = 64;  // placeholder until measured
+// Measured (RESULTS.md w8a16_avx2, AMD EPYC Zen 3 class, 1 thread):
+// avx2 GEMV vs decode + fp32 GEMM at 4096x4096: M=16 9.9 vs 12.9 ms, M=32 20.8 vs 19.0 ms
+// (4096x14336, M=32: 84 vs 71 ms). The scalar GEMV loses to decode + torch's GEMM already at
+// M=1 (15.8 vs 7.8 ms): the portable path always decodes.
+constexpr int64_t kAvx2SmallMMax = 16;
+constexpr int64_t kPortableSmallMMax = 0;
 
 CpuIsa current_isa() {
   int v = g_isa.load();
@@ -309,7 +313,7 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // Measured crossovers (benchmarks/bench_w8a16.py and RESULTS.md, 1 thread):
 //  * amx_min_m: the AMX tile GEMM beats the VBMI GEMV from 7-8 rows (4096x4096, Sapphire Rapids).
 //  * small_m_max: the register-blocked GEMV beats decode + torch's fp32 GEMM up to this M:
-//    64 on AVX-512 (2-core Ice Lake-class Xeon, N=K=4096); avx2 and portable: see below.
+//    64 on AVX-512 (2-core Ice Lake-class Xeon, N=K=4096); avx2 16, portable 0 (see above).
 W8a16Plan w8a16_plan(CpuIsa isa, int64_t M, int64_t N, int64_t K, bool bf16, int64_t block_k,
                      int64_t small_m_max_override, int64_t amx_min_m_override) {
   (void)N;
