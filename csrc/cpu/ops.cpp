@@ -24,10 +24,9 @@ std::atomic<int64_t> g_amx_min_m{-1};
 // (small M, fp16 activations, block sizes the tile GEMM does not take).
 CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_vbmi : isa; }
 
-// Measured (RESULTS.md w8a16_avx2, AMD EPYC Zen 3 class, 1 thread):
-// avx2 GEMV vs decode + fp32 GEMM at 4096x4096: M=16 9.9 vs 12.9 ms, M=32 20.8 vs 19.0 ms
-// (4096x14336, M=32: 84 vs 71 ms). The scalar GEMV loses to decode + torch's GEMM already at
-// M=1 (15.8 vs 7.8 ms): the portable path always decodes.
+// Largest M for the GEMV on the avx2 and portable paths: crossovers with decode + torch's fp32
+// GEMM measured with benchmarks/bench_w8a16.py's method (numbers in RESULTS.md, w8a16_avx2).
+// The scalar GEMV loses to decode + GEMM from M = 1, so the portable path always decodes.
 constexpr int64_t kAvx2SmallMMax = 16;
 constexpr int64_t kPortableSmallMMax = 0;
 

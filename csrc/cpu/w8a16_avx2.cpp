@@ -6,8 +6,8 @@
 //  * GEMV (Bf16LutDecoder): 32 bytes -> the bf16 encodings of the 32 values with three 16-entry
 //    byte lookups (vpshufb), then bf16 -> fp32 by shifting into the upper half of each 32-bit
 //    lane. Permuted element order (avx2_source_index); the activations are staged in the same
-//    order. All simple one-uop operations: on Zen 3 vcvtph2ps (F16C) is the bottleneck of an
-//    F16C GEMV (measured ~15% fewer bytes/ns in L1, and 50% of the read bandwidth).
+//    order. Only simple one-uop operations: an F16C GEMV is bound by vcvtph2ps on AMD Zen 3
+//    (RESULTS.md, w8a16_avx2).
 //  * Rows for decode + fp32 GEMM (decode8, natural order, F16C): the byte s.eeee.mmm becomes the
 //    fp16 bit pattern s.0eeee.mmm0000000, whose value is the e4m3 value times 2^-8 (subnormals
 //    included: fp16 has the same structure with a wider exponent); vcvtph2ps and x 2^8 (exact).
