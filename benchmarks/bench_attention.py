@@ -192,7 +192,8 @@ def cpu_title() -> str:
     flags = set(info.get("flags", "").split())
     isa = "AMX" if "amx_tile" in flags else ("AVX-512" if "avx512f" in flags else
                                              ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2"))
-    return f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}; {isa})"
+    family, model = info.get("cpu family", "?"), info.get("model", "?")
+    return f"{info.get('model name', 'unknown CPU')} (family {family} model {model}; {isa})"
 
 
 def write_subsection(key: str, text: str) -> None:

@@ -5,9 +5,9 @@ numerics.paged_attention. Caches are [num_blocks, num_kv_heads, block_size, head
 strides with a contiguous last dim, so vLLM's CPU layout [num_blocks, kv_heads, 2 * block_size,
 head_size] split into K and V halves works as is), uint8 or float8 for FP8, or bf16/fp16/fp32.
 The attention code path (``amx`` for FP8 / bf16 caches with head sizes that are multiples of 32
-up to 256, ``avx512`` for other multiples of 16, ``avx2`` for multiples of 8 (and every head size
-a multiple of 8 on CPUs with AVX2 but no AVX-512), else ``portable``) is chosen by CPUID; ``FP8_BACKEND_CPU_ISA`` (shared with the linear kernels) or
-:func:`set_attention_isa` overrides it.
+up to 256, ``avx512`` for other multiples of 16, ``avx2`` for other multiples of 8 (for every
+multiple of 8 on CPUs with AVX2 but no AVX-512), else ``portable``) is chosen by CPUID;
+``FP8_BACKEND_CPU_ISA`` (shared with the linear kernels) or :func:`set_attention_isa` overrides it.
 """
 
 from __future__ import annotations

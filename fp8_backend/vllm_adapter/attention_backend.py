@@ -65,7 +65,7 @@ def choose_attention_kernel(mode: str, kv_cache_dtype: str, path: str, vllm_read
 
     mode: ``auto`` / ``all`` / ``vllm`` (:func:`attention_mode`); kv_cache_dtype: vLLM's cache
     dtype string; path: the code path fp8-backend's kernels would take for this head size and
-    cache (``amx``, ``avx512``, ``portable``: kernels.attention.attention_path); vllm_reads_fp8:
+    cache (``amx``, ``avx512``, ``avx2``, ``portable``: kernels.attention.attention_path); vllm_reads_fp8:
     whether vLLM's CPU_ATTN can read an FP8 cache here (x86 with AVX-512 or AMX, head size a
     multiple of 32: vLLM's _get_attn_isa raises otherwise). Measurements behind each case are in
     benchmarks/RESULTS.md, "Decode attention".
