@@ -21,18 +21,24 @@ CASES = all_cases()
 VLLM_OWN = {"cfg-unknown-quant-method"}
 
 
+def load_all(specs: list[dict], root: Path, timeout: int) -> list[dict]:
+    """Run load_worker.py on ``specs`` in one fresh process; one result per spec, in order."""
+    spec_file = root / "specs.json"
+    spec_file.write_text(json.dumps(specs))
+    p = subprocess.run([sys.executable, str(HERE / "load_worker.py"), str(spec_file)],
+                       capture_output=True, text=True, timeout=timeout)
+    lines = [json.loads(x[5:]) for x in p.stdout.splitlines() if x.startswith("CASE ")]
+    assert len(lines) == len(specs), p.stderr[-3000:]
+    return lines
+
+
 @pytest.fixture(scope="module")
 def results(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     bases = build_bases(tiny_model, root / "bases")
     specs = [{"dir": str(bases[b]), "kwargs": {}} for b in BASES]
     specs += [{"dir": str(materialize(c, bases, root / "cases")), "kwargs": c.kwargs} for c in CASES]
-    spec_file = root / "specs.json"
-    spec_file.write_text(json.dumps(specs))
-    p = subprocess.run([sys.executable, str(HERE / "load_worker.py"), str(spec_file)],
-                       capture_output=True, text=True, timeout=1200)
-    lines = [json.loads(x[5:]) for x in p.stdout.splitlines() if x.startswith("CASE ")]
-    assert len(lines) == len(specs), p.stderr[-3000:]
+    lines = load_all(specs, root, timeout=1200)
     intact = {b: lines[i] for i, b in enumerate(BASES)}
     assert all(r["ok"] for r in intact.values()), intact
     return {c.id: (r, intact[c.base]) for c, r in zip(CASES, lines[len(BASES):])}
@@ -86,13 +92,7 @@ def moe_results(tmp_path_factory):
             t[name] = t[name].float().to(torch.bfloat16)
         save_file(t, d / "model.safetensors", metadata={"format": "pt"})
         specs.append({"dir": str(d), "kwargs": {}})
-    spec_file = root / "specs.json"
-    spec_file.write_text(json.dumps(specs))
-    p = subprocess.run([sys.executable, str(HERE / "load_worker.py"), str(spec_file)],
-                       capture_output=True, text=True, timeout=600)
-    lines = [json.loads(x[5:]) for x in p.stdout.splitlines() if x.startswith("CASE ")]
-    assert len(lines) == len(specs), p.stderr[-3000:]
-    return dict(zip(MOE_CASES, lines))
+    return dict(zip(MOE_CASES, load_all(specs, root, timeout=600)))
 
 
 @pytest.mark.parametrize("cid", list(MOE_CASES))
