@@ -11,8 +11,9 @@ and pins its processes itself:
 
   * three servers (``python -m fp8_backend.cli serve MODEL ...``: bf16; ``--quantization fp8``;
     ``--quantization fp8 --kv-cache-dtype fp8``) are started once and stay up for the whole run,
-    each on a free port, vLLM's default multi-process server, --engine-cpus (default core 0) for
-    the model worker (``VLLM_CPU_OMP_THREADS_BIND``: one OpenMP thread per core listed);
+    each on a free port, vLLM's default multi-process server with --enforce-eager (--compile: vLLM's
+    default torch.compile mode), --engine-cpus (default core 0) for the model worker
+    (``VLLM_CPU_OMP_THREADS_BIND``: one OpenMP thread per core listed);
   * the HTTP front-end, vLLM's scheduler process and the load generator run on --client-cpus
     (default core 1), so that the worker has its core to itself. vLLM's CPU OpenMP threads spin:
     a 2-thread worker sharing both cores with the front-end and the load generator would measure
@@ -89,9 +90,10 @@ def int_list(text: str) -> list[int]:
 
 
 def default_requests(streams: int, quick: bool = False) -> int:
-    """Requests for one level: two waves of `streams` requests (at least 8), so that every stream
-    runs more than one request; --quick: one wave (at least 2)."""
-    return max(2, streams) if quick else max(8, 2 * streams)
+    """Requests for one level: at least 8, at least one per stream (one wave at 16 and 32 streams:
+    on a 2-core CPU the 256-token prefills of a wave of 32 already take minutes); --quick: one
+    wave, at least 2."""
+    return max(2, streams) if quick else max(8, streams)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                          f"--quick: {','.join(map(str, QUICK_STREAMS))})")
     ap.add_argument("--requests", type=int_list, default=None,
                     help="requests per level: one value for all levels or one per level "
-                         "(default max(8, 2 x streams); --quick: max(2, streams))")
+                         "(default max(8, streams); --quick: max(2, streams))")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="few requests, levels 1 and 4: a plumbing check")
-    ap.add_argument("--eager", action="store_true",
-                    help="--enforce-eager servers (default: vLLM's default torch.compile mode)")
+    ap.add_argument("--compile", action="store_true",
+                    help="vLLM's default torch.compile mode instead of --enforce-eager (its start-up profile run "
+                         "of max-num-batched-tokens tokens per server, all on the engine core, costs minutes here)")
     ap.add_argument("--engine-cpus", default="0",
                     help="cores for the model worker, one OpenMP thread each (VLLM_CPU_OMP_THREADS_BIND; default 0)")
     ap.add_argument("--client-cpus", default="1",
@@ -361,7 +364,7 @@ class Server:
                "--kv-cache-memory-bytes", str(self.args.kv_cache_mib << 20),
                "--max-model-len", str(self.args.max_model_len), "--seed", "0",
                "--disable-uvicorn-access-log", "--no-enable-prefix-caching", *self.extra]
-        if self.args.eager:
+        if not self.args.compile:
             cmd.append("--enforce-eager")
         env = dict(os.environ)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
@@ -587,7 +590,7 @@ def run(args) -> dict:
     meta = {
         "model_name": Path(model).name, "model": model, "cpu": cpu_description(),
         "cpu_short": "", "kernel_path": kernel_path(), "vllm_version": vllm_version(),
-        "eager": args.eager, "engine_cpus": args.engine_cpus, "engine_threads": args.engine_threads,
+        "eager": not args.compile, "engine_cpus": args.engine_cpus, "engine_threads": args.engine_threads,
         "client_cpus": args.client_cpus, "kv_cache_mib": args.kv_cache_mib,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "streams": args.streams, "requests": args.requests, "date": datetime.date.today().isoformat(),

@@ -67,7 +67,7 @@ def test_parse_args_defaults():
     a = bs.parse_args([])
     assert a.configs == ["bf16", "fp8", "fp8+kv8"]
     assert a.streams == [1, 4, 16, 32]
-    assert a.requests == [8, 8, 32, 64]
+    assert a.requests == [8, 8, 16, 32]
     assert (a.prompt_tokens, a.output_tokens) == (256, 64)
     assert a.engine_threads == 1 and a.engine_cpus == "0" and a.client_cpus == "1"
 
