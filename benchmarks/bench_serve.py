@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, help="also write the summary here")
     ap.add_argument("--render", metavar="SUMMARY_JSON", default=None,
                     help="no run: rewrite RESULTS.md and the plot from a summary written by --json")
+    ap.add_argument("--from-logs", metavar="DIR", default=None,
+                    help="no run: rebuild the summary from the guidellm-<config>-<streams>.json files in DIR "
+                         "(a run that was stopped early; pass its --streams / --requests / --compile again)")
     return ap
 
 
@@ -565,26 +568,28 @@ def ensure_model(model: str) -> str:
     return str(path.resolve())
 
 
-def run(args) -> dict:
-    t_start = time.time()
-    model = ensure_model(args.model)
-    exe = ensure_guidellm(Path(args.guidellm_venv))
-    logs = Path(args.logs)
-    logs.mkdir(parents=True, exist_ok=True)
-    lock = _Lock(None if args.lock == "none" else args.lock)
-    servers = {c: Server(c, model, CONFIGS[c], args, logs / f"server-{c}.log") for c in args.configs}
-    rows: dict[str, dict[int, dict]] = {c: {} for c in args.configs}
-    errors: dict[str, str] = {}
+def rows_from_logs(logs: Path) -> dict[str, dict[int, dict]]:
+    """guidellm-<config>-<streams>.json files of a run directory -> rows as run() returns them."""
+    rows: dict[str, dict[int, dict]] = {}
+    for c in CONFIGS:
+        for f in sorted(logs.glob(f"guidellm-{c}-*.json")):
+            level = f.stem[len(f"guidellm-{c}-"):]
+            if level.isdigit():
+                rows.setdefault(c, {})[int(level)] = parse_guidellm_report(json.loads(f.read_text()))[0]
+    return rows
+
+
+def run_meta(args, model: str) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from results_md import cpu_description, kernel_path
 
     shown, skip = [], False  # the command line as run, less where its files went
     for a in args.argv:
-        if skip or a.startswith(("--logs=", "--json=")):
+        if skip or a.startswith(("--logs=", "--json=", "--from-logs=")):
             skip = False
-        elif a in ("--logs", "--json"):
+        elif a in ("--logs", "--json", "--from-logs"):
             skip = True
-        else:
+        elif a != "--no-write":
             shown.append(a)
     cmd = " ".join([".venv/bin/python benchmarks/bench_serve.py", *map(shlex.quote, shown)])
     meta = {
@@ -597,6 +602,20 @@ def run(args) -> dict:
         "command": cmd,
     }
     meta["cpu_short"] = meta["cpu"].split(",")[0].split("(")[0].strip() + (", no AVX-512" if "no AVX-512" in meta["cpu"] else "")
+    return meta
+
+
+def run(args) -> dict:
+    t_start = time.time()
+    model = ensure_model(args.model)
+    exe = ensure_guidellm(Path(args.guidellm_venv))
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(None if args.lock == "none" else args.lock)
+    servers = {c: Server(c, model, CONFIGS[c], args, logs / f"server-{c}.log") for c in args.configs}
+    rows: dict[str, dict[int, dict]] = {c: {} for c in args.configs}
+    errors: dict[str, str] = {}
+    meta = run_meta(args, model)
     print(f"CPU: {meta['cpu']}; kernel path {meta['kernel_path']}; logs in {logs}", flush=True)
     try:
         with lock.hold(exclusive=False):  # starting servers is heavy work, not a timing run
@@ -607,22 +626,28 @@ def run(args) -> dict:
                 s.wait_healthy(args.startup_timeout)
                 warm_up(s, model, min(max(args.streams), 8), 48)
                 print(f"server {s.name}: healthy and warmed up on port {s.port} ({time.time() - t:.0f} s)", flush=True)
-        for i, (streams, requests) in enumerate(zip(args.streams, args.requests)):
-            order = args.configs[i % len(args.configs):] + args.configs[:i % len(args.configs)]
-            for c in order:
-                t = time.time()
-                try:
-                    with lock.hold(exclusive=True):
-                        r = run_guidellm(args, exe, servers[c], model, streams, requests, logs)
-                except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
-                    errors[f"{c}@{streams}"] = str(e).splitlines()[0][:200]
-                    print(f"{c} @ {streams} streams: FAILED: {e}", file=sys.stderr, flush=True)
-                    continue
-                rows[c][streams] = r
-                print(f"{c:8s} @ {streams:2d} streams: {r['output_tok_s']:7.1f} out tok/s, TTFT med "
-                      f"{_f(r['ttft_ms_median'], '{:.0f}')} ms, ITL med {_f(r['itl_ms_median'])} ms, "
-                      f"{r['successful']} ok / {r['errored'] + r['incomplete']} not "
-                      f"({time.time() - t:.0f} s)", flush=True)
+        runs = [(streams, requests, c) for i, (streams, requests) in enumerate(zip(args.streams, args.requests))
+                for c in args.configs[i % len(args.configs):] + args.configs[:i % len(args.configs)]]
+        for streams, requests, c in runs:
+            t = time.time()
+            try:
+                with lock.hold(exclusive=True):
+                    r = run_guidellm(args, exe, servers[c], model, streams, requests, logs)
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+                errors[f"{c}@{streams}"] = str(e).splitlines()[0][:200]
+                print(f"{c} @ {streams} streams: FAILED: {e}", file=sys.stderr, flush=True)
+                continue
+            except (KeyboardInterrupt, SystemExit):  # keep and report what was measured
+                errors[f"{c}@{streams}"] = "interrupted"
+                print("interrupted: reporting the runs done so far", file=sys.stderr, flush=True)
+                break
+            rows[c][streams] = r
+            # written after every run, so that a crash leaves something for --render
+            (logs / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows, "errors": errors}, indent=1))
+            print(f"{c:8s} @ {streams:2d} streams: {r['output_tok_s']:7.1f} out tok/s, TTFT med "
+                  f"{_f(r['ttft_ms_median'], '{:.0f}')} ms, ITL med {_f(r['itl_ms_median'])} ms, "
+                  f"{r['successful']} ok / {r['errored'] + r['incomplete']} not "
+                  f"({time.time() - t:.0f} s)", flush=True)
     finally:
         for s in servers.values():
             s.stop()
@@ -643,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     if args.render:
         summary = json.loads(Path(args.render).read_text())
+    elif args.from_logs:
+        model = ensure_model(args.model)
+        summary = {"meta": run_meta(args, model), "rows": rows_from_logs(Path(args.from_logs)), "errors": {}}
     else:
         summary = run(args)
     if args.json:
