@@ -1,11 +1,13 @@
 """The C++ FP8 KV-cache kernels (cache write, paged attention) against numerics.py, on every
-attention code path this CPU can run (amx, and the forced avx512 and portable paths).
+attention code path this CPU can run (amx, and the forced avx512, avx2 and portable paths).
 
 Tolerances: the cache write is bit-exact (same RNE + saturation as numerics). Attention sums in
 fp32 in a different order (tiled online softmax, vectorized exp with rel. error < 2e-7), so fp32
 outputs agree to ~1e-6 of the output magnitude (bound used: 2e-5 relative + 2e-6 absolute);
 bf16/fp16 outputs are both rounded from fp32 values that close, so they differ by at most one
-unit in the last place (rtol 2^-7 for bf16, 2^-10 for fp16). The amx path has the same bounds:
+unit in the last place (rtol 2^-7 for bf16, 2^-10 for fp16). The avx2 path (general driver and
+decode kernel) computes the same fp32 products and sums (8-lane FMAs, horizontal-add trees, the
+same exp polynomial), so the same bounds. The amx path has the same bounds:
 its tile products multiply exact bf16 splits of q (1/2/3 parts for bf16/fp16/fp32 queries) and
 of the fp32 probabilities by K/V values that are exact in bf16, so every product is the fp32
 product and only the fp32 summation order differs (denormals below 2^-126 aside). With fp32
@@ -351,15 +353,19 @@ def test_reference_matches_dequantize_then_sdpa():
 
 def test_attention_path_names_the_kernel_that_runs():
     """attention_path (logged by the vLLM backend) falls back from amx where the amx kernel does
-    not take the shape or cache dtype, and to portable for head sizes not a multiple of 16."""
+    not take the shape or cache dtype, from avx512 to avx2 for head sizes that are multiples of 8
+    but not 16, and to portable for head sizes not a multiple of 8."""
     before = A.attention_isa()
     try:
         for isa in A.supported_attention_isas():
             A.set_attention_isa(isa)
-            assert A.attention_path(72, torch.uint8) == "portable"
+            vec = "portable" if isa == "portable" else "avx2"
+            wide = "avx512" if isa in ("amx", "avx512") else vec  # AVX-512 kernels: D % 16 == 0
+            assert A.attention_path(100, torch.uint8) == "portable"
+            assert A.attention_path(72, torch.uint8) == vec
             assert A.attention_path(128, torch.uint8) == isa
-            assert A.attention_path(80, torch.uint8) == ("avx512" if isa == "amx" else isa)
-            assert A.attention_path(128, torch.float16) == ("avx512" if isa == "amx" else isa)
+            assert A.attention_path(80, torch.uint8) == wide
+            assert A.attention_path(128, torch.float16) == wide
     finally:
         A.set_attention_isa(before)
 

@@ -1,7 +1,8 @@
 """The C++ W8A16 CPU kernel (every code path this CPU can run) against numerics.py.
 
 Paths: amx (AMX-BF16 tile GEMM for bf16 activations at M >= amx_min_m, else avx512_vbmi),
-avx512_vbmi (byte-LUT decode, permuted lanes), avx512 (F16C decode), portable (scalar), each in
+avx512_vbmi (byte-LUT decode, permuted lanes), avx512 (F16C decode), avx2 (F16C decode, 8
+lanes, 2^-8 kept in the GEMV's products), portable (scalar), each in
 every regime: register-blocked GEMV (M <= small_m_max), decode + fp32 GEMM (above), and on amx
 the tile GEMM for every M. Every path this CPU has runs here on real hardware; a path this CPU
 lacks is skipped with the reason (AMX ran on a Sapphire Rapids-class Xeon).
@@ -16,7 +17,7 @@ import torch
 
 from fp8_backend import _C, kernels, numerics
 
-ISAS = ["amx", "avx512_vbmi", "avx512", "portable"]
+ISAS = ["amx", "avx512_vbmi", "avx512", "avx2", "portable"]
 # (small_m_max, amx_min_m) per regime; "amx" only differs from the others on the amx path.
 NEVER = 1 << 30
 REGIMES = {"gemv": (NEVER, NEVER), "decode_gemm": (0, NEVER), "amx": (NEVER, 0)}
@@ -101,15 +102,19 @@ def test_every_encoding_in_every_lane(isa):
     assert len(set(q.view(torch.uint8).flatten().tolist())) == 254
 
 
-@pytest.mark.parametrize("k", [64, 70])
-def test_nan_encodings_propagate(isa, k):
+@pytest.mark.parametrize("k", [5, 16, 40, 64, 70])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_nan_encodings_propagate(isa, regime, k, m):
     """0x7F / 0xFF decode to NaN as in torch (w8a16_prepack refuses them at load time; the op
-    itself must still not turn them into a finite number): the row's output is NaN."""
-    q = torch.zeros(4, k).to(torch.float8_e4m3fn)
-    q.view(torch.uint8)[1, 5] = 0x7F
+    itself must still not turn them into a finite number): the row's output is NaN. Rows 1 and
+    3 of a 4-row tile and row 6 (the tail tile) have one, in the first 32-byte block or in the
+    row's tail; m = 1 and m > 1 run different GEMV tiles."""
+    q = torch.zeros(7, k).to(torch.float8_e4m3fn)
+    q.view(torch.uint8)[1, min(5, k - 1)] = 0x7F
     q.view(torch.uint8)[3, k - 1] = 0xFF
-    y = kernels.w8a16_linear(torch.ones(2, k, dtype=torch.bfloat16), q, torch.ones(1))
-    assert torch.equal(y.isnan(), torch.tensor([[False, True, False, True]] * 2))
+    q.view(torch.uint8)[6, k // 2] = 0x7F
+    y = kernels.w8a16_linear(torch.ones(m, k, dtype=torch.bfloat16), q, torch.ones(1))
+    assert torch.equal(y.isnan(), torch.tensor([[False, True, False, True, False, False, True]] * m))
 
 
 @pytest.mark.parametrize("k", [1, 5, 63, 65, 127])
@@ -175,20 +180,21 @@ def test_paths_agree_and_threads_do_not_change_gemv_results():
     gen = torch.Generator().manual_seed(3)
     q, s = numerics.quantize_per_channel(torch.randn(301, 517, generator=gen))
     s = s.reshape(-1)
-    x = torch.randn(7, 517, generator=gen).to(torch.bfloat16)
     before, threads = kernels.cpu_isa(), torch.get_num_threads()
     try:
-        outs = {}
-        for name in kernels.supported_cpu_isas():
-            kernels.set_cpu_isa(name)
-            for t in (1, 2):
-                torch.set_num_threads(t)
-                outs[(name, t)] = kernels.w8a16_linear(x, q, s)
-        for name in kernels.supported_cpu_isas():
-            # Each output row's sum is computed by one thread in a fixed order: bit-identical.
-            assert torch.equal(outs[(name, 1)], outs[(name, 2)]), name
-        for y in outs.values():
-            check_close(y, x, q, s)
+        for m in (1, 7):  # the GEMV's M = 1 and M > 1 tiles
+            x = torch.randn(m, 517, generator=gen).to(torch.bfloat16)
+            outs = {}
+            for name in kernels.supported_cpu_isas():
+                kernels.set_cpu_isa(name)
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    outs[(name, t)] = kernels.w8a16_linear(x, q, s)
+            for name in kernels.supported_cpu_isas():
+                # Each output row's sum is computed by one thread in a fixed order: bit-identical.
+                assert torch.equal(outs[(name, 1)], outs[(name, 2)]), name
+            for y in outs.values():
+                check_close(y, x, q, s)
     finally:
         kernels.set_cpu_isa(before)
         torch.set_num_threads(threads)
@@ -296,7 +302,9 @@ def test_isa_detection_matches_cpuinfo():
     flags = _cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo")
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    assert _C.cpu_isa_supported("avx2") == avx2
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     assert _C.cpu_isa_supported("avx512") == avx512
     vbmi = avx512 and "avx512vbmi" in flags
     assert _C.cpu_isa_supported("avx512_vbmi") == vbmi
@@ -312,6 +320,26 @@ def test_isa_detection_matches_cpuinfo():
     assert _C.cpu_isa_supported("portable")
     with pytest.raises(RuntimeError, match="unknown CPU kernel path 'sse9'"):
         kernels.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_forcing_a_path_this_cpu_lacks_names_the_missing_feature(name):
+    """set_cpu_isa on a path the CPU cannot run: an error naming the path and the first missing
+    CPU feature (the capability order makes the missing set grow along ISAS)."""
+    if _C.cpu_isa_supported(name):
+        pytest.skip(f"this CPU runs the {name} path")
+    flags = _cpu_flags()
+    needs = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"]}
+    needs["avx512_vbmi"] = needs["avx512"] + ["avx512vbmi"]
+    needs["amx"] = needs["avx512_vbmi"] + ["amx_tile", "amx_bf16"]
+    lacking = [f for f in needs[name] if f not in flags]
+    before = kernels.cpu_isa()
+    with pytest.raises(RuntimeError, match=rf"CPU kernel path '{name}' needs .*{lacking[0].replace('_', '-')}.*which this CPU lacks"):
+        kernels.set_cpu_isa(name)
+    assert kernels.cpu_isa() == before
+    env = dict(os.environ, FP8_BACKEND_CPU_ISA=name)
+    p = subprocess.run([sys.executable, "-c", "import fp8_backend.kernels"], capture_output=True, text=True, env=env)
+    assert p.returncode != 0 and f"FP8_BACKEND_CPU_ISA='{name}'" in p.stderr and "lacks" in p.stderr
 
 
 @pytest.mark.parametrize("value, expect", [("portable", "portable"), ("bogus", "FP8_BACKEND_CPU_ISA='bogus'")])

@@ -1,5 +1,6 @@
 // Internal interface between the paged-attention op layer (attention_ops.cpp) and the per-ISA
-// attention kernels (attention_portable.cpp, attention_avx512.cpp).
+// attention kernels (attention_portable.cpp, attention_avx2.cpp, attention_avx512.cpp,
+// attention_amx*.cpp).
 //
 // One task = one sequence x one kv head x a run of query rows (all query heads of that kv head,
 // GQA). The op layer stages the query rows in fp32 already multiplied by softmax_scale * k_scale,
@@ -47,6 +48,9 @@ inline int64_t attn_work_floats(int64_t R, int64_t D) {
 }
 
 void attend_portable(const AttnTask& t);
+// Needs AVX2 + FMA + F16C and D % 8 == 0 (attention_avx2.cpp): the decode kernel for FP8 tasks of
+// up to 8 rows with D % 16 == 0, else the general online-softmax driver.
+void attend_avx2(const AttnTask& t);
 void attend_avx512(const AttnTask& t);  // needs AVX-512F/BW/VL/DQ + F16C and D % 16 == 0
 // Needs AMX-BF16 + AVX512-BF16/VBMI with tile permission, an e4m3 / e5m2 / bf16 cache,
 // D % 32 == 0 and D <= 256 (attention_amx.cpp).

@@ -27,14 +27,19 @@
 namespace fp8_backend {
 namespace {
 
-// Attention code path: 0 portable, 1 avx512, 2 amx; -1 = best this CPU has (chosen on first use).
+// Attention code path: 0 portable, 1 avx2, 2 avx512, 3 amx (ascending speed; the indices of
+// kernels/attention.py's ATTENTION_ISAS); -1 = best this CPU has (chosen on first use).
 std::atomic<int> g_attn_isa{-1};
 
-bool attn_avx512_ok() { return isa_supported(CpuIsa::avx512); }  // F16C/FMA come with AVX-512 CPUs
+// AVX2 + FMA + F16C (the OS saving YMM state: libgcc's CPU checks include XGETBV).
+bool attn_avx2_ok() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool attn_avx512_ok() { return isa_supported(CpuIsa::avx512) && attn_avx2_ok(); }
 // AMX-BF16 tiles (with the kernel's tile permission) + AVX512-BF16 (fp32 -> bf16 splits).
 bool attn_amx_ok() { return isa_supported(CpuIsa::amx) && __builtin_cpu_supports("avx512bf16"); }
 
-int attn_best() { return attn_amx_ok() ? 2 : (attn_avx512_ok() ? 1 : 0); }
+int attn_best() { return attn_amx_ok() ? 3 : (attn_avx512_ok() ? 2 : (attn_avx2_ok() ? 1 : 0)); }
 
 int attn_isa() {
   int v = g_attn_isa.load();
@@ -50,17 +55,21 @@ int64_t attention_set_isa(const std::string& name) {
     g_attn_isa.store(attn_best());
   } else if (name == "amx") {
     TORCH_CHECK(attn_amx_ok(), "fp8_backend attention: path 'amx' needs AMX-BF16 with tile permission and ",
-                "AVX512-BF16/VBMI, which this CPU (or kernel) lacks; use auto, avx512 or portable");
-    g_attn_isa.store(2);
+                "AVX512-BF16/VBMI, which this CPU (or kernel) lacks; use auto, avx512, avx2 or portable");
+    g_attn_isa.store(3);
   } else if (name == "portable") {
     g_attn_isa.store(0);
   } else if (name == "avx512" || name == "avx512_vbmi") {
     TORCH_CHECK(attn_avx512_ok(), "fp8_backend attention: path '", name,
-                "' needs AVX-512 (F/BW/VL/DQ), which this CPU lacks; use auto or portable");
+                "' needs AVX-512 (F/BW/VL/DQ), which this CPU lacks; use auto, avx2 or portable");
+    g_attn_isa.store(2);
+  } else if (name == "avx2") {
+    TORCH_CHECK(attn_avx2_ok(), "fp8_backend attention: path 'avx2' needs AVX2, FMA and F16C, which this CPU ",
+                "lacks; use auto or portable");
     g_attn_isa.store(1);
   } else {
     TORCH_CHECK(false, "fp8_backend attention: unknown CPU path '", name,
-                "'; expected auto, amx, avx512 (avx512_vbmi accepted as avx512) or portable");
+                "'; expected auto, amx, avx512 (avx512_vbmi accepted as avx512), avx2 or portable");
   }
   return g_attn_isa.load();
 }
@@ -347,9 +356,10 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
   }
   const int isa = attn_isa();
   // AMX: FP8 / bf16 caches (values exact in bf16), D a multiple of 32 up to 256.
-  const bool amx = isa == 2 && D % 32 == 0 && D <= 256 &&
+  const bool amx = isa == 3 && D % 32 == 0 && D <= 256 &&
                    (kind == KvKind::e4m3 || kind == KvKind::e5m2 || kind == KvKind::bf16);
-  const bool avx = isa >= 1 && D % 16 == 0;
+  const bool avx = isa >= 2 && D % 16 == 0;
+  const bool avx2 = isa >= 1 && D % 8 == 0;
   const int q_parts = query.scalar_type() == at::kBFloat16 ? 1 : (query.scalar_type() == at::kHalf ? 2 : 3);
   const int64_t eb = key_cache.element_size();
   const uint8_t* kc = static_cast<const uint8_t*>(key_cache.data_ptr());
@@ -407,6 +417,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
           attend_amx(t);
         else if (avx)
           attend_avx512(t);
+        else if (avx2)
+          attend_avx2(t);
         else
           attend_portable(t);
         const float vsc = vs[wk.h];

@@ -42,4 +42,8 @@ inline int vbmi_source_index(int j, int lane) {
   return 16 * (lane / 4) + 8 * (j / 2) + 2 * (lane % 4) + (j % 2);
 }
 
+// The AVX2 GEMV's decoder (w8a16_avx2.cpp) produces the same pattern with 8 lanes: within each
+// block of 32 weights, fp32 vector j (0..3), lane l (0..7) holds weight vbmi_source_index(j, l).
+inline int avx2_source_index(int j, int lane) { return vbmi_source_index(j, lane); }
+
 }  // namespace fp8_backend

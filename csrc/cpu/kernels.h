@@ -11,17 +11,23 @@
 
 namespace fp8_backend {
 
-// Ordered by capability: each path needs every instruction set of the ones before it.
-enum class CpuIsa : int { portable = 0, avx512 = 1, avx512_vbmi = 2, amx = 3 };
+// Ordered by capability: each path needs every instruction set of the ones before it
+// (avx2 = AVX2 + FMA + F16C; avx512 = F/BW/VL/DQ on top; avx512_vbmi adds VBMI; amx adds
+// AMX-TILE/AMX-BF16 and the OS permission for tile data).
+enum class CpuIsa : int { portable = 0, avx2 = 1, avx512 = 2, avx512_vbmi = 3, amx = 4 };
 
 const char* isa_name(CpuIsa isa);
 bool isa_supported(CpuIsa isa);
+// The CPU features `isa` needs that this CPU (or OS) lacks, space-separated; "" if none.
+std::string isa_missing(CpuIsa isa);
 CpuIsa best_isa();
 
 // x: fp32 rows of stride ldx (>= K rounded up to 64, zero-padded), natural k order, except
 // gemv_avx512_vbmi which wants the vbmi_source_index order within each 64-block.
 void gemv_portable(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                    int64_t n0, int64_t n1, float* D, int64_t ldd);
+void gemv_avx2(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
+               int64_t n0, int64_t n1, float* D, int64_t ldd);
 void gemv_avx512(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                  int64_t n0, int64_t n1, float* D, int64_t ldd);
 void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
@@ -49,10 +55,25 @@ void gemm_amx(const uint16_t* x, int64_t ldx, int64_t Mp, const uint8_t* w, int6
 
 // Decode rows [n0, n1) of w [N, K] into out (fp32, natural order, row stride K).
 void decode_rows_portable(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
+void decode_rows_avx2(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
 void decode_rows_avx512(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
 
 // Benchmark helpers: XOR of all 64-bit words of p[0, bytes), bytes a multiple of 4096.
 uint64_t stream_xor_portable(const uint8_t* p, int64_t bytes);
+uint64_t stream_xor_avx2(const uint8_t* p, int64_t bytes);
 uint64_t stream_xor_avx512(const uint8_t* p, int64_t bytes);
+
+// The kernel the op runs for (isa, M, N, K, activation dtype, K block of block scales or 0):
+// one of "amx_tile_gemm", "gemv_<isa>", "decode_gemm_<isa>" (decode to fp32 + torch's fp32
+// GEMM), where <isa> is the fp32-kernel path (avx512_vbmi on amx CPUs). Pure: a function of its
+// arguments and of the measured crossovers (and the test overrides) only.
+enum class W8a16Kernel : int { amx_tile_gemm, gemv, decode_gemm };
+struct W8a16Plan {
+  W8a16Kernel kernel;
+  CpuIsa fp32_isa;  // the path of the GEMV / decoder
+};
+W8a16Plan w8a16_plan(CpuIsa isa, int64_t M, int64_t N, int64_t K, bool bf16, int64_t block_k,
+                     int64_t small_m_max_override, int64_t amx_min_m_override);
+std::string w8a16_plan_name(const W8a16Plan& p);
 
 }  // namespace fp8_backend

@@ -16,12 +16,19 @@ namespace fp8_backend {
 namespace {
 
 std::atomic<int> g_isa{-1};           // -1: not chosen yet (best available on first use)
-// M <= this: register-blocked GEMV; above: decode + fp32 GEMM. Crossover measured on a 2-core
-// Ice Lake-class Xeon at N=K=4096: GEMV wins up to M=64, decode+GEMM from M~96.
-std::atomic<int64_t> g_small_m_max{64};
-// bf16 activations on AMX CPUs: M >= this runs the AMX tile GEMM (crossover measured with
-// benchmarks/bench_w8a16.py on a 2-core Sapphire Rapids-class Xeon).
-std::atomic<int64_t> g_amx_min_m{8};  // measured crossover with the GEMV: 7-8 rows (4096x4096, SPR)
+// Test overrides of w8a16_plan's measured crossovers; -1: none.
+std::atomic<int64_t> g_small_m_max{-1};
+std::atomic<int64_t> g_amx_min_m{-1};
+
+// The fp32-activation kernels (GEMV, decode + fp32 GEMM): the amx path runs the VBMI ones there
+// (small M, fp16 activations, block sizes the tile GEMM does not take).
+CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_vbmi : isa; }
+
+// Largest M for the GEMV on the avx2 and portable paths: crossovers with decode + torch's fp32
+// GEMM measured with benchmarks/bench_w8a16.py's method (numbers in RESULTS.md, w8a16_avx2).
+// The scalar GEMV loses to decode + GEMM from M = 1, so the portable path always decodes.
+constexpr int64_t kAvx2SmallMMax = 16;
+constexpr int64_t kPortableSmallMMax = 0;
 
 CpuIsa current_isa() {
   int v = g_isa.load();
@@ -36,41 +43,39 @@ CpuIsa parse_isa(const std::string& name) {
   if (name == "amx") return CpuIsa::amx;
   if (name == "avx512_vbmi") return CpuIsa::avx512_vbmi;
   if (name == "avx512") return CpuIsa::avx512;
+  if (name == "avx2") return CpuIsa::avx2;
   if (name == "portable") return CpuIsa::portable;
   TORCH_CHECK(false, "fp8_backend: unknown CPU kernel path '", name,
-              "'; expected one of auto, amx, avx512_vbmi, avx512, portable");
+              "'; expected one of auto, amx, avx512_vbmi, avx512, avx2, portable");
 }
 
 constexpr int64_t kBlock = 64;  // GEMV k-block; activations are zero-padded to a multiple
 
-// Activations -> fp32 [M, Kp] (Kp = K rounded up to 64, zero tail), in the order the decoder
-// of `isa` produces weights.
+// Activations -> fp32 [M, Kp] (Kp = K rounded up to 64, zero tail), in the order the GEMV's
+// decoder of `isa` produces weights (vbmi_source_index / avx2_source_index within blocks).
 template <typename T>
-void stage_activations(const at::Tensor& x2, int64_t Kp, bool permuted, float* out) {
+void stage_activations(const at::Tensor& x2, int64_t Kp, CpuIsa isa, float* out) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const T* src = x2.data_ptr<T>();
+  const int lanes = isa == CpuIsa::avx512_vbmi ? 16 : isa == CpuIsa::avx2 ? 8 : 0;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* s = src + m * K;
       float* o = out + m * Kp;
-      if (!permuted) {
+      if (lanes == 0) {
         for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(s[k]);
         std::fill(o + K, o + Kp, 0.f);
         continue;
       }
-      for (int64_t b = 0; b < Kp; b += kBlock)
+      for (int64_t b = 0; b < Kp; b += 4 * lanes)
         for (int j = 0; j < 4; ++j)
-          for (int l = 0; l < 16; ++l) {
+          for (int l = 0; l < lanes; ++l) {
             const int64_t k = b + vbmi_source_index(j, l);
-            o[b + 16 * j + l] = k < K ? static_cast<float>(s[k]) : 0.f;
+            o[b + lanes * j + l] = k < K ? static_cast<float>(s[k]) : 0.f;
           }
     }
   });
 }
-
-// The fp32-activation kernels (GEMV, decode + fp32 GEMM): the amx path runs the VBMI ones there
-// (small M, fp16 activations, block sizes the tile GEMM does not take).
-CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_vbmi : isa; }
 
 void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                    int64_t N, float* D) {
@@ -82,6 +87,7 @@ void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uin
     switch (fp32_isa(isa)) {
       case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(x, ldx, M, w, K, n0, n1, D, N); break;
       case CpuIsa::avx512: gemv_avx512(x, ldx, M, w, K, n0, n1, D, N); break;
+      case CpuIsa::avx2: gemv_avx2(x, ldx, M, w, K, n0, n1, D, N); break;
       default: gemv_portable(x, ldx, M, w, K, n0, n1, D, N); break;
     }
   });
@@ -105,10 +111,11 @@ void decode_gemm(CpuIsa isa, const at::Tensor& x2, const uint8_t* w, int64_t K, 
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t rows = std::min(nb, N - n0);
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      if (fp32_isa(isa) == CpuIsa::portable)
-        decode_rows_portable(w + n0 * K, K, r0, r1, wb + r0 * K);
-      else
-        decode_rows_avx512(w + n0 * K, K, r0, r1, wb + r0 * K);
+      switch (fp32_isa(isa)) {
+        case CpuIsa::portable: decode_rows_portable(w + n0 * K, K, r0, r1, wb + r0 * K); break;
+        case CpuIsa::avx2: decode_rows_avx2(w + n0 * K, K, r0, r1, wb + r0 * K); break;
+        default: decode_rows_avx512(w + n0 * K, K, r0, r1, wb + r0 * K); break;
+      }
       if (blk) {  // dequantize: value * s[n / bn][k / bk]
         for (int64_t r = r0; r < r1; ++r) {
           const float* sr = blk.s + ((n0 + r) / blk.bn) * blk.kb;
@@ -144,6 +151,7 @@ void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, con
       switch (fp32_isa(isa)) {
         case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(xp, Kp, M, w, K, n0, n1, D, N); break;
         case CpuIsa::avx512: gemv_avx512(xp, Kp, M, w, K, n0, n1, D, N); break;
+        case CpuIsa::avx2: gemv_avx2(xp, Kp, M, w, K, n0, n1, D, N); break;
         default: gemv_portable(xp, Kp, M, w, K, n0, n1, D, N); break;
       }
     }
@@ -237,7 +245,8 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const CpuIsa isa = current_isa();
   const bool bf16 = x2.scalar_type() == at::kBFloat16;
-  if (K > 0 && isa == CpuIsa::amx && bf16 && M >= g_amx_min_m.load() && (!blk || blk.bk % 64 == 0)) {
+  const W8a16Plan plan = w8a16_plan(isa, M, N, K, bf16, blk ? blk.bk : 0, g_small_m_max.load(), g_amx_min_m.load());
+  if (K > 0 && plan.kernel == W8a16Kernel::amx_tile_gemm) {
     // AMX tiles: activations packed into pair-layout B tiles (zero-padded to 32 rows, 64
     // columns), weights decoded into A tiles inside gemm_amx, which also runs the epilogue.
     const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 63) / 64 * 64;
@@ -276,20 +285,17 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   at::Tensor D = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (K == 0) {
     D.zero_();
-  } else if (M <= g_small_m_max.load()) {
+  } else if (plan.kernel == W8a16Kernel::gemv) {
     const int64_t Kp = (K + kBlock - 1) / kBlock * kBlock;
     at::Tensor xs = at::empty({M, Kp}, x.options().dtype(at::kFloat));
-    const bool permuted = fp32_isa(isa) == CpuIsa::avx512_vbmi;
     if (x2.scalar_type() == at::kBFloat16)
-      stage_activations<at::BFloat16>(x2, Kp, permuted, xs.data_ptr<float>());
+      stage_activations<at::BFloat16>(x2, Kp, plan.fp32_isa, xs.data_ptr<float>());
     else
-      stage_activations<at::Half>(x2, Kp, permuted, xs.data_ptr<float>());
+      stage_activations<at::Half>(x2, Kp, plan.fp32_isa, xs.data_ptr<float>());
     if (!blk)
       gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>());
-    else if (blk.bk % kBlock == 0)
-      gemv_block_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>(), blk);
     else
-      decode_gemm(isa, x2, wp, K, N, D, blk);  // K blocks not aligned to the GEMV's 64
+      gemv_block_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>(), blk);
   } else {
     decode_gemm(isa, x2, wp, K, N, D, blk);
   }
@@ -303,6 +309,48 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 
 }  // namespace
 
+// Measured crossovers (benchmarks/bench_w8a16.py and RESULTS.md, 1 thread):
+//  * amx_min_m: the AMX tile GEMM beats the VBMI GEMV from 7-8 rows (4096x4096, Sapphire Rapids).
+//  * small_m_max: the register-blocked GEMV beats decode + torch's fp32 GEMM up to this M:
+//    64 on AVX-512 (2-core Ice Lake-class Xeon, N=K=4096); avx2 16, portable 0 (see above).
+W8a16Plan w8a16_plan(CpuIsa isa, int64_t M, int64_t N, int64_t K, bool bf16, int64_t block_k,
+                     int64_t small_m_max_override, int64_t amx_min_m_override) {
+  (void)N;
+  (void)K;
+  const CpuIsa f32 = fp32_isa(isa);
+  const int64_t amx_min_m = amx_min_m_override >= 0 ? amx_min_m_override : 8;
+  if (isa == CpuIsa::amx && bf16 && M >= amx_min_m && (block_k == 0 || block_k % 64 == 0))
+    return {W8a16Kernel::amx_tile_gemm, f32};
+  int64_t small_m_max;
+  switch (f32) {
+    case CpuIsa::avx2: small_m_max = kAvx2SmallMMax; break;
+    case CpuIsa::portable: small_m_max = kPortableSmallMMax; break;
+    default: small_m_max = 64; break;
+  }
+  if (small_m_max_override >= 0) small_m_max = small_m_max_override;
+  // The GEMV applies block scales per 64-wide staging block: K blocks must be multiples of 64.
+  if (M <= small_m_max && (block_k == 0 || block_k % kBlock == 0)) return {W8a16Kernel::gemv, f32};
+  return {W8a16Kernel::decode_gemm, f32};
+}
+
+std::string w8a16_plan_name(const W8a16Plan& p) {
+  switch (p.kernel) {
+    case W8a16Kernel::amx_tile_gemm: return "amx_tile_gemm";
+    case W8a16Kernel::gemv: return std::string("gemv_") + isa_name(p.fp32_isa);
+    case W8a16Kernel::decode_gemm: break;
+  }
+  return std::string("decode_gemm_") + isa_name(p.fp32_isa);
+}
+
+std::string w8a16_plan_py(const std::string& isa, int64_t M, int64_t N, int64_t K,
+                          const std::string& dtype, int64_t block_k) {
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "w8a16_plan: dtype must be 'bfloat16' or "
+              "'float16'; found '", dtype, "'");
+  TORCH_CHECK(M >= 0 && N >= 0 && K >= 0 && block_k >= 0, "w8a16_plan: M, N, K, block_k must be >= 0");
+  return w8a16_plan_name(w8a16_plan(parse_isa(isa), M, N, K, dtype == "bfloat16", block_k,
+                                    g_small_m_max.load(), g_amx_min_m.load()));
+}
+
 std::string cpu_isa() { return isa_name(current_isa()); }
 
 void set_cpu_isa(const std::string& name) {
@@ -311,8 +359,8 @@ void set_cpu_isa(const std::string& name) {
     return;
   }
   const CpuIsa isa = parse_isa(name);
-  TORCH_CHECK(isa_supported(isa), "fp8_backend: CPU kernel path '", name,
-              "' needs instructions this CPU lacks (best available: ", isa_name(best_isa()), ")");
+  TORCH_CHECK(isa_supported(isa), "fp8_backend: CPU kernel path '", name, "' needs ", isa_missing(isa),
+              ", which this CPU lacks (best available path: ", isa_name(best_isa()), ")");
   g_isa.store(static_cast<int>(isa));
 }
 
@@ -328,8 +376,11 @@ int64_t stream_read(const at::Tensor& t) {
   const int64_t pages = static_cast<int64_t>(t.nbytes() / 4096);
   std::atomic<uint64_t> total{0};
   at::parallel_for(0, pages, 16, [&](int64_t b0, int64_t b1) {
-    const uint64_t v = isa_supported(CpuIsa::avx512) ? stream_xor_avx512(p + b0 * 4096, (b1 - b0) * 4096)
-                                                     : stream_xor_portable(p + b0 * 4096, (b1 - b0) * 4096);
+    const uint8_t* q = p + b0 * 4096;
+    const int64_t n = (b1 - b0) * 4096;
+    const uint64_t v = isa_supported(CpuIsa::avx512) ? stream_xor_avx512(q, n)
+                       : isa_supported(CpuIsa::avx2) ? stream_xor_avx2(q, n)
+                                                     : stream_xor_portable(q, n);
     total.fetch_xor(v);
   });
   return static_cast<int64_t>(total.load());
@@ -355,15 +406,21 @@ TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) { m.impl("w8a16_linear", &fp8_backend::w
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fp8-backend CPU kernels (ops are registered as torch.ops.fp8_backend.*)";
   m.def("cpu_isa", &fp8_backend::cpu_isa, "The W8A16 code path in use");
-  m.def("set_cpu_isa", &fp8_backend::set_cpu_isa, "Select auto|amx|avx512_vbmi|avx512|portable");
+  m.def("set_cpu_isa", &fp8_backend::set_cpu_isa, "Select auto|amx|avx512_vbmi|avx512|avx2|portable");
   m.def("cpu_isa_supported", &fp8_backend::cpu_isa_supported, "Whether this CPU can run a path");
   m.def("set_small_m_max", [](int64_t v) { fp8_backend::g_small_m_max.store(v); },
-        "Largest M served by the GEMV kernel (larger M: decode + fp32 GEMM)");
+        "Test override: largest M served by the GEMV kernel (larger M: decode + fp32 GEMM); -1: "
+        "the measured crossover (w8a16_plan)");
   m.def("stream_read", &fp8_backend::stream_read, "Benchmark helper: read a tensor once");
   m.def("huge_page_empty", &fp8_backend::huge_page_empty,
         "An uninitialized uint8 tensor in 2 MiB-aligned memory advised to use transparent huge pages");
   m.def("small_m_max", []() { return fp8_backend::g_small_m_max.load(); });
   m.def("set_amx_min_m", [](int64_t v) { fp8_backend::g_amx_min_m.store(v); },
-        "Smallest M served by the AMX tile GEMM (bf16 activations, amx path)");
+        "Test override: smallest M served by the AMX tile GEMM (bf16 activations, amx path); -1: "
+        "the measured crossover (w8a16_plan)");
   m.def("amx_min_m", []() { return fp8_backend::g_amx_min_m.load(); });
+  m.def("w8a16_plan", &fp8_backend::w8a16_plan_py, pybind11::arg("isa"), pybind11::arg("M"),
+        pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("dtype"), pybind11::arg("block_k") = 0,
+        "The kernel w8a16_linear runs for these arguments (path name, M, N, K, 'bfloat16' or "
+        "'float16', K block of block scales or 0), with the current test overrides");
 }

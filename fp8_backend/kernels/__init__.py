@@ -2,7 +2,7 @@
 
 Ops live in the compiled extension ``fp8_backend._C`` (csrc/cpu) and are registered as
 ``torch.ops.fp8_backend.*`` with fake implementations here, so they trace under torch.compile.
-The CPU code path is chosen by CPUID; ``FP8_BACKEND_CPU_ISA=auto|amx|avx512_vbmi|avx512|portable``
+The CPU code path is chosen by CPUID; ``FP8_BACKEND_CPU_ISA=auto|amx|avx512_vbmi|avx512|avx2|portable``
 overrides it (an unsupported choice is an error, not a silent fallback).
 """
 
@@ -15,7 +15,7 @@ import torch
 from .. import _C  # noqa: F401  (registers torch.ops.fp8_backend)
 from .huge_pages import to_huge_pages
 
-ISAS = ("amx", "avx512_vbmi", "avx512", "portable")
+ISAS = ("amx", "avx512_vbmi", "avx512", "avx2", "portable")
 ISA_ENV = "FP8_BACKEND_CPU_ISA"
 
 

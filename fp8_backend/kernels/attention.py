@@ -5,9 +5,9 @@ numerics.paged_attention. Caches are [num_blocks, num_kv_heads, block_size, head
 strides with a contiguous last dim, so vLLM's CPU layout [num_blocks, kv_heads, 2 * block_size,
 head_size] split into K and V halves works as is), uint8 or float8 for FP8, or bf16/fp16/fp32.
 The attention code path (``amx`` for FP8 / bf16 caches with head sizes that are multiples of 32
-up to 256, ``avx512`` for other multiples of 16, else ``portable``)
-is chosen by CPUID; ``FP8_BACKEND_CPU_ISA`` (shared with the linear kernels) or
-:func:`set_attention_isa` overrides it.
+up to 256, ``avx512`` for other multiples of 16, ``avx2`` for other multiples of 8 (for every
+multiple of 8 on CPUs with AVX2 but no AVX-512), else ``portable``) is chosen by CPUID;
+``FP8_BACKEND_CPU_ISA`` (shared with the linear kernels) or :func:`set_attention_isa` overrides it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from . import ISA_ENV
 from .. import _C  # noqa: F401  (registers torch.ops.fp8_backend)
 
-ATTENTION_ISAS = ("portable", "avx512", "amx")
+ATTENTION_ISAS = ("portable", "avx2", "avx512", "amx")  # ascending speed; indices of the C++ op
 #: kv_cache_dtype strings the kernels take; "auto" means a 16/32-bit cache.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
@@ -41,17 +41,21 @@ def attention_isa() -> str:
 
 
 def set_attention_isa(name: str) -> str:
-    """Select ``auto``, ``amx``, ``avx512`` or ``portable``; raises if this CPU cannot run it."""
+    """Select ``auto``, ``amx``, ``avx512``, ``avx2`` or ``portable``; raises if this CPU cannot run it."""
     return ATTENTION_ISAS[torch.ops.fp8_backend.attention_set_isa(name)]
 
 
 def attention_path(head_size: int, cache_dtype: torch.dtype) -> str:
     """The path a cache of this element dtype (uint8 / float8 for FP8) and head size runs on."""
     isa = attention_isa()
-    if head_size % 16:
-        return "portable"
     amx_ok = head_size % 32 == 0 and head_size <= 256 and cache_dtype not in (torch.float16, torch.float32)
-    return "avx512" if isa == "amx" and not amx_ok else isa
+    if isa == "amx" and amx_ok:
+        return "amx"
+    if isa in ("amx", "avx512") and head_size % 16 == 0:
+        return "avx512"
+    if isa != "portable" and head_size % 8 == 0:
+        return "avx2"
+    return "portable"
 
 
 def supported_attention_isas() -> list[str]:

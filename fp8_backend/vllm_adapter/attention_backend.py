@@ -3,10 +3,13 @@
 A subclass of vLLM's CPU_ATTN backend with the same KV-cache layout ([num_blocks, kv_heads,
 block_size, 2 * head_size], K then V per block), registered under vLLM's ``CPU_ATTN`` name (the
 CPU platform always asks for that name) and under ``CUSTOM``. Which kernels a run uses is one
-decision for the whole engine (:func:`own_kernels`):
-- ``FP8_BACKEND_ATTENTION=auto`` (default): this project's kernels when kv_cache_dtype is fp8 /
-  fp8_e4m3 / fp8_e5m2 (RNE cache write, FP8 read in registers, per-head scales), vLLM's own
-  CPU_ATTN kernels for 16-bit caches;
+decision for the whole engine, taken by one rule (:func:`choose_attention_kernel`; the write and
+the read must agree, as the two kernel families lay the cache out differently):
+- ``FP8_BACKEND_ATTENTION=auto`` (default): this project's kernels for an FP8 cache (fp8 /
+  fp8_e4m3 / fp8_e5m2: RNE cache write, FP8 read in registers, per-head scales) where they are
+  measured faster than vLLM's CPU_ATTN on the same cache, or where vLLM's CPU_ATTN cannot read an
+  FP8 cache at all (x86 without AVX-512, head sizes not a multiple of 32); vLLM's own CPU_ATTN
+  kernels for 16-bit caches and for the FP8 regimes where its kernel is the faster one;
 - ``all`` (or ``attention_config={"backend": "CUSTOM"}``): this project's kernels for every cache;
 - ``vllm``: vLLM's kernels for everything (for comparisons).
 Encoder / cross attention always stays with vLLM's kernels; ALiBi, soft-capping and sinks are
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
@@ -48,12 +52,88 @@ def attention_mode(vllm_config: VllmConfig | None = None) -> str:
     return mode
 
 
-def own_kernels(vllm_config: VllmConfig) -> bool:
-    """Whether this engine's decoder attention runs on fp8-backend's kernels."""
-    mode = attention_mode(vllm_config)
+@dataclass(frozen=True)
+class AttentionChoice:
+    """Which kernels run an engine's decoder attention (``fp8_backend`` or ``vllm``) and why."""
+
+    kernel: str
+    reason: str
+
+
+def choose_attention_kernel(mode: str, kv_cache_dtype: str, path: str, vllm_reads_fp8: bool) -> AttentionChoice:
+    """THE rule (pure; unit-tested case by case in tests/test_kv_cache.py).
+
+    mode: ``auto`` / ``all`` / ``vllm`` (:func:`attention_mode`); kv_cache_dtype: vLLM's cache
+    dtype string; path: the code path fp8-backend's kernels would take for this head size and
+    cache (``amx``, ``avx512``, ``avx2``, ``portable``: kernels.attention.attention_path); vllm_reads_fp8:
+    whether vLLM's CPU_ATTN can read an FP8 cache here (x86 with AVX-512 or AMX, head size a
+    multiple of 32: vLLM's _get_attn_isa raises otherwise). Measurements behind each case are in
+    benchmarks/RESULTS.md, "Decode attention".
+    """
+    if mode == "vllm":
+        why = f"{MODE_ENV}=vllm"
+        if kv_cache_dtype in FP8_KV_DTYPES and not vllm_reads_fp8:
+            why += " (vLLM's CPU_ATTN cannot read an FP8 cache on this CPU / head size: it will refuse)"
+        return AttentionChoice("vllm", why)
     if mode == "all":
-        return True
-    return mode == "auto" and str(vllm_config.cache_config.cache_dtype) in FP8_KV_DTYPES
+        return AttentionChoice("fp8_backend", f"{MODE_ENV}=all or the CUSTOM attention backend")
+    if kv_cache_dtype not in FP8_KV_DTYPES:
+        return AttentionChoice("vllm", "16-bit KV cache: vLLM's CPU_ATTN kernels (fp8-backend adds nothing there)")
+    if not vllm_reads_fp8:
+        why = (f"vLLM's CPU_ATTN cannot read an FP8 cache on this CPU / head size; fp8-backend's {path} "
+               "kernel is the only FP8 reader")
+        if path == "portable":
+            why += (" (the portable path is many times slower than vLLM's kernel on a 16-bit cache: "
+                    "kv_cache_dtype=auto is faster where memory allows)")
+        return AttentionChoice("fp8_backend", why)
+    if path == "amx":
+        return AttentionChoice("fp8_backend", "amx decode kernel: 1.27-1.52x vLLM's CPU_ATTN on the same FP8 cache "
+                                              "with K/V from memory (Sapphire Rapids, 1 thread)")
+    return AttentionChoice("vllm", f"fp8-backend's {path} path is not measured faster than vLLM's CPU_ATTN on an "
+                                   "FP8 cache on this CPU class: vLLM's kernels (cache write and read)")
+
+
+def vllm_reads_fp8_cache(head_size: int) -> bool:
+    """vLLM's CPU_ATTN FP8 condition (vllm.v1.attention.backends.cpu_attn._get_attn_isa)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or head_size % 32:
+        return False
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _cache_dtype(kv_cache_dtype: str, vllm_config: VllmConfig | None) -> torch.dtype:
+    """Element dtype of the cache (uint8 for FP8; the model dtype for "auto")."""
+    if kv_cache_dtype in FP8_KV_DTYPES:
+        return torch.uint8
+    if kv_cache_dtype == "auto":
+        model = vllm_config.model_config if vllm_config is not None else None
+        return model.dtype if model is not None else torch.bfloat16
+    return getattr(torch, kv_cache_dtype)
+
+
+_logged: set[AttentionChoice] = set()
+
+
+def attention_choice(vllm_config: VllmConfig, head_size: int, kv_cache_dtype: str | None = None) -> AttentionChoice:
+    """choose_attention_kernel with this engine's mode, cache dtype, CPU and head size (logged
+    once per distinct choice)."""
+    from ..kernels import attention as ops
+
+    kv = str(kv_cache_dtype if kv_cache_dtype is not None else vllm_config.cache_config.cache_dtype)
+    path = ops.attention_path(head_size, _cache_dtype(kv, vllm_config))
+    choice = choose_attention_kernel(attention_mode(vllm_config), kv, path, vllm_reads_fp8_cache(head_size))
+    if choice not in _logged:
+        _logged.add(choice)
+        logger.info("fp8-backend: decoder attention (kv_cache_dtype=%s, head size %d) on %s kernels: %s",
+                    kv, head_size, "fp8-backend" if choice.kernel == "fp8_backend" else "vLLM's CPU_ATTN",
+                    choice.reason)
+    return choice
+
+
+def own_kernels(vllm_config: VllmConfig, head_size: int, kv_cache_dtype: str | None = None) -> bool:
+    """Whether this engine's decoder attention runs on fp8-backend's kernels (the rule above)."""
+    return attention_choice(vllm_config, head_size, kv_cache_dtype).kernel == "fp8_backend"
 
 
 def _split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +146,7 @@ class Fp8CpuAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
-        self.own = own_kernels(vllm_config) and not isinstance(
+        self.own = own_kernels(vllm_config, kv_cache_spec.head_size) and not isinstance(
             kv_cache_spec, (CrossAttentionSpec, EncoderOnlyAttentionSpec)
         )
         if not self.own:
@@ -120,7 +200,8 @@ class Fp8CpuAttentionImpl(CPUAttentionBackendImpl):
                  kv_sharing_target_layer_name=None, sinks=None) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
-        self.own = own_kernels(get_current_vllm_config()) and attn_type == AttentionType.DECODER
+        self.own = (attn_type == AttentionType.DECODER
+                    and own_kernels(get_current_vllm_config(), head_size, kv_cache_dtype))
         if not self.own:
             return
         unsupported = [n for n, v in (("ALiBi", alibi_slopes), ("attention sinks", sinks),
@@ -142,13 +223,7 @@ class Fp8CpuAttentionImpl(CPUAttentionBackendImpl):
 
     @staticmethod
     def _cache_dtype(kv_cache_dtype: str) -> torch.dtype:
-        """Element dtype of the cache (uint8 for FP8; the model dtype for "auto")."""
-        if kv_cache_dtype in FP8_KV_DTYPES:
-            return torch.uint8
-        if kv_cache_dtype == "auto":
-            model = get_current_vllm_config().model_config
-            return model.dtype if model is not None else torch.bfloat16
-        return getattr(torch, kv_cache_dtype)
+        return _cache_dtype(kv_cache_dtype, get_current_vllm_config())
 
     def _scales(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         k = getattr(layer, "_fp8b_k_heads", None)
@@ -163,7 +238,11 @@ class Fp8CpuAttentionImpl(CPUAttentionBackendImpl):
                 output_block_scale=None) -> torch.Tensor:
         if not self.own:
             if getattr(layer, "_fp8b_k_heads", None) is not None:
-                raise NotImplementedError("per-head KV-cache scales need fp8-backend's attention kernels")
+                raise NotImplementedError(
+                    "per-head KV-cache scales need fp8-backend's attention kernels, which this engine does not "
+                    f"use ({attention_choice(get_current_vllm_config(), self.head_size, self.kv_cache_dtype).reason}); "
+                    f"set {MODE_ENV}=all to use them"
+                )
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         if output_scale is not None or output_block_scale is not None:
