@@ -1,4 +1,5 @@
-"""One engine in one process: load it, generate, time batch-1 decode, score text.
+"""One engine in one process: load it, generate, time batch-1 decode (and optionally batched
+decode and a long prefill), score text.
 
 Prints one JSON line "RESULT {...}". Used by scripts/demo.py and benchmarks/bench_e2e.py, which
 start one worker per configuration so that peak memory and timings are not mixed.
@@ -34,6 +35,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128, help="batch-1 decode length to time")
     ap.add_argument("--decode-repeats", type=int, default=3)
     ap.add_argument("--score-file", default=None, help="JSON list of token-id windows to score")
+    # The batched rows default from the environment too, so that callers that build the argument
+    # list themselves (scripts/demo.py's run_e2e) can ask for them through its env= parameter.
+    ap.add_argument("--batch-decode", type=int, default=int(os.environ.get("E2E_WORKER_BATCH_DECODE", "0")),
+                    help="also time decode of this many sequences at once (0: skip)")
+    ap.add_argument("--batch-decode-tokens", type=int,
+                    default=int(os.environ.get("E2E_WORKER_BATCH_DECODE_TOKENS", "64")))
+    ap.add_argument("--prefill-tokens", type=int, default=int(os.environ.get("E2E_WORKER_PREFILL_TOKENS", "0")),
+                    help="also time the prefill of one prompt of this many tokens (0: skip)")
     args = ap.parse_args()
 
     import torch
@@ -88,6 +97,48 @@ def main() -> None:
             best.append((args.decode_tokens - 1) / max(tn - t1, 1e-9))
         decode = max(best)
 
+    # Random token ids (seeded) as prompts: every timed prompt is new, so vLLM's prefix cache
+    # never serves a prefill from an earlier run.
+    import random
+    rng = random.Random(0)
+    vocab = llm.get_tokenizer().vocab_size
+    def new_prompt(n):
+        return {"prompt_token_ids": [rng.randrange(256, vocab) for _ in range(n)]}
+
+    # Batch-B decode: B sequences of 8-token prompts generating N tokens each;
+    # tokens/s = B (N - 1) / (t_N - t_1), the same cancellation as batch 1.
+    batch_decode = None
+    if args.batch_decode > 0 and args.batch_decode_tokens > 1:
+        def timed_batch(n):
+            sp = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
+            prompts = [new_prompt(8) for _ in range(args.batch_decode)]
+            t = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            return time.perf_counter() - t
+        timed_batch(8)  # warm-up
+        best = []
+        for _ in range(args.decode_repeats):
+            t1, tn = timed_batch(1), timed_batch(args.batch_decode_tokens)
+            best.append(args.batch_decode * (args.batch_decode_tokens - 1) / max(tn - t1, 1e-9))
+        batch_decode = max(best)
+
+    # Prefill: one P-token prompt, one output token, against a 1-token prompt:
+    # tokens/s = (P - 1) / (t_P - t_1) (per-request overhead and the one decode step cancel).
+    prefill = None
+    if args.prefill_tokens > 1:
+        def timed_prefill(n):
+            sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            prompt = new_prompt(n)
+            t = time.perf_counter()
+            llm.generate([prompt], sp, use_tqdm=False)
+            return time.perf_counter() - t
+        timed_prefill(args.prefill_tokens)  # warm-up
+        best = []
+        for _ in range(args.decode_repeats):
+            t1, tp = timed_prefill(1), timed_prefill(args.prefill_tokens)
+            best.append((args.prefill_tokens - 1) / max(tp - t1, 1e-9))
+        prefill = max(best)
+
     scored = None
     if args.score_file:
         windows = json.load(open(args.score_file))
@@ -108,6 +159,12 @@ def main() -> None:
         "linear_dtypes": sorted({v["weight_dtype"] for v in rep["linear"].values()}),
         "texts": texts,
         "decode_tok_s": decode,
+        "batch_decode": args.batch_decode if batch_decode is not None else None,
+        "batch_decode_tokens": args.batch_decode_tokens,
+        "batch_decode_tok_s": batch_decode,
+        "prefill_tokens": args.prefill_tokens if prefill is not None else None,
+        "prefill_tok_s": prefill,
+        "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
         "logprobs": scored,
         "score_s": score_s if scored is not None else None,
     }

@@ -42,3 +42,45 @@ def update_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def cpu_description() -> str:
+    """lscpu's model name and family/model, core count, and the SIMD features that decide which
+    kernel paths can run (AVX2/FMA/F16C, AVX-512, AMX), naming AVX-512 / AMX when absent."""
+    import os
+    import subprocess
+
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags = set(info.get("Flags", "").split())
+    simd = [f.upper().replace("_", "-") for f in
+            ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    desc = (f"{info.get('Model name', 'unknown CPU')} (family {info.get('CPU family', '?')} model "
+            f"{info.get('Model', '?')}), {os.cpu_count()} cores, {' '.join(simd) or 'no AVX2'}")
+    if "avx512f" not in flags:
+        desc += ", no AVX-512"
+    elif "amx_tile" not in flags:
+        desc += ", no AMX"
+    return desc
+
+
+def kernel_path(root: Path | None = None) -> str:
+    """fp8_backend.kernels.cpu_isa() as an engine started from this tree sees it (`root` first on
+    PYTHONPATH; run in a fresh interpreter so that the caller does not load the extension)."""
+    import os
+    import subprocess
+    import sys
+
+    root = root or Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    p = subprocess.run([sys.executable, "-c", "from fp8_backend import kernels; print(kernels.cpu_isa())"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip()]
+    return lines[-1] if p.returncode == 0 and lines else "unknown"
