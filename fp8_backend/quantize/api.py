@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import numerics
+from ..formats.checkpoint import CheckpointFormatError
 from ..formats.safetensors_files import check_safetensors_files
 from .config import quantization_config
 from .layers import model_layers, quantized_layers
@@ -69,7 +70,10 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
     except (OSError, ValueError) as e:
         raise QuantizeError(f"{cfg_path}: expected the model's config.json as JSON, found {type(e).__name__}: {e}") from None
     shards = input_shards(model_dir)
-    check_safetensors_files(model_dir)  # a truncated or corrupt shard is named now, not mid-way
+    try:  # a truncated or corrupt shard is named now, not mid-way
+        check_safetensors_files(model_dir)
+    except CheckpointFormatError as e:
+        raise QuantizeError(f"model_dir: {e}") from None
     check_out_dir(out_dir, model_dir, force)
     keys = {s: shard_keys(s) for s in shards}
     layers = model_layers(model_dir)
