@@ -102,6 +102,18 @@ def test_attention_rule(mode, kv, path, vllm_fp8, kernel, why):
     assert choice.kernel == kernel and why in choice.reason, choice
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"])
+def test_attention_rule_per_head_scales_stay_on_own_kernels(path):
+    # Where vLLM's kernel would otherwise take an FP8 cache, per-head scales (which it cannot
+    # apply) keep the layer on fp8-backend's kernels instead of failing at the first forward.
+    from fp8_backend.vllm_adapter.attention_backend import choose_attention_kernel
+
+    choice = choose_attention_kernel("auto", "fp8", path, True, per_head_scales=True)
+    assert choice.kernel == "fp8_backend" and "per-head" in choice.reason
+    assert choose_attention_kernel("auto", "auto", path, True, per_head_scales=True).kernel == "vllm"
+    assert choose_attention_kernel("vllm", "fp8", path, True, per_head_scales=True).kernel == "vllm"
+
+
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
 def test_vllm_reads_fp8_matches_vllm(head_size):
     """vllm_reads_fp8_cache agrees with vLLM's own CPU_ATTN ISA choice on this CPU (it raises

@@ -60,14 +60,17 @@ class AttentionChoice:
     reason: str
 
 
-def choose_attention_kernel(mode: str, kv_cache_dtype: str, path: str, vllm_reads_fp8: bool) -> AttentionChoice:
+def choose_attention_kernel(mode: str, kv_cache_dtype: str, path: str, vllm_reads_fp8: bool,
+                            per_head_scales: bool = False) -> AttentionChoice:
     """THE rule (pure; unit-tested case by case in tests/test_kv_cache.py).
 
     mode: ``auto`` / ``all`` / ``vllm`` (:func:`attention_mode`); kv_cache_dtype: vLLM's cache
     dtype string; path: the code path fp8-backend's kernels would take for this head size and
     cache (``amx``, ``avx512``, ``avx2``, ``portable``: kernels.attention.attention_path); vllm_reads_fp8:
     whether vLLM's CPU_ATTN can read an FP8 cache here (x86 with AVX-512 or AMX, head size a
-    multiple of 32: vLLM's _get_attn_isa raises otherwise). Measurements behind each case are in
+    multiple of 32: vLLM's _get_attn_isa raises otherwise); per_head_scales: the checkpoint declares
+    one KV scale per kv head (compressed-tensors attn_head), which only fp8-backend's kernels
+    apply. Measurements behind each case are in
     benchmarks/RESULTS.md, "Decode attention".
     """
     if mode == "vllm":
@@ -86,6 +89,8 @@ def choose_attention_kernel(mode: str, kv_cache_dtype: str, path: str, vllm_read
             why += (" (the portable path is many times slower than vLLM's kernel on a 16-bit cache: "
                     "kv_cache_dtype=auto is faster where memory allows)")
         return AttentionChoice("fp8_backend", why)
+    if per_head_scales:
+        return AttentionChoice("fp8_backend", "per-head KV-cache scales: only fp8-backend's kernels apply them")
     if path == "amx":
         return AttentionChoice("fp8_backend", "amx decode kernel: 1.27-1.52x vLLM's CPU_ATTN on the same FP8 cache "
                                               "with K/V from memory (Sapphire Rapids, 1 thread)")
@@ -122,7 +127,9 @@ def attention_choice(vllm_config: VllmConfig, head_size: int, kv_cache_dtype: st
 
     kv = str(kv_cache_dtype if kv_cache_dtype is not None else vllm_config.cache_config.cache_dtype)
     path = ops.attention_path(head_size, _cache_dtype(kv, vllm_config))
-    choice = choose_attention_kernel(attention_mode(vllm_config), kv, path, vllm_reads_fp8_cache(head_size))
+    ckpt = getattr(getattr(vllm_config, "quant_config", None), "checkpoint", None)
+    per_head = getattr(getattr(ckpt, "kv_cache", None), "strategy", None) == "head"
+    choice = choose_attention_kernel(attention_mode(vllm_config), kv, path, vllm_reads_fp8_cache(head_size), per_head)
     if choice not in _logged:
         _logged.add(choice)
         logger.info("fp8-backend: decoder attention (kv_cache_dtype=%s, head size %d) on %s kernels: %s",
