@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, started with `fp8-backend serve ... --quantization fp8` on
 127.0.0.1, answers /v1/completions, and is stopped."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,20 +26,15 @@ def get(url: str, timeout: float = 5.0) -> bytes:
         return r.read()
 
 
-@pytest.mark.slow
-def test_server_completions_with_fp8(tiny_model, tmp_path):
+@contextlib.contextmanager
+def running_server(model, log_path, *args: str):
+    """`fp8-backend serve MODEL --host 127.0.0.1 --port <free> ARGS` in its own session; yields
+    (base URL, process, log file) once /health answers; interrupted (then killed) on exit."""
     port = free_port()
     exe = shutil.which("fp8-backend") or ""
-    cmd = [exe] if exe else [sys.executable, "-m", "fp8_backend.cli"]
-    cmd += [
-        "serve", str(tiny_model),
-        "--quantization", "fp8",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "bfloat16",
-        "--kv-cache-memory-bytes", str(64 << 20),
-        "--served-model-name", "tiny",
-    ]
-    log = open(tmp_path / "server.log", "w+")
+    cmd = ([exe] if exe else [sys.executable, "-m", "fp8_backend.cli"])
+    cmd += ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
+    log = open(log_path, "w+")
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -57,6 +53,22 @@ def test_server_completions_with_fp8(tiny_model, tmp_path):
                     log.seek(0)
                     pytest.fail("server not healthy after 600 s:\n" + log.read()[-5000:])
                 time.sleep(2)
+        yield base, proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_server_completions_with_fp8(tiny_model, tmp_path):
+    with running_server(tiny_model, tmp_path / "server.log", "--quantization", "fp8", "--dtype", "bfloat16",
+                        "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "tiny") as (base, proc, log):
         req = urllib.request.Request(
             base + "/v1/completions",
             data=json.dumps({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0}).encode(),
@@ -71,13 +83,4 @@ def test_server_completions_with_fp8(tiny_model, tmp_path):
         text = log.read()
         assert "quantization=fp8" in text
         assert "fp8-backend" in text  # our config announced itself in the server's log
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
     assert proc.returncode is not None

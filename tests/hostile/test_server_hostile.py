@@ -3,12 +3,7 @@ request is answered in full, bad ones get a 4xx, the server keeps serving, and a
 greedy output sent in a batch is compared with the same request sent alone."""
 
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from test_server import free_port, get  # noqa: E402
+from test_server import running_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
@@ -45,42 +40,11 @@ def complete(base: str, prompt: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    port = free_port()
-    exe = shutil.which("fp8-backend")
-    cmd = ([exe] if exe else [sys.executable, "-m", "fp8_backend.cli"]) + [
-        "serve", str(tiny_model), "--quantization", "fp8", "--kv-cache-dtype", "fp8",
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
-        "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "tiny",
-    ]
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "w+")
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-5000:]}")
-            try:
-                get(base + "/health")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("server not healthy after 600 s")
-                time.sleep(2)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(tiny_model, log, "--quantization", "fp8", "--kv-cache-dtype", "fp8", "--dtype", "bfloat16",
+                        "--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20),
+                        "--served-model-name", "tiny") as (base, proc, _):
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 def _full(status: int, body: dict) -> str:
