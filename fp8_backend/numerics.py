@@ -286,6 +286,87 @@ def w8a8_linear(
 
 
 # ----------------------------------------------------------------------------------------------
+# Mixture of experts
+# ----------------------------------------------------------------------------------------------
+
+
+def moe_scale_shapes(
+    num_experts: int, intermediate: int, hidden: int, block_size: tuple[int, int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Expected (w13_scale, w2_scale) shapes of :func:`fused_moe_w8a16`.
+
+    Per-channel: [E, 2I] and [E, H]. Blocks [bn, bk]: gate and up keep a grid each, stacked along
+    rows, so an intermediate size that is not a multiple of bn stays exact:
+    [E, 2*ceil(I/bn), ceil(H/bk)] and [E, ceil(H/bn), ceil(I/bk)].
+    """
+    e, i, h = num_experts, intermediate, hidden
+    if block_size is None:
+        return (e, 2 * i), (e, h)
+    bn, bk = block_size
+    return (e, 2 * math.ceil(i / bn), math.ceil(h / bk)), (e, math.ceil(h / bn), math.ceil(i / bk))
+
+
+def fused_moe_w8a16(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    block_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Reference W8A16 mixture of experts with SiLU-and-mul experts, in ``x.dtype``.
+
+    x [T, H] bf16/fp16; w13 [E, 2I, H] FP8, rows [0, I) the gate and [I, 2I) the up projection;
+    w2 [E, H, I] FP8; scales fp32 as :func:`moe_scale_shapes` (a per-tensor checkpoint scale is
+    the per-channel case with equal rows). topk_weights [T, k], topk_ids [T, k] (a token may name
+    the same expert twice: both terms count). For token t::
+
+        out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = topk_ids[t, j]
+
+    Rounding points (those of vLLM's 16-bit MoE): gate and up as :func:`w8a16_linear` (fp32 sums
+    rounded to x.dtype); silu(g) * u in fp32, rounded to x.dtype as the down projection's input;
+    the down projection, the top-k weighting and the sum over j in fp32; one final rounding.
+    """
+    t, h = x.shape
+    e, two_i, h13 = w13.shape
+    i = two_i // 2
+    if h13 != h or two_i % 2 or tuple(w2.shape) != (e, h, i):
+        raise ValueError(
+            f"fused_moe_w8a16: expected x [T, H], w13 [E, 2I, H], w2 [E, H, I]; found x "
+            f"{tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
+        )
+    s13, s2 = moe_scale_shapes(e, i, h, block_size)
+    if tuple(w13_scale.shape) != s13 or tuple(w2_scale.shape) != s2:
+        raise ValueError(
+            f"fused_moe_w8a16: expected w13_scale {s13} and w2_scale {s2}, found "
+            f"{tuple(w13_scale.shape)} and {tuple(w2_scale.shape)}"
+        )
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != t:
+        raise ValueError(
+            f"fused_moe_w8a16: expected topk_weights and topk_ids of shape [T={t}, k], found "
+            f"{tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}"
+        )
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= e):
+        raise ValueError(f"fused_moe_w8a16: topk_ids must lie in [0, {e}), found {topk_ids.min()}..{topk_ids.max()}")
+    half = s13[1] // 2  # scale rows of the gate half
+    out = torch.zeros(t, h, dtype=torch.float32)
+    for ex in torch.unique(topk_ids).tolist():
+        tok, slot = (topk_ids == ex).nonzero(as_tuple=True)
+        xe = x[tok]
+        g = w8a16_linear(xe, w13[ex, :i], w13_scale[ex, :half], None, block_size)
+        u = w8a16_linear(xe, w13[ex, i:], w13_scale[ex, half:], None, block_size)
+        a = (torch.nn.functional.silu(g.float()) * u.float()).to(x.dtype)
+        if block_size is not None:
+            d = a.float() @ dequantize(w2[ex], w2_scale[ex], block_size).T
+        else:
+            d = (a.float() @ w2[ex].float().T) * w2_scale[ex].float().reshape(1, -1)
+        out.index_add_(0, tok, d * topk_weights[tok, slot].float().reshape(-1, 1))
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # FP8 KV cache and paged attention
 # ----------------------------------------------------------------------------------------------
 

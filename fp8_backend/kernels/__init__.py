@@ -74,3 +74,22 @@ try:
     set_cpu_isa(_env_isa)
 except RuntimeError as e:  # unknown or unsupported: say which variable caused it
     raise RuntimeError(f"{ISA_ENV}={_env_isa!r}: {e}") from None
+
+
+def fused_moe_w8a16(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    block_size: list[int] | None = None,
+) -> torch.Tensor:
+    """W8A16 mixture of experts with SiLU-and-mul experts (numerics.fused_moe_w8a16)."""
+    from .. import numerics  # the compiled op replaces this reference
+
+    return numerics.fused_moe_w8a16(
+        x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+        tuple(block_size) if block_size is not None else None,
+    )
