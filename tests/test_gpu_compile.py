@@ -28,8 +28,8 @@ def compiled(tmp_path_factory):
 
 
 COMMON = ["e4m3_encode", "e4m3_decode", "quant_per_token_bf16_ub", "quant_group_fp16", "quant_partial_amax",
-          "quant_per_tensor_dynamic", "quant_per_tensor_static", "kv_cache_write_bf16", "paged_decode_bf16_gqa4",
-          "paged_decode_fp16_mha_d80", "w8a16_bf16_group0_bm16",
+          "quant_per_tensor_dynamic", "quant_per_tensor_static",
+          "w8a16_bf16_group0_bm16",
           "w8a16_bf16_group0", "w8a16_bf16_group128", "w8a16_fp16_group0", "w8a16_fp16_group128"]
 W8A8 = ["w8a8_gemm_channel_bf16", "w8a8_gemm_block_bf16"]
 

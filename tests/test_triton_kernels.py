@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fp8_backend import numerics as nm
-from fp8_backend.kernels.triton import fp8_math, gemm_w8a8, kv_cache, quant, w8a16_marlin, w8a16_repack
+from fp8_backend.kernels.triton import fp8_math, gemm_w8a8, quant, w8a16_marlin, w8a16_repack
 
 E4M3 = nm.E4M3
 
@@ -226,105 +226,3 @@ def test_w8a16_marlin_interpreted(m, n, k, dtype, mode):
     mag = x.float().abs() @ nm.dequantize(wq, ws, bs).abs().T
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     assert bool(((y.float() - ref).abs() <= 1e-5 * mag + ulp * ref.abs() + 1e-6).all())
-
-
-# ---------------------------------------------------------------------------------------------
-# FP8 KV cache: write and paged decode attention
-# ---------------------------------------------------------------------------------------------
-
-
-def paged_setup(lens, block_size, n_blocks, seed=0):
-    """Block tables with shuffled pages and the slot of each token (sequence-major)."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_blocks, generator=g)
-    max_pages = max(1, max(math.ceil(n / block_size) for n in lens))
-    bt = torch.zeros(len(lens), max_pages, dtype=torch.int32)
-    slots, p = [], 0
-    for b, n in enumerate(lens):
-        for j in range(math.ceil(n / block_size)):
-            bt[b, j] = perm[p]
-            p += 1
-        slots += [int(bt[b, i // block_size]) * block_size + i % block_size for i in range(n)]
-    return bt, torch.tensor(slots, dtype=torch.int64)
-
-
-def test_kv_cache_write_interpreted_edge_values_and_skip():
-    h, d, bs = 2, 80, 16  # head size 80: padded lanes masked
-    x = edge_values()[: 7 * h * d].reshape(7, h, d)
-    k, v = x, x.flip(0) * 0.5
-    kc = torch.full((4, bs, h, d), 0.5).to(E4M3)  # sentinel: skipped slots keep it
-    vc = kc.clone()
-    slots = torch.tensor([0, 17, -1, 31, 32, -1, 63])
-    ks, vs = torch.tensor(0.5), torch.tensor([2.0, 0.25])  # per-tensor k, per-head v scale
-    kv_cache.kv_cache_write(k, v, kc, vc, slots, ks, vs)
-    ok = slots >= 0
-    kflat, vflat = kc.view(-1, h, d), vc.view(-1, h, d)
-    assert same_bits_or_nan(kflat[slots[ok]], nm.quantize_with_scale(k[ok], ks))
-    assert same_bits_or_nan(vflat[slots[ok]], nm.quantize_with_scale(v[ok], vs.reshape(1, h, 1)))
-    untouched = torch.ones(4 * bs, dtype=torch.bool)
-    untouched[slots[ok]] = False
-    assert bool((kflat[untouched].float() == 0.5).all()) and bool((vflat[untouched].float() == 0.5).all())
-
-
-def test_kv_cache_write_rejects_bad_scale():
-    kc = torch.zeros(2, 16, 2, 64, dtype=E4M3)
-    k = torch.randn(3, 2, 64)
-    for bad in (torch.tensor(0.0), torch.tensor(math.inf), torch.ones(3)):
-        with pytest.raises(ValueError, match="k_scale"):
-            kv_cache.kv_cache_write(k, k, kc, kc.clone(), torch.arange(3), bad, torch.tensor(1.0))
-
-
-def reference_decode(q, kc, vc, bt, lens, sm_scale, ks, vs):
-    """Test-local reference: dequantize the cached pages, then plain softmax attention in fp32
-    (numerics.py on main has no attention reference yet; the CPU-attention branch adds one)."""
-    b_, hq, d = q.shape
-    h = kc.shape[2]
-    bs = kc.shape[1]
-    out = torch.zeros(b_, hq, d)
-    for b in range(b_):
-        n = int(lens[b])
-        if n == 0:
-            continue
-        slots = torch.tensor([int(bt[b, i // bs]) * bs + i % bs for i in range(n)])
-        k = kc.view(-1, h, d)[slots].float() * ks.reshape(-1, 1)
-        v = vc.view(-1, h, d)[slots].float() * vs.reshape(-1, 1)
-        k, v = k.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1)
-        p = (torch.einsum("hd,thd->ht", q[b].float(), k) * sm_scale).softmax(-1)
-        out[b] = torch.einsum("ht,thd->hd", p, v)
-    return out
-
-
-@pytest.mark.parametrize("hq,h,d,bs,dtype", [(8, 2, 64, 16, torch.float32), (4, 4, 128, 8, torch.bfloat16),
-                                             (6, 2, 80, 16, torch.float16)])
-def test_paged_decode_interpreted(hq, h, d, bs, dtype):
-    lens = [1, 16, 17, 45, 0]  # one token, exactly one block, block boundary + 1, several, empty
-    bt, slots = paged_setup(lens, bs, 16)
-    g = torch.Generator().manual_seed(3)
-    k = torch.randn(len(slots), h, d, generator=g) * 4
-    v = torch.randn(len(slots), h, d, generator=g)
-    k[0, 0, 0] = 1e4  # beyond the FP8 range after scaling: saturates in the cache
-    ks = torch.tensor(0.02) if h != 4 else torch.tensor([0.02, 0.05, 0.01, 1.0])  # per-head too
-    vs = torch.tensor(0.01)
-    kc = torch.zeros(16, bs, h, d, dtype=E4M3)
-    vc = torch.zeros_like(kc)
-    kv_cache.kv_cache_write(k, v, kc, vc, slots, ks, vs)
-    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
-    out = kv_cache.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), d**-0.5, ks, vs)
-    ref = reference_decode(q, kc, vc, bt, lens, d**-0.5, ks, vs)
-    # Same FP8 cache; online vs two-pass softmax in fp32 (~1e-6 relative), then one rounding
-    # to dtype. |out| <= max |v| (a convex combination), so an absolute bound works.
-    ulp = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
-    assert out.dtype == dtype
-    assert bool(((out.float() - ref).abs() <= 1e-5 + ulp * ref.abs()).all())
-    assert bool((out[-1] == 0).all())  # empty sequence
-
-
-def test_paged_decode_rejects_bad_shapes():
-    kc = torch.zeros(2, 16, 3, 64, dtype=E4M3)
-    with pytest.raises(ValueError, match="multiple of H_kv"):
-        kv_cache.paged_decode_attention(torch.randn(1, 4, 64), kc, kc, torch.zeros(1, 1, dtype=torch.int32),
-                                        torch.ones(1, dtype=torch.int32), 1.0, torch.tensor(1.0), torch.tensor(1.0))
-    with pytest.raises(ValueError, match="block_size must be a power of two"):
-        bad = torch.zeros(2, 12, 3, 64, dtype=E4M3)
-        kv_cache.paged_decode_attention(torch.randn(1, 3, 64), bad, bad, torch.zeros(1, 1, dtype=torch.int32),
-                                        torch.ones(1, dtype=torch.int32), 1.0, torch.tensor(1.0), torch.tensor(1.0))

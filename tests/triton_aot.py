@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fp8_backend.kernels.triton import fp8_math, gemm_w8a8, kv_cache, quant, w8a16_marlin  # noqa: E402
+from fp8_backend.kernels.triton import fp8_math, gemm_w8a8, quant, w8a16_marlin  # noqa: E402
 
 C = "constexpr"
 
@@ -50,22 +50,7 @@ def kernels(cap: int):
             quant._per_tensor_kernel,
             {"x_ptr": "*bf16", "q_ptr": "*u8", "scale_ptr": "*fp32", "partial_ptr": "*fp32", "n": "i32",
              "n_partial": "i32", "scale_floor": "fp32"}, {"DYNAMIC": False, "BLOCK": 1024, "PBLOCK": 16}),
-        "kv_cache_write_bf16": spec(
-            kv_cache.kv_cache_write_kernel,
-            {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*u8", "vc_ptr": "*u8", "slot_ptr": "*i64",
-             "ks_ptr": "*fp32", "vs_ptr": "*fp32", "stride_kt": "i32", "stride_vt": "i32", "stride_cb": "i32",
-             "stride_ct": "i32"}, {"BLOCK_SIZE": 16, "H": 8, "D": 128, "D_PAD": 128}),
-        "paged_decode_bf16_gqa4": spec(
-            kv_cache.paged_decode_kernel,
-            {"q_ptr": "*bf16", "kc_ptr": "*u8", "vc_ptr": "*u8", "bt_ptr": "*i32", "len_ptr": "*i32",
-             "ks_ptr": "*fp32", "vs_ptr": "*fp32", "o_ptr": "*bf16", "sm_scale": "fp32", "stride_qb": "i32",
-             "stride_qh": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_bt": "i32", "stride_cb": "i32",
-             "stride_ct": "i32"}, {"GROUP": 4, "G_PAD": 4, "BLOCK_SIZE": 16, "H_KV": 8, "D": 128, "D_PAD": 128}),
     }
-    decode_sig = {k: v for k, v in out["paged_decode_bf16_gqa4"][1].items() if v != C}
-    out["paged_decode_fp16_mha_d80"] = spec(
-        kv_cache.paged_decode_kernel, {**decode_sig, "q_ptr": "*fp16", "o_ptr": "*fp16"},
-        {"GROUP": 1, "G_PAD": 1, "BLOCK_SIZE": 16, "H_KV": 8, "D": 80, "D_PAD": 128})
     for dt in ("bf16", "fp16"):
         for grouped in (0, 128):
             out[f"w8a16_{dt}_group{grouped}"] = spec(
