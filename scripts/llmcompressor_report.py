@@ -34,7 +34,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from accuracy_report import add_common_args, calibration_text, like_for_like, ppl_diff_se, rel, score, scored_windows  # noqa: E402
-from demo import logprob_agreement, ppl, table  # noqa: E402
+from demo import table  # noqa: E402
+
+from fp8_backend.eval import logprob_agreement  # noqa: E402
+from fp8_backend.eval import perplexity as ppl  # noqa: E402
 
 EMU = {"FP8_BACKEND_EMULATE_W8A8": "1"}
 #: engine rows: (row name, checkpoint ("bf16": the model itself), kv_cache_dtype, env, transformers

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from accuracy_report import like_for_like, ppl_diff_se  # noqa: E402
 from llmcompressor_report import ROWS, needed_keys  # noqa: E402
-from wiki_ppl import make_windows  # noqa: E402
+from fp8_backend.eval import make_windows  # noqa: E402
 
 
 def test_make_windows_one_per_article_unchanged():

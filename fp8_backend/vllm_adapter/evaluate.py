@@ -93,3 +93,46 @@ def _features(module, side: str) -> int:
 def layer_report(llm) -> dict[str, Any]:
     """Quant method / dtype per linear layer and total parameter bytes, from the worker."""
     return llm.apply_model(_layer_report)[0]
+
+
+def _worker(argv: list[str] | None = None) -> None:
+    """One engine scoring token windows: ``python -m fp8_backend.vllm_adapter.evaluate`` (run by
+    :mod:`fp8_backend.eval.run`, one process per configuration). Prints ``RESULT {json}``."""
+    import argparse
+    import json
+    import os
+    import sys
+    import time
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--windows-file", required=True, help="JSON list of token-id windows")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    args = ap.parse_args(argv)
+
+    from vllm import LLM
+
+    from ..eval.metrics import linear_summary
+
+    windows = json.loads(open(args.windows_file).read())
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              enforce_eager=True, max_model_len=max(args.max_model_len, max(map(len, windows))),
+              kv_cache_memory_bytes=256 << 20, seed=0)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lps = prompt_logprobs(llm, windows)
+    report = layer_report(llm)
+    attn = list(report["attention"].values())
+    result = {"load_s": load_s, "score_s": time.perf_counter() - t0, "logprobs": lps,
+              "linear": linear_summary(report), "moe": report["moe"],
+              "attention_own_kernels": bool(attn and attn[0]["own_kernels"])}
+    sys.stdout.write("\nRESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # skip the engine's slow teardown
+
+
+if __name__ == "__main__":
+    _worker()
