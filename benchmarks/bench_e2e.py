@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest benchmarks/bench_e2e.py --benchmark-only -s
 
 Rewrites the "e2e" section of benchmarks/RESULTS.md. Each engine runs in its own process
-(benchmarks/e2e_worker.py through scripts/demo.py's run_e2e), one after the other, in
+(fp8_backend/vllm_adapter/e2e_worker.py through fp8_backend.eval.e2e.run_e2e), one after the other, in
 single-process vLLM (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the process measured is the one that
 holds the model) and measures:
 
@@ -48,11 +48,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from results_md import cpu_description, kernel_path, update_section
 
-from demo import DEFAULT_MODEL, run_e2e  # noqa: E402
-from results_md import cpu_description, kernel_path, update_section  # noqa: E402
+from fp8_backend.eval.e2e import run_e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"  # what scripts/demo.sh fetches
 
 MODEL = os.environ.get("E2E_MODEL", DEFAULT_MODEL)
 #: RESULTS.md section to rewrite; another model gets its own (e.g. E2E_SECTION=e2e_random)

@@ -23,10 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_md import machine, update_section
 
-from results_md import machine, update_section  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = os.environ.get("LONG_MODEL", str(ROOT / "models" / "SmolLM2-135M-Instruct"))
 PROMPT = int(os.environ.get("LONG_PROMPT", "4096"))

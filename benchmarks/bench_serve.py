@@ -541,8 +541,7 @@ def plot(summary: dict, out: Path) -> None:
 
 
 def write_outputs(summary: dict, args) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results_md import update_section
+    from fp8_backend.eval.results_md import update_section
 
     tmp = Path(args.logs) / "summary.json"
     tmp.write_text(json.dumps(summary, indent=1))
@@ -552,7 +551,7 @@ def write_outputs(summary: dict, args) -> None:
     ok = p.returncode == 0 and PLOT.is_file()
     if not ok:
         print(f"plot failed (rc={p.returncode}): {p.stderr[-2000:]}", file=sys.stderr)
-    update_section(SECTION, render(summary, PLOT.name if ok else None))
+    update_section(ROOT / "benchmarks" / "RESULTS.md", SECTION, render(summary, PLOT.name if ok else None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,8 +579,7 @@ def rows_from_logs(logs: Path) -> dict[str, dict[int, dict]]:
 
 
 def run_meta(args, model: str) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results_md import cpu_description, kernel_path
+    from fp8_backend.eval.results_md import cpu_description, kernel_path
 
     shown, skip = [], False  # the command line as run, less where its files went
     for a in args.argv:
@@ -594,7 +592,7 @@ def run_meta(args, model: str) -> dict:
     cmd = " ".join([".venv/bin/python benchmarks/bench_serve.py", *map(shlex.quote, shown)])
     meta = {
         "model_name": Path(model).name, "model": model, "cpu": cpu_description(),
-        "cpu_short": "", "kernel_path": kernel_path(), "vllm_version": vllm_version(),
+        "cpu_short": "", "kernel_path": kernel_path(ROOT), "vllm_version": vllm_version(),
         "eager": not args.compile, "engine_cpus": args.engine_cpus, "engine_threads": args.engine_threads,
         "client_cpus": args.client_cpus, "kv_cache_mib": args.kv_cache_mib,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,

@@ -5,19 +5,17 @@
                                                        --layers 16 --heads 12 --kv-heads 4]
 
 Defaults: 16 layers of hidden 1536 / intermediate 4096 (GQA 12/4 heads), ~400M linear parameters
-(~800 MB bf16), a small locally trained tokenizer (tests/tiny_model.py), no hub. Only for speed:
+(~800 MB bf16), a small locally trained tokenizer (fp8_backend/testing/tiny_model.py), no hub. Only for speed:
 bench_e2e.py with E2E_MODEL=OUT E2E_SECTION=e2e_random; its text is meaningless.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_model import build_tiny_llama  # noqa: E402
+from fp8_backend.testing.tiny_model import build_tiny_llama
 
 
 def main() -> None:

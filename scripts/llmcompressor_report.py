@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 
 from accuracy_report import add_common_args, calibration_text, like_for_like, ppl_diff_se, rel, score, scored_windows  # noqa: E402
 from demo import table  # noqa: E402
@@ -302,7 +301,7 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
     if args.no_write:
         return 0
 
-    from results_md import machine, update_section
+    from fp8_backend.eval.results_md import machine, update_section
 
     v = hf["versions"]
     default_args = (args.windows, args.window_len, args.calib_samples, args.calib_len, args.per_article) == (16, 512, 16, 256, 1)
@@ -409,7 +408,7 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
                 f"group equal to its own amax/448 fake-quant: {hf.get('padded_groups_check', 'not run')})."
                 if errors else "."),
         ]
-    update_section(section, "\n".join(body))
+    update_section(RESULTS_MD, section, "\n".join(body))
     print(f"wrote the '{section}' section of benchmarks/RESULTS.md")
     return 0
 

@@ -13,7 +13,7 @@ tokens; the first ``n_windows`` such articles in file order are used. Perplexity
 exp(sum of -log p(token) / count) over every token of every window except each window's first
 (no context), i.e. n_windows * (window_len - 1) tokens (40 x 511 = 20,440 by default).
 
-Import it:  ``from wiki_ppl import perplexity, wiki_windows`` (scripts/ on sys.path) and call
+Import it:  ``from wiki_ppl import perplexity, wiki_windows`` (run from scripts/) and call
 ``perplexity(llm, token_windows)`` with a ``vllm.LLM`` and lists of token ids.
 """
 from __future__ import annotations

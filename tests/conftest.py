@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+from fp8_backend.testing.tiny_model import PROMPTS, build_tiny_llama
 
-from tiny_model import PROMPTS, build_tiny_llama  # noqa: E402
+HERE = Path(__file__).parent
+
+
+def pytest_configure(config):
+    """The Triton interpreter (tests/triton_interpret.py) is switched on once, before any test
+    module is imported: it must be on when triton itself is first imported, and vLLM imports
+    triton too, so turning it on from a test module made results depend on collection order."""
+    import triton_interpret  # noqa: F401
 
 
 @pytest.fixture(scope="session")

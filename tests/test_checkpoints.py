@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import EngineError, run_engine
 from safetensors.torch import load_file, save_file
-from tiny_model import LINEAR_SUFFIXES
+from fp8_backend.testing.tiny_model import LINEAR_SUFFIXES
 
 CKPT = "fp8_backend.vllm_adapter.checkpoint_linear.Fp8CheckpointLinearMethod"
 ONLINE = "fp8_backend.vllm_adapter.linear.Fp8OnlineLinearMethod"

@@ -2,8 +2,6 @@
 class on CPU), bad input at load, and the chosen GPU ops run end to end by the Triton
 interpreter on CPU tensors against numerics.py (nothing runs on a GPU)."""
 
-import triton_interpret  # noqa: F401  (TRITON_INTERPRET=1 before triton is imported)
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode

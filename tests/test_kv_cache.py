@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_checkpoints import ct_args, write_autofp8, write_llm_compressor
-from tiny_model import build_tiny_llama
+from fp8_backend.testing.tiny_model import build_tiny_llama
 
 HERE = Path(__file__).parent
 IMPL = "fp8_backend.vllm_adapter.attention_backend.Fp8CpuAttentionImpl"

@@ -3,16 +3,12 @@ paged attention: the simulation must compute what the plugin's kernels are speci
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-from fp8_backend import numerics  # noqa: E402
-from kv_sim import fake_quantize_kv, fp8_kv_attention, install  # noqa: E402
+from fp8_backend import numerics
+from kv_sim import fake_quantize_kv, fp8_kv_attention, install
 
 
 def test_fake_quantize_kv_edge_values():

@@ -16,7 +16,7 @@ from conftest import run_engine
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_checkpoints import CKPT, lp, write_autofp8, write_block, write_llm_compressor
-from tiny_model import LINEAR_SUFFIXES, build_tiny_llama
+from fp8_backend.testing.tiny_model import LINEAR_SUFFIXES, build_tiny_llama
 
 from fp8_backend import numerics
 from fp8_backend.formats.checkpoint import parse_quantization_config

@@ -6,17 +6,12 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from accuracy_report import like_for_like, ppl_diff_se  # noqa: E402
-from llmcompressor_report import ROWS, needed_keys  # noqa: E402
-from fp8_backend.eval import make_windows  # noqa: E402
+from accuracy_report import like_for_like, ppl_diff_se
+from llmcompressor_report import ROWS, needed_keys
+from fp8_backend.eval import make_windows
 
 
 def test_make_windows_one_per_article_unchanged():

@@ -2,8 +2,6 @@
 checked against numerics.py. Nothing here runs on a GPU; see test_gpu_compile.py for the
 ahead-of-time compilation for sm_80/89/90."""
 
-import triton_interpret  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
-
 import math
 
 import pytest

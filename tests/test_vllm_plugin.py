@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import EngineError, run_engine
 from safetensors.torch import load_file, save_file
-from tiny_model import fake_quant_copy
+from fp8_backend.testing.tiny_model import fake_quant_copy
 
 ONLINE = "fp8_backend.vllm_adapter.linear.Fp8OnlineLinearMethod"
 UNQUANT = "vllm.model_executor.layers.linear.UnquantizedLinearMethod"

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tiny_model import CORPUS  # noqa: F401  (same corpus as the dense tiny model)
+from fp8_backend.testing.tiny_model import CORPUS  # noqa: F401  (same corpus as the dense tiny model)
 
 # Expert width and hidden size are multiples of 128: vLLM's block-FP8 MoE requires it.
 MOE_SHAPE = dict(hidden_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2)
@@ -23,7 +23,7 @@ def build_tiny_qwen3_moe(out: str | Path, num_layers: int = 2, seed: int = 0) ->
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from tiny_model import build_tiny_llama
+    from fp8_backend.testing.tiny_model import build_tiny_llama
 
     out = Path(out)
     # The tokenizer of the dense tiny model (trained on the same corpus); its weights are replaced.

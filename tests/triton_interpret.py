@@ -1,4 +1,4 @@
-"""Import this BEFORE triton in tests that run Triton kernels on CPU tensors.
+"""Imported once by tests/conftest.py (pytest_configure), before triton is imported by anything.
 
 It turns on the interpreter (as TRITON_INTERPRET=1 would; it must be on before our kernel
 modules are imported, when @triton.jit runs) and fixes one bug of the Triton 3.9 interpreter that is not a

@@ -4,24 +4,20 @@ CheckpointFormatError / NotFp8CheckpointError naming where the problem is — ne
 exception (KeyError, TypeError, AttributeError, ...) and never a silently accepted bad scale."""
 
 import copy
-import sys
-from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
+from test_formats import AUTOFP8_DYNAMIC, AUTOFP8_STATIC_KV, CT_FP8, CT_FP8_BLOCK, CT_FP8_DYNAMIC
 
-from test_formats import AUTOFP8_DYNAMIC, AUTOFP8_STATIC_KV, CT_FP8, CT_FP8_BLOCK, CT_FP8_DYNAMIC  # noqa: E402
-
-from fp8_backend.formats.checkpoint import (  # noqa: E402
+from fp8_backend.formats.checkpoint import (
     CheckpointFormatError,
     CheckpointScheme,
     NotFp8CheckpointError,
     parse_quantization_config,
 )
-from fp8_backend.formats.layer_tensors import check_scale, validate_kv_scale, validate_layer_tensors  # noqa: E402
+from fp8_backend.formats.layer_tensors import check_scale, validate_kv_scale, validate_layer_tensors
 
 VALID = [AUTOFP8_DYNAMIC, AUTOFP8_STATIC_KV, CT_FP8, CT_FP8_BLOCK, CT_FP8_DYNAMIC]
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 
-from cases import BASES, all_cases, build_bases, materialize  # noqa: E402
+from cases import BASES, all_cases, build_bases, materialize
 
 CASES = all_cases()
 # Errors raised by vLLM itself before any plugin code runs (the plugin is not asked): they name
@@ -76,7 +75,6 @@ def moe_results(tmp_path_factory):
     import torch
     from safetensors.torch import load_file, save_file
 
-    sys.path.insert(0, str(HERE.parent))
     from tiny_moe import build_tiny_qwen3_moe, fp8_block_copy
 
     root = tmp_path_factory.mktemp("hostile-moe")

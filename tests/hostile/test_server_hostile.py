@@ -3,16 +3,13 @@ request is answered in full, bad ones get a 4xx, the server keeps serving, and a
 greedy output sent in a batch is compared with the same request sent alone."""
 
 import json
-import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from test_server import running_server  # noqa: E402
+from test_server import running_server
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12

@@ -1,8 +1,8 @@
 """One engine in one process: load it, generate, time batch-1 decode (and optionally batched
 decode and a long prefill), score text.
 
-Prints one JSON line "RESULT {...}". Used by scripts/demo.py and benchmarks/bench_e2e.py, which
-start one worker per configuration so that peak memory and timings are not mixed.
+Prints one JSON line "RESULT {...}". Run as ``python -m fp8_backend.vllm_adapter.e2e_worker`` by
+fp8_backend.eval.e2e.run_e2e (scripts/demo.py, benchmarks/bench_e2e.py), one worker per configuration, so that peak memory and timings are not mixed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--decode-repeats", type=int, default=3)
     ap.add_argument("--score-file", default=None, help="JSON list of token-id windows to score")
     # The batched rows default from the environment too, so that callers that build the argument
-    # list themselves (scripts/demo.py's run_e2e) can ask for them through its env= parameter.
+    # list themselves (fp8_backend.eval.e2e.run_e2e) can ask for them through its env= parameter.
     ap.add_argument("--batch-decode", type=int, default=int(os.environ.get("E2E_WORKER_BATCH_DECODE", "0")),
                     help="also time decode of this many sequences at once (0: skip)")
     ap.add_argument("--batch-decode-tokens", type=int,

@@ -1,0 +1,1 @@
+"""Tiny random models built locally (no hub) for the tests and the speed benchmarks."""
