@@ -15,6 +15,8 @@ from conftest import EngineError, run_engine
 from safetensors.torch import load_file, save_file
 from fp8_backend.testing.tiny_model import LINEAR_SUFFIXES
 
+pytestmark = pytest.mark.slow  # every test loads checkpoints in vLLM engines
+
 CKPT = "fp8_backend.vllm_adapter.checkpoint_linear.Fp8CheckpointLinearMethod"
 ONLINE = "fp8_backend.vllm_adapter.linear.Fp8OnlineLinearMethod"
 UNQUANT = "vllm.model_executor.layers.linear.UnquantizedLinearMethod"

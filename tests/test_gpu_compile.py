@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every Triton kernel for three GPU targets
+
 ROOT = Path(__file__).resolve().parents[1]
 CAPS = (80, 89, 90)
 

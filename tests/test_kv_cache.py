@@ -145,6 +145,7 @@ def runs(tiny_model):
     }
 
 
+@pytest.mark.slow
 def test_rule_choice_is_what_runs(runs):
     """Every engine's attention layers run on the kernels choose_attention_kernel names for its
     mode / cache / CPU, and the choice is logged with its reason."""
@@ -165,6 +166,7 @@ def test_rule_choice_is_what_runs(runs):
 
 
 @needs_own_fp8
+@pytest.mark.slow
 def test_backend_is_used_for_fp8_only(runs):
     for name in ("fp8", "e5m2"):
         r, out = runs[name]
@@ -179,6 +181,7 @@ def test_backend_is_used_for_fp8_only(runs):
     assert runs["fp8"][1].count("no KV-cache scales in the checkpoint") == 1
 
 
+@pytest.mark.slow
 def test_fp8_kv_close_to_bf16_and_closer_than_vllm(runs):
     """Mean |log-prob difference| to the bf16-KV run over the prompts' tokens. Measured on this
     tiny random model with scale 1.0: e4m3 0.067 (vLLM's CPU_ATTN fp8: 0.079), e5m2 0.144;
@@ -225,6 +228,7 @@ def autofp8_kv(model3, tmp_path_factory):
 
 
 @needs_own_fp8
+@pytest.mark.slow
 def test_scale_tensor_names_land_in_layers(autofp8_kv):
     r, out = engine(autofp8_kv, {"kv_cache_dtype": "fp8"})
     a = attn(r)
@@ -236,6 +240,7 @@ def test_scale_tensor_names_land_in_layers(autofp8_kv):
     assert "no KV-cache scales in the checkpoint" not in out
 
 
+@pytest.mark.slow
 def test_kv_cache_scales_json(autofp8_kv, tmp_path):
     """kv_cache_scales.json (per TP rank, per layer) overrides the checkpoint tensors."""
     js = tmp_path / "scales.json"
@@ -247,6 +252,7 @@ def test_kv_cache_scales_json(autofp8_kv, tmp_path):
 
 
 @needs_own_fp8
+@pytest.mark.slow
 def test_compressed_tensors_kv_cache_scheme_per_head(model3, tmp_path):
     """llm-compressor FP8 + kv_cache_scheme (strategy attn_head): per-kv-head k/v scales; the
     scheme alone turns the FP8 KV cache on (kv_cache_dtype auto -> fp8)."""
@@ -268,6 +274,7 @@ def test_compressed_tensors_kv_cache_scheme_per_head(model3, tmp_path):
         assert a["v_scale_heads"] == pytest.approx(heads[i][1].tolist())
 
 
+@pytest.mark.slow
 def test_bad_scale_refused_at_start(autofp8_kv, tmp_path):
     """A zero scale (NaN, Inf and negatives take the same check) stops the engine, naming the layer."""
     bad = 0.0
@@ -282,6 +289,7 @@ def test_bad_scale_refused_at_start(autofp8_kv, tmp_path):
     assert "model.layers.1.self_attn.v_scale (or model.layers.1.self_attn.v_proj.output_scale; loaded into model.layers.1.self_attn.attn.v_scale): expected scales > 0, found 1 of 1 <= 0" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_capacity_fp8_holds_twice_the_tokens(runs):
     """Same kv_cache_memory_bytes (64 MiB): vLLM sizes an FP8 cache at 2x the tokens (blocks)."""
     import re
@@ -296,6 +304,7 @@ def test_capacity_fp8_holds_twice_the_tokens(runs):
     assert fp8 == 2 * bf16 and e5m2 == fp8
 
 
+@pytest.mark.slow
 def test_head_size_80_served(tmp_path):
     """Head size 80: vLLM's own CPU_ATTN refuses an FP8 cache for it ("FP8 KV cache requires
     head_size divisible by 32 on CPU"); this project's kernels take any head size."""

@@ -16,6 +16,8 @@ import pytest
 
 from fp8_backend.formats.safetensors_files import check_safetensors_files
 
+pytestmark = pytest.mark.slow  # runs and kills producer processes
+
 
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "fp8_backend.cli", "quantize", *map(str, args)],

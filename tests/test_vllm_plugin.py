@@ -10,6 +10,8 @@ from conftest import EngineError, run_engine
 from safetensors.torch import load_file, save_file
 from fp8_backend.testing.tiny_model import fake_quant_copy
 
+pytestmark = pytest.mark.slow  # every test starts vLLM engines
+
 ONLINE = "fp8_backend.vllm_adapter.linear.Fp8OnlineLinearMethod"
 UNQUANT = "vllm.model_executor.layers.linear.UnquantizedLinearMethod"
 

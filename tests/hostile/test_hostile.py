@@ -14,6 +14,8 @@ HERE = Path(__file__).parent
 
 from cases import BASES, all_cases, build_bases, materialize
 
+pytestmark = pytest.mark.slow  # loads 80 checkpoints through vLLM's model loader
+
 CASES = all_cases()
 # Errors raised by vLLM itself before any plugin code runs (the plugin is not asked): they name
 # the field but do not use our "expected ... found" wording.
