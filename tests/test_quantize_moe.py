@@ -263,6 +263,30 @@ def test_incomplete_experts_refused(moe_model, tmp_path):
         q(bad, tmp_path / "o")
 
 
+def test_fused_expert_storage_passes_through_16bit(moe_model, tmp_path, capsys):
+    """Experts stored as fused 3-D tensors (no per-expert layout to keep) stay 16-bit, and say so."""
+    from fp8_backend.cli import main
+
+    fused = tmp_path / "fused"
+    shutil.copytree(moe_model, fused)
+    sd = load_file(str(fused / "model.safetensors"))
+    for i in range(LAYERS):
+        p = f"model.layers.{i}.mlp.experts"
+        gate_up = [torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")]) for e in range(E)]
+        sd[f"{p}.gate_up_proj"] = torch.stack(gate_up)
+        sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in range(E)])
+    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["quantize", str(fused), str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "8 FP8 linear layers, 5 left 16-bit" in out
+    assert "mixture-of-experts: 2 MoE layers (16 experts) written 16-bit" in out
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert cfg["ignored_layers"] == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate",
+                                     "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    t = tensors(tmp_path / "o")
+    assert all(same(t[k], sd[k]) for k in sd if ".experts." in k)
+
+
 def test_nan_in_an_expert_named(moe_model, tmp_path):
     bad = tmp_path / "nan"
     shutil.copytree(moe_model, bad)

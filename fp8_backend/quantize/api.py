@@ -95,7 +95,10 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
     layers = model_layers(model_dir)
     moe = find_moe_layers(stored)
     expert_names = {n for layer in moe.values() for n in layer.projections}
-    router_names = routers(moe, stored)
+    # MoE modules of the model whose experts are not stored per expert (fused 3-D tensors in
+    # the checkpoint): passed through 16-bit.
+    fused_16bit = [(n, e) for n, e in layers.moe if n not in moe and any(k.startswith(n + ".") for k in stored)]
+    router_names = routers(list(moe) + [n for n, _ in fused_16bit], stored)
     ignores = opts.all_ignores
     moe_ignored, moe_used = split_ignored(moe, ignores)
     # Dense linear layers: the model's, less expert projections (a ModuleList of expert MLPs)
@@ -119,9 +122,6 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         from .corpus import load_texts
         load_texts(opts.calib)  # an empty or missing file fails now, not after loading the model
     moe_quant = {n: m for n, m in moe.items() if n not in moe_ignored}
-    # MoE modules of the model whose experts are not stored per expert (fused 3-D tensors in
-    # the checkpoint): passed through 16-bit.
-    fused_16bit = [(n, e) for n, e in layers.moe if n not in moe and any(k.startswith(n + ".") for k in stored)]
 
     input_amax: dict[str, float] = {}
     kv_amax: dict[str, float] = {}
@@ -134,7 +134,7 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         uncalibrated = _fill_expert_input_amax(moe_quant, input_amax)
 
     ct = opts.format == "compressed-tensors"
-    for n in moe_ignored:
+    for n in moe_ignored + [n for n, _ in fused_16bit]:
         ignored += ignore_entries(n, ct)
     qcfg = quantization_config(opts, ignored)
     report = QuantizeReport(out_dir, qcfg, quant, ignored, [], input_amax=input_amax, kv_amax=kv_amax,

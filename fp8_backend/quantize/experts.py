@@ -66,10 +66,10 @@ def find_moe_layers(stored: set[str]) -> dict[str, MoeLayer]:
     return layers
 
 
-def routers(moe: dict[str, MoeLayer], stored: set[str]) -> list[str]:
-    """The stored router layers next to each MoE layer (e.g. "model.layers.0.mlp.gate")."""
+def routers(moe_names, stored: set[str]) -> list[str]:
+    """The stored router layers next to each experts module (e.g. "model.layers.0.mlp.gate")."""
     out = []
-    for name in moe:
+    for name in moe_names:
         parent = name.rsplit(".", 1)[0]
         out += [f"{parent}.{r}" for r in ROUTERS if f"{parent}.{r}.weight" in stored]
     return out
