@@ -198,3 +198,19 @@ def test_block_fp8_tp2_matches_tp1(tp_runs, fmt):
     # checkpoint blocks shifted by the shard offset (the bug these bounds catch) gave 0.15 / 0.56.
     d = (lp(one) - lp(two)).abs()
     assert d.mean().item() < 0.03 and d.max().item() < 0.15, (d.mean(), d.max())
+
+
+def test_k_split_inside_a_block_refused_off_cpu(monkeypatch):
+    """GPU kernels quantize activations in 1x128 groups from column 0 of each rank: a K split
+    inside a block cannot be served exactly there, and is refused naming layer, columns, K and
+    block (a meta-device weight stands in for a GPU one)."""
+    _set_tp(monkeypatch, 1, 2)
+    layer = torch.nn.Module()
+    method = cl.Fp8CheckpointLinearMethod(_scheme("fp8"), "model.layers.0.mlp.down_proj")
+    method.create_weights(layer, 344, [256], 688, 256, torch.bfloat16, weight_loader=None)
+    layer.weight = torch.nn.Parameter(torch.empty(256, 344, dtype=torch.float8_e4m3fn, device="meta"),
+                                      requires_grad=False)
+    with pytest.raises(cl.CheckpointFormatError,
+                       match=r"model.layers.0.mlp.down_proj.weight_scale_inv: this tensor-parallel rank holds "
+                             r"input columns \[344, 688\) of K=688, which splits 128x128 scale block 2; .*CPU only"):
+        method._block_layout(torch.ones(2, 3), layer)
