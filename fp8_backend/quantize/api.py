@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import numerics
 from ..formats.checkpoint import CheckpointFormatError
 from ..formats.safetensors_files import check_safetensors_files
+from ..formats.scheme import match_ignore
 from .config import quantization_config
 from .experts import find_moe_layers, ignore_entries, routers, split_ignored
 from .layers import model_layers, quantized_layers
@@ -108,7 +109,7 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
     quant = [n for n in quant if n not in router_names]
     ignored += [r for r in router_names if r not in ignored]
     unmatched = [p for p in unmatched if p not in opts.ignore_default and p not in moe_used
-                 and not any(_matches(r, p) for r in router_names)]
+                 and not any(match_ignore(r, [p]) for r in router_names)]
     if unmatched:
         raise QuantizeError(f"ignore: patterns {unmatched} match none of the model's linear layers "
                             f"(e.g. {list(layers.linear[:3])})")
@@ -158,11 +159,6 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         cfg["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return report
-
-
-def _matches(name: str, pattern: str) -> bool:
-    from ..formats.scheme import match_ignore
-    return match_ignore(name, [pattern])
 
 
 def _fill_expert_input_amax(moe, input_amax: dict[str, float]) -> dict[str, int]:
