@@ -107,11 +107,16 @@ def quantize_cmd(argv: list[str]) -> int:
     except (QuantizeError, ValueError) as e:
         print(f"fp8-backend quantize: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {r.out_dir}: {len(r.quantized)} FP8 linear layers, {len(r.ignored)} left 16-bit "
+    experts = f", {r.num_experts} experts in {len(r.moe)} MoE layers" if r.moe else ""
+    print(f"wrote {r.out_dir}: {len(r.quantized)} FP8 linear layers{experts}, {len(r.ignored)} left 16-bit "
           f"({', '.join(r.ignored[:4])}{', ...' if len(r.ignored) > 4 else ''}), shards {r.shards}")
     if r.moe_16bit:
         print(f"mixture-of-experts: {len(r.moe_16bit)} MoE layers ({sum(n for _, n in r.moe_16bit)} experts) "
-              f"written 16-bit: FP8 conversion of experts is not implemented yet")
+              f"written 16-bit (ignored, or experts stored as fused 3-D tensors rather than per expert)")
+    if r.experts_uncalibrated:
+        total = sum(r.experts_uncalibrated.values())
+        print(f"static input scales: {total} of {r.num_experts} experts got no calibration token; they take "
+              f"the largest input scale of their MoE layer's experts (more --num-samples / --seq-len reach more)")
     if args.scale_search == "mse":
         print(f"scale search: weight quantization MSE {r.mse_ratio:.4f} x that of amax scales")
     return 0

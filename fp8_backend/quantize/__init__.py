@@ -2,7 +2,8 @@
 
 No vLLM import. Modules: options (validated user choices), weights (numerics.py quantization and
 the MSE scale search), calibration + corpus (activation ranges via transformers hooks), layers
-(which modules are linear / attention), config (quantization_config per format), shards
+(which modules are linear / attention), experts (mixture-of-experts layers stored per expert,
+their routers), config (quantization_config per format), shards
 (streaming safetensors I/O), output (all-or-nothing output directory), api (the pipeline).
 """
 

@@ -9,8 +9,9 @@ to ``out_dir`` only when everything is written.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from tqdm.auto import tqdm
 from .. import numerics
 from ..formats.checkpoint import CheckpointFormatError
 from ..formats.safetensors_files import check_safetensors_files
+from ..formats.scheme import match_ignore
 from .config import quantization_config
+from .experts import find_moe_layers, ignore_entries, routers, split_ignored
 from .layers import model_layers, quantized_layers
 from .options import QuantizeError, QuantizeOptions
 from .output import atomic_output_dir, check_out_dir
@@ -29,20 +32,33 @@ from .weights import quantize_weight
 #: Other weight formats: not copied (they would hold the stale 16-bit weights).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
+logger = logging.getLogger("fp8_backend.quantize")
+
 
 @dataclass
 class QuantizeReport:
     out_dir: Path
     quantization_config: dict
-    quantized: list[str]
-    ignored: list[str]
+    quantized: list[str]  #: dense linear layers written FP8 (expert projections not included)
+    ignored: list[str]  #: the ignore list written to the config (lm_head, routers, ...)
     shards: list[str]
     sse: float = 0.0  #: summed squared weight quantization error with the chosen scales
     sse_amax: float = 0.0  #: the same with plain amax scales (equal unless scale_search="mse")
     input_amax: dict[str, float] = field(default_factory=dict)
     kv_amax: dict[str, float] = field(default_factory=dict)
-    #: mixture-of-experts blocks whose experts were written 16-bit (name, number of experts)
+    #: mixture-of-experts layers whose experts were written FP8 (name, number of experts)
+    moe: list[tuple[str, int]] = field(default_factory=list)
+    #: mixture-of-experts layers whose experts were written 16-bit (name, number of experts):
+    #: ignored, or stored as fused 3-D tensors rather than per expert
     moe_16bit: list[tuple[str, int]] = field(default_factory=list)
+    #: static scheme: per MoE layer, how many experts got no calibration token (their input
+    #: scales are the largest of the layer's calibrated experts, projection by projection)
+    experts_uncalibrated: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        """Experts written FP8, over all MoE layers."""
+        return sum(n for _, n in self.moe)
 
     @property
     def mse_ratio(self) -> float:
@@ -76,13 +92,27 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         raise QuantizeError(f"model_dir: {e}") from None
     check_out_dir(out_dir, model_dir, force)
     keys = {s: shard_keys(s) for s in shards}
+    stored = {k for ks in keys.values() for k in ks}
     layers = model_layers(model_dir)
-    quant, ignored, unmatched = quantized_layers(layers, opts.all_ignores)
-    unmatched = [p for p in unmatched if p not in opts.ignore_default]
+    moe = find_moe_layers(stored)
+    expert_names = {n for layer in moe.values() for n in layer.projections}
+    # MoE modules of the model whose experts are not stored per expert (fused 3-D tensors in
+    # the checkpoint): passed through 16-bit.
+    fused_16bit = [(n, e) for n, e in layers.moe if n not in moe and any(k.startswith(n + ".") for k in stored)]
+    router_names = routers(list(moe) + [n for n, _ in fused_16bit], stored)
+    ignores = opts.all_ignores
+    moe_ignored, moe_used = split_ignored(moe, ignores)
+    # Dense linear layers: the model's, less expert projections (a ModuleList of expert MLPs)
+    # and routers, which are decided above / always 16-bit.
+    dense = replace(layers, linear=tuple(n for n in layers.linear if n not in expert_names))
+    quant, ignored, unmatched = quantized_layers(dense, ignores)
+    quant = [n for n in quant if n not in router_names]
+    ignored += [r for r in router_names if r not in ignored]
+    unmatched = [p for p in unmatched if p not in opts.ignore_default and p not in moe_used
+                 and not any(match_ignore(r, [p]) for r in router_names)]
     if unmatched:
         raise QuantizeError(f"ignore: patterns {unmatched} match none of the model's linear layers "
                             f"(e.g. {list(layers.linear[:3])})")
-    stored = {k for ks in keys.values() for k in ks}
     missing = [f"{n}.weight" for n in quant if f"{n}.weight" not in stored]
     if missing:
         raise QuantizeError(f"model_dir: expected weights of linear layers {missing[:4]} in the safetensors "
@@ -92,18 +122,27 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
     if opts.calib is not None:
         from .corpus import load_texts
         load_texts(opts.calib)  # an empty or missing file fails now, not after loading the model
+    moe_quant = {n: m for n, m in moe.items() if n not in moe_ignored}
 
     input_amax: dict[str, float] = {}
     kv_amax: dict[str, float] = {}
     if opts.needs_calibration:
         from .calibration import calibrate
-        input_amax, kv_amax = calibrate(model_dir, quant, list(layers.attention), opts, progress)
+        input_amax, kv_amax = calibrate(model_dir, quant, list(layers.attention), opts, progress,
+                                        moe=moe_quant if opts.scheme == "static" else None)
+    uncalibrated = {}
+    if opts.scheme == "static":
+        uncalibrated = _fill_expert_input_amax(moe_quant, input_amax)
 
     ct = opts.format == "compressed-tensors"
+    for n in moe_ignored + [n for n, _ in fused_16bit]:
+        ignored += ignore_entries(n, ct)
     qcfg = quantization_config(opts, ignored)
     report = QuantizeReport(out_dir, qcfg, quant, ignored, [], input_amax=input_amax, kv_amax=kv_amax,
-                            moe_16bit=list(layers.moe))
-    quant_set = set(quant)
+                            moe=[(n, m.num_experts) for n, m in moe_quant.items()],
+                            moe_16bit=[(n, moe[n].num_experts) for n in moe_ignored] + fused_16bit,
+                            experts_uncalibrated=uncalibrated)
+    quant_set = set(quant) | {n for m in moe_quant.values() for n in m.projections}
     with atomic_output_dir(out_dir, force) as tmp:
         writer = ShardWriter(tmp, opts.max_shard_bytes)
         total = sum(len(v) for v in keys.values())
@@ -120,6 +159,33 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         cfg["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return report
+
+
+def _fill_expert_input_amax(moe, input_amax: dict[str, float]) -> dict[str, int]:
+    """Input amax for experts the calibration text never routed a token to: the largest amax of
+    the same projection role (gate / up / down) over the layer's calibrated experts, the value
+    vLLM itself serves for every expert of a layer with static activation scales (it takes the
+    maximum over experts). Returns {MoE layer: experts filled in}, and logs it."""
+    filled = {}
+    for name, layer in moe.items():
+        roles = {role: layer.by_role(role) for role in ("gate", "up", "down")}
+        seen = {n for ns in roles.values() for n in ns if n in input_amax}
+        if not seen:
+            raise QuantizeError(f"calibration: no calibration token reached any expert of MoE layer {name}; "
+                                f"expected at least one routed token (use more --num-samples / --seq-len)")
+        for ns in roles.values():
+            fallback = max(input_amax[n] for n in ns if n in input_amax)
+            for n in ns:
+                input_amax.setdefault(n, fallback)
+        missing = {layer.projections[n][0] for ns in roles.values() for n in ns if n not in seen}
+        if missing:
+            filled[name] = len(missing)
+    if filled:
+        logger.warning("static input scales: %d of %d experts got no calibration token (%s); they take the "
+                       "largest input scale of their layer's calibrated experts",
+                       sum(filled.values()), sum(m.num_experts for m in moe.values()),
+                       ", ".join(f"{n}: {c}" for n, c in filled.items()))
+    return filled
 
 
 def _convert_shard(reader, names, quant_set, opts, input_amax, ct, writer, report, bar) -> None:

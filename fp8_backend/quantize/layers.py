@@ -17,7 +17,8 @@ from ..formats.scheme import match_ignore
 class ModelLayers:
     linear: tuple[str, ...]  #: every nn.Linear module name (lm_head included)
     attention: tuple[str, ...]  #: modules owning k_proj and v_proj (get k_scale / v_scale)
-    #: mixture-of-experts blocks (name, number of experts): their experts are not converted yet
+    #: experts modules of mixture-of-experts blocks (name, number of experts); which of them the
+    #: checkpoint stores per expert (and so get FP8) is read from the tensor names (experts.py)
     moe: tuple[tuple[str, int], ...] = ()
 
 

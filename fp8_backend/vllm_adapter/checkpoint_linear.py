@@ -9,6 +9,8 @@ keeps its own scale, exactly, as a per-output-channel vector.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
@@ -109,16 +111,13 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             )
         else:
             bn, bk = self.scheme.block_size  # type: ignore[misc]
-            # Each shard's scale grid has ceil(width / bn) rows (its last block may be partial),
-            # stacked shard after shard. vLLM's loader places shard i at ceil(offset_i / bn),
-            # which overlaps grids when a shard is not a multiple of bn: load them ourselves.
-            rows = [-(-width // bn) for width in output_partition_sizes]
-            layer.block_rows = rows
+            tp = _block_tp_layout(layer, output_partition_sizes, output_size, k, input_size, bn, bk)
+            layer.block_tp = tp
             scale = BlockQuantScaleParameter(
-                data=_missing((sum(rows), -(-k // bk))),
+                data=_missing((sum(tp.rows), tp.k_blocks)),
                 input_dim=1,
                 output_dim=0,
-                weight_loader=_block_scale_loader(scale_name, rows),
+                weight_loader=_block_scale_loader(scale_name, tp),
             )
         layer.register_parameter(self.scheme.weight_scale_name, scale)
         if self.scheme.activation_scheme == "static":
@@ -162,19 +161,43 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         dispatch.prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def _block_layout(self, scale: torch.Tensor, layer) -> tuple[torch.Tensor, list[int]]:
-        """Block grid for the kernel, which maps row n to scale row n // bn. Exact as loaded when
-        every shard but the last is a multiple of bn; otherwise expanded to one scale row per
-        output row (block [1, bk]), which keeps every shard's blocks exact."""
+        """Block grid for the kernel, which maps local row n to scale row n // bn and local column
+        k to scale column k // bk.
+
+        Exact as loaded when every shard but the last is a multiple of bn and this rank's rows
+        and columns start on block boundaries (TP=1, or 128-aligned tensor-parallel shards).
+        Otherwise the grid is re-indexed so that each weight element keeps its own checkpoint
+        block's scale: rows expanded to one scale row per output row (block [1, bk]) when a
+        shard or this rank's part of it starts inside a block; when this rank's input columns
+        start inside a block (row-parallel K split at an offset off_k that is not a multiple of
+        bk), columns in blocks of g = gcd(off_k, bk), each of which lies inside one checkpoint
+        block."""
         bn, bk = self.scheme.block_size  # type: ignore[misc]
+        tp: _BlockTp = layer.block_tp
         widths = layer.logical_widths
-        if all(w % bn == 0 for w in widths[:-1]):
-            return scale.contiguous(), [bn, bk]
+        k_local = layer.weight.shape[1]
+        k_out = bk
+        if tp.k_offset % bk:
+            k_out = math.gcd(tp.k_offset, bk)
+            if layer.weight.device.type != "cpu":
+                raise CheckpointFormatError(
+                    f"{self.prefix}.{self.scheme.weight_scale_name}: this tensor-parallel rank holds input "
+                    f"columns [{tp.k_offset}, {tp.k_offset + k_local}) of K={tp.k_full}, which splits "
+                    f"{bn}x{bk} scale block {tp.k_offset // bk}; fp8-backend serves such shards exactly on "
+                    f"CPU only (GPU kernels need shard boundaries on multiples of {bk}: choose a "
+                    f"tensor_parallel_size that divides {tp.k_full // bk} blocks)"
+                )
+            first = tp.k_offset // bk
+            cols = [(tp.k_offset + j * k_out) // bk - first for j in range(-(-k_local // k_out))]
+            scale = scale[:, torch.tensor(cols)]
+        if all(p == 0 for p in tp.phases) and all(w % bn == 0 for w in widths[:-1]):
+            return scale.contiguous(), [bn, k_out]
         index = []
         start = 0
-        for width, rows in zip(widths, layer.block_rows):
-            index += [start + r // bn for r in range(width)]
+        for width, rows, phase in zip(widths, tp.rows, tp.phases):
+            index += [start + (phase + r) // bn for r in range(width)]
             start += rows
-        return scale[torch.tensor(index)].contiguous(), [1, bk]
+        return scale[torch.tensor(index)].contiguous(), [1, k_out]
 
     def _checked_scale(self, s: torch.Tensor, name: str, layer) -> torch.Tensor:
         bad = ~(torch.isfinite(s) & (s > 0))
@@ -196,26 +219,81 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
 _QKV = {"q": 0, "k": 1, "v": 2}
 
 
-def _block_scale_loader(name: str, rows: list[int]):
-    """Copy one shard's block-scale grid to rows [sum(rows[:i]), +rows[i]) of the fused grid."""
+@dataclass(frozen=True)
+class _BlockTp:
+    """Which part of each checkpoint block-scale grid this tensor-parallel rank keeps.
+
+    Shard i (one of q/k/v or gate/up, or the whole layer) covers global output rows
+    [offsets[i], offsets[i] + widths[i]) of a checkpoint grid with full_rows[i] block rows; the
+    rank keeps block rows first_rows[i] .. + rows[i] (every block its rows touch, so a block a
+    shard boundary splits is kept on both sides), and phases[i] = offsets[i] - first_rows[i] * bn
+    of them precede its first row. Columns likewise: input columns [k_offset, k_offset + K_local)
+    of k_full, block columns k_first .. + k_blocks."""
+
+    rows: tuple[int, ...]
+    first_rows: tuple[int, ...]
+    phases: tuple[int, ...]
+    full_rows: tuple[int, ...]
+    k_offset: int
+    k_first: int
+    k_blocks: int
+    k_full: int
+    full_k_blocks: int
+
+
+def _tp_rank_size() -> tuple[int, int]:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError):  # no model-parallel group: a single process
+        return 0, 1
+
+
+def _block_tp_layout(layer, widths: list[int], output_size: int, k: int, input_size: int,
+                     bn: int, bk: int) -> _BlockTp:
+    """This rank's share of the block grids: output rows split by a column-parallel layer
+    (its per-rank widths sum to less than output_size), input columns by a row-parallel one
+    (input_size_per_partition < input_size). A QKV layer whose KV heads are replicated on
+    several ranks (num_kv_head_replicas) gives its k/v shards to rank // replicas."""
+    rank, size = _tp_rank_size()
+    col_split = size > 1 and sum(widths) != output_size
+    row_split = size > 1 and k != input_size
+    rows, first, phases, full = [], [], [], []
+    for i, width in enumerate(widths):
+        replicas = int(getattr(layer, "num_kv_head_replicas", 1)) if i > 0 else 1
+        r = rank // replicas if col_split else 0
+        parts = size // replicas if col_split else 1
+        offset = r * width
+        f = offset // bn
+        rows.append(-(-(offset + width) // bn) - f)
+        first.append(f)
+        phases.append(offset - f * bn)
+        full.append(-(-(width * parts) // bn))
+    k_offset = rank * k if row_split else 0
+    k_first = k_offset // bk
+    return _BlockTp(tuple(rows), tuple(first), tuple(phases), tuple(full), k_offset, k_first,
+                    -(-(k_offset + k) // bk) - k_first, input_size, -(-input_size // bk))
+
+
+def _block_scale_loader(name: str, tp: _BlockTp):
+    """Copy this rank's block rows / columns of one shard's checkpoint grid (the full
+    [ceil(rows / bn), ceil(K / bk)] grid of that shard) to rows [sum(rows[:i]), +rows[i])."""
 
     def load(param, loaded_weight: torch.Tensor, shard_id=None, *args, **kwargs):
-        from vllm.distributed import get_tensor_model_parallel_world_size
-
-        if get_tensor_model_parallel_world_size() != 1:
-            raise NotImplementedError(f"{name}: block-scaled FP8 with tensor parallelism is not supported yet")
         if not loaded_weight.is_floating_point():
             raise CheckpointFormatError(f"{name}: expected a float32/bf16/fp16 scale, found {loaded_weight.dtype}")
         i = 0 if shard_id is None else (_QKV[shard_id] if isinstance(shard_id, str) else int(shard_id))
-        start = sum(rows[:i])
-        expected = (rows[i], param.data.shape[1])
+        start = sum(tp.rows[:i])
+        expected = (tp.full_rows[i], tp.full_k_blocks)
         if tuple(loaded_weight.shape) != expected:
             raise CheckpointFormatError(
                 f"{name}" + (f" (shard {shard_id})" if shard_id is not None else "")
                 + f": expected block scales of shape {list(expected)} (ceil(rows / block_n), "
                 f"ceil(K / block_k)), found {list(loaded_weight.shape)}"
             )
-        param.data[start : start + rows[i]].copy_(loaded_weight)
+        part = loaded_weight[tp.first_rows[i] : tp.first_rows[i] + tp.rows[i], tp.k_first : tp.k_first + tp.k_blocks]
+        param.data[start : start + tp.rows[i]].copy_(part)
 
     return load
 
