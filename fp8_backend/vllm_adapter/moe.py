@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers under fp8-backend's configs, as :func:`layer_owner` decides.
+"""Mixture-of-experts layers delegated to vLLM's own method, and the expert-tensor checks.
 
 * Delegated (FP8 checkpoints where vLLM's own MoE method runs): the method vLLM alone would
   build, from vLLM's own config class and the same ``quantization_config``, so the layer is
@@ -6,8 +6,8 @@
   expert tensors as they load (an expert weight that is not FP8, a non-finite scale, an expert
   missing from the checkpoint): vLLM's loader would copy a 16-bit tensor into an FP8 parameter,
   or leave a scale at its initial value, without a word.
-* Online ``quantization="fp8"``: the experts stay 16-bit (vLLM's unquantized MoE), and the log
-  says how many.
+* fp8-backend's own method (moe_method.Fp8FusedMoEMethod) gets the same checks, through the
+  same wrapper, for checkpoints; online ``quantization="fp8"`` quantizes experts as they load.
 * Anything else is refused at load with the rule's sentence.
 """
 
