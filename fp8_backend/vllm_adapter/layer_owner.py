@@ -161,7 +161,8 @@ def layer_owner(
             )
         return LayerOwner("vllm", f"{scheme} mixture-of-experts: vLLM's CPU FP8 MoE (CPUExpertsFp8, AMX), forced by FP8_BACKEND_MOE=vllm")
     if moe_choice == "plugin" or vllm_missing:
-        why = "forced by FP8_BACKEND_MOE=plugin" if moe_choice == "plugin" else "; ".join(vllm_missing)
+        why = ("forced by FP8_BACKEND_MOE=plugin" if moe_choice == "plugin"
+               else "vLLM's CPU FP8 MoE cannot serve it: " + "; ".join(vllm_missing))
         return LayerOwner("plugin", f"{scheme} mixture-of-experts: fp8-backend's FP8 MoE method (W8A16; {why})")
     # Both could serve it: vLLM's AMX kernel stays the default until the two are measured on AMX.
     return LayerOwner(
