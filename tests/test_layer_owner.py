@@ -247,3 +247,17 @@ def test_non_fp8_float_schemes_refused_on_cpu_only():
     assert non_fp8_scheme_owner(("float4",), "cuda").owner == "vllm"
     assert non_fp8_scheme_owner(("int8",), "cpu").owner == "vllm"  # vLLM's CPU int8 kernels run it
     assert non_fp8_scheme_owner(("int4",), "cpu").owner == "vllm"
+
+
+def test_expert_tensors_are_named_as_the_checkpoint_names_them():
+    # vLLM's FusedMoE loader hands over the parameter's name; errors name the checkpoint tensor.
+    from fp8_backend.vllm_adapter.moe import checkpoint_tensor_name
+
+    layer = torch.nn.Module()
+    layer.layer_name = "model.layers.0.block_sparse_moe.experts"
+    layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name = "w1", "w3", "w2"
+    name = "model.layers.0.block_sparse_moe.experts.w13_weight_scale_inv"
+    assert checkpoint_tensor_name(layer, name, "w3", 17) == "model.layers.0.block_sparse_moe.experts.17.w3.weight_scale_inv"
+    assert checkpoint_tensor_name(layer, name.replace("w13", "w2"), "w2", 0).endswith("experts.0.w2.weight_scale_inv")
+    assert checkpoint_tensor_name(layer, "x.experts.w13_input_scale", "w1", 2).endswith("experts.2.w1.input_scale")
+    assert checkpoint_tensor_name(layer, "a.experts.5.up_proj.weight", "w3", 5) == "a.experts.5.up_proj.weight"

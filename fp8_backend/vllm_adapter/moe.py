@@ -69,7 +69,7 @@ def attach_expert_checks(method, prefix: str, fp8_dtype: torch.dtype) -> None:
     def create_weights(layer, *args, **extra):
         loader = extra.get("weight_loader")
         if loader is not None:
-            extra["weight_loader"] = _checked_expert_loader(loader, fp8_dtype, seen)
+            extra["weight_loader"] = _checked_expert_loader(loader, fp8_dtype, seen, layer)
         return create(layer, *args, **extra)
 
     def process_weights_after_loading(layer):
@@ -80,13 +80,36 @@ def attach_expert_checks(method, prefix: str, fp8_dtype: torch.dtype) -> None:
     method.process_weights_after_loading = process_weights_after_loading
 
 
-def _checked_expert_loader(loader, fp8_dtype, seen):
+def checkpoint_tensor_name(layer, weight_name: str, shard_id: str, expert_id: int) -> str:
+    """The checkpoint's name of the expert tensor vLLM's loader calls ``weight_name``.
+
+    vLLM's FusedMoE loader is handed the parameter's name with the layer's prefix
+    ("model.layers.0.mlp.experts.w13_weight_scale_inv"); the tensor in the checkpoint is
+    "model.layers.0.mlp.experts.17.gate_proj.weight_scale_inv" (the model's projection names:
+    gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2). Names that are not a parameter's
+    are returned unchanged."""
+    head, _, leaf = weight_name.rpartition(".")
+    stem, _, suffix = leaf.partition("_")
+    projs = {
+        "w1": getattr(layer, "ckpt_gate_proj_name", None),
+        "w3": getattr(layer, "ckpt_up_proj_name", None),
+        "w2": getattr(layer, "ckpt_down_proj_name", None),
+    }
+    proj = projs.get(str(shard_id))
+    if stem not in ("w13", "w2") or not suffix or not proj:
+        return weight_name
+    prefix = getattr(layer, "layer_name", None) or head
+    return f"{prefix}.{int(expert_id)}.{proj}.{suffix}"
+
+
+def _checked_expert_loader(loader, fp8_dtype, seen, layer):
     def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
+        name = checkpoint_tensor_name(layer, weight_name, shard_id, expert_id)
         if weight_name.endswith(_SCALE_SUFFIXES):
-            check_scale(weight_name, loaded_weight)
+            check_scale(name, loaded_weight)
         elif param.dtype == fp8_dtype:
-            check_fp8_weight(weight_name, loaded_weight, fp8_dtype)
-        seen.setdefault(id(param), {})[(int(expert_id), str(shard_id))] = weight_name
+            check_fp8_weight(name, loaded_weight, fp8_dtype)
+        seen.setdefault(id(param), {})[(int(expert_id), str(shard_id))] = name
         return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
 
     return load
@@ -119,5 +142,5 @@ def _check_experts_complete(layer, prefix, seen) -> None:
                 missing = f"{head}.{expert}.{tail}"
                 raise CheckpointFormatError(
                     f"{missing}: missing from the checkpoint (expected for every one of the "
-                    f"{num_experts} experts of {prefix}, as e.g. {example})"
+                    f"{num_experts} experts of {prefix}, as e.g. {example}; found none for expert {expert})"
                 )

@@ -44,6 +44,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from .. import kernels
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
 from .linear import quantize_linear_weight
+from .moe import checkpoint_tensor_name
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -180,14 +181,14 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
             return ((n, k),)
         return None
 
-    def _check_shape(self, layer, loaded: torch.Tensor, weight_name: str, shard_id: str) -> None:
+    def _check_shape(self, layer, loaded: torch.Tensor, weight_name: str, shard_id: str, expert_id: int) -> None:
         accepted = self._expected_shape(layer, weight_name, shard_id)
         if accepted is None or tuple(loaded.shape) in accepted:
             return
         sz = layer.fp8_moe_sizes
         what = {"w1": "gate projection", "w3": "up projection", "w2": "down projection"}.get(shard_id, shard_id)
         raise CheckpointFormatError(
-            f"{weight_name}: expected shape {list(accepted[0])} for one expert's {what} "
+            f"{checkpoint_tensor_name(layer, weight_name, shard_id, expert_id)}: expected shape {list(accepted[0])} for one expert's {what} "
             f"(config.json: hidden_size {sz['hidden']}, expert intermediate size "
             f"{sz['intermediate']}{self._scheme_words()}), found {list(loaded.shape)}"
         )
@@ -202,7 +203,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         the wrong shape can fail without its name or even load silently: check it first."""
 
         def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
-            self._check_shape(layer, loaded_weight, weight_name, shard_id)
+            self._check_shape(layer, loaded_weight, weight_name, shard_id, expert_id)
             if self.strategy == "channel" and "weight_scale" in weight_name and loaded_weight.dim() == 1:
                 loaded_weight = loaded_weight.reshape(-1, 1)
             return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
@@ -214,21 +215,22 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         scale rows through vLLM's loader (which places them, tensor-parallel slicing included)."""
 
         def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
-            self._check_shape(layer, loaded_weight, weight_name, shard_id)
+            self._check_shape(layer, loaded_weight, weight_name, shard_id, expert_id)
             if not (weight_name.endswith("weight") and param.dtype == _E4M3):
                 return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
+            name = checkpoint_tensor_name(layer, weight_name, shard_id, expert_id)
             if loaded_weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 raise CheckpointFormatError(
-                    f"{weight_name}: expected a 16-bit expert weight to quantize online, found {loaded_weight.dtype}"
+                    f"{name}: expected a 16-bit expert weight to quantize online, found {loaded_weight.dtype}"
                 )
-            q, s = quantize_linear_weight(loaded_weight, self.online_strategy, [loaded_weight.shape[0]], weight_name)
+            q, s = quantize_linear_weight(loaded_weight, self.online_strategy, [loaded_weight.shape[0]], name)
             rows = s.reshape(-1, 1).expand(loaded_weight.shape[0], 1).contiguous()
             ok = loader(param, q, weight_name, shard_id, expert_id, *args, **kwargs)
             stem = "w2" if shard_id == "w2" else "w13"
             scale = getattr(layer, f"{stem}_weight_scale")
             loader(scale, rows, f"{weight_name}_scale", shard_id, expert_id, *args, **kwargs)
             for p in (param, scale):
-                self._seen.setdefault(id(p), {})[(int(expert_id), str(shard_id))] = weight_name
+                self._seen.setdefault(id(p), {})[(int(expert_id), str(shard_id))] = name
             return ok
 
         return load
