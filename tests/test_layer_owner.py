@@ -261,3 +261,14 @@ def test_expert_tensors_are_named_as_the_checkpoint_names_them():
     assert checkpoint_tensor_name(layer, name.replace("w13", "w2"), "w2", 0).endswith("experts.0.w2.weight_scale_inv")
     assert checkpoint_tensor_name(layer, "x.experts.w13_input_scale", "w1", 2).endswith("experts.2.w1.input_scale")
     assert checkpoint_tensor_name(layer, "a.experts.5.up_proj.weight", "w3", 5) == "a.experts.5.up_proj.weight"
+
+
+def test_expert_count_against_config_names_both():
+    from fp8_backend.formats.moe_tensors import check_expert_indices, expert_count_field
+
+    assert expert_count_field({"num_local_experts": 8, "num_experts_per_tok": 2}) == ("num_local_experts", 8)
+    assert expert_count_field({"hidden_size": 8}) is None
+    names = [f"m.l.0.experts.{j}.w1.weight" for j in range(10)] + ["m.l.0.experts.w13_weight"]
+    check_expert_indices("m.l.0.experts", names[:8], 8)
+    with pytest.raises(CheckpointFormatError, match=r"m\.l\.0\.experts\.9\.w1\.weight: expert 9 .*num_local_experts=8 .*found at least 10"):
+        check_expert_indices("m.l.0.experts", names, 8, "num_local_experts")

@@ -13,11 +13,20 @@ EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "
 
 
 def expert_count_field(hf_config) -> tuple[str, int] | None:
-    """(field name, value) of the first expert-count field config.json sets, else None."""
-    for name in EXPERT_COUNT_FIELDS:
-        v = getattr(hf_config, name, None) if not isinstance(hf_config, dict) else hf_config.get(name)
-        if isinstance(v, int) and v > 0:
-            return name, v
+    """(field name, value) of the first expert-count field config.json sets (a dict, or a
+    transformers config: its serialized keys first, as config.json spells them), else None."""
+    sources = [hf_config] if isinstance(hf_config, dict) else []
+    if not isinstance(hf_config, dict):
+        try:
+            sources.append(hf_config.to_dict())
+        except Exception:  # noqa: BLE001 - any config object: fall back to attributes
+            pass
+        sources.append({n: getattr(hf_config, n, None) for n in EXPERT_COUNT_FIELDS})
+    for src in sources:
+        for name in EXPERT_COUNT_FIELDS:
+            v = src.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return name, v
     return None
 
 

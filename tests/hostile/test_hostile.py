@@ -68,7 +68,7 @@ MOE_CASES = {
     "moe-expert-weight-bf16": ("bf16", "model.layers.0.mlp.experts.2.up_proj.weight", "bfloat16"),
     "moe-expert-scale-nan": ("nan", "model.layers.1.mlp.experts.5.down_proj.weight_scale_inv", "NaN"),
     "moe-expert-scale-inf": ("inf", "model.layers.0.mlp.experts.7.gate_proj.weight_scale_inv", "Inf"),
-    "moe-extra-expert": ("extra", "model.layers.0.mlp.experts.8.", "num_experts=8"),
+    "moe-extra-expert": ("extra", "model.layers.0.mlp.experts.8.", "=8 (experts 0..7)"),
     "moe-expert-shape": ("rows", "model.layers.0.mlp.experts.3.up_proj.weight", "[128, 256]"),
 }
 
