@@ -272,3 +272,41 @@ def test_expert_count_against_config_names_both():
     check_expert_indices("m.l.0.experts", names[:8], 8)
     with pytest.raises(CheckpointFormatError, match=r"m\.l\.0\.experts\.9\.w1\.weight: expert 9 .*num_local_experts=8 .*found at least 10"):
         check_expert_indices("m.l.0.experts", names, 8, "num_local_experts")
+
+
+@pytest.mark.parametrize("platform,env,expected", [
+    ("cuda", None, "vllm"), ("cuda", "1", "plugin"), ("cpu", None, "plugin"), ("cpu", "1", "plugin")])
+def test_config_hands_cuda_linear_layers_to_vllms_own_config(monkeypatch, platform, env, expected):
+    # The adapter's side of the rule: on (faked) CUDA a quantized linear layer gets the method of
+    # vLLM's own config for the same quantization_config (a real one needs a GPU to build).
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config as VllmFp8Config
+
+    from fp8_backend.vllm_adapter import config as C
+    from fp8_backend.vllm_adapter.checkpoint_linear import Fp8CheckpointLinearMethod
+    from fp8_backend.vllm_adapter.moe import vllm_config_for
+
+    monkeypatch.setattr(C, "platform_name", lambda: platform)
+    if env is None:
+        monkeypatch.delenv("FP8_BACKEND_GPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("FP8_BACKEND_GPU_KERNELS", env)
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    cfg = C.Fp8Config.from_config(qc)
+    cfg._files_checked = True  # no model directory here
+    assert isinstance(vllm_config_for("fp8", qc), VllmFp8Config)
+    asked = []
+
+    class Own:
+        def get_quant_method(self, layer, prefix):
+            asked.append(prefix)
+            return "vllm's method"
+
+    monkeypatch.setattr(cfg, "_vllm_own_config", lambda: Own())
+    layer = ReplicatedLinear.__new__(ReplicatedLinear)  # a LinearBase without building weights
+    torch.nn.Module.__init__(layer)
+    m = cfg.get_quant_method(layer, "model.layers.0.mlp.down_proj")
+    if expected == "vllm":
+        assert m == "vllm's method" and asked == ["model.layers.0.mlp.down_proj"]
+    else:
+        assert isinstance(m, Fp8CheckpointLinearMethod) and not asked
