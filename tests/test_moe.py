@@ -192,6 +192,19 @@ def test_bf16_moe_still_runs_with_the_plugin_installed(runs):
         assert all(v["quant_method"] == UNQUANT_MOE for v in r["report"]["moe"].values())
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM's CPU FP8 MoE runs on AMX CPUs only")
+def test_amx_default_for_128x128_blocks_is_vllms_cpu_fp8_moe(runs):
+    # Both could serve it on AMX; vLLM's CPUExpertsFp8 stays the default until measured there.
+    from conftest import run_engine
+
+    r = run_engine(Path(runs["qwen3"]["fp8-block"]["model"]), {"enforce_eager": True}, PROMPTS,
+                   env={"FP8_BACKEND_MOE": ""})
+    for name, v in r["report"]["moe"].items():
+        assert v["runs"] == "vllm.model_executor.layers.quantization.fp8.Fp8MoEMethod", name
+    d = (lp(r) - lp(runs["qwen3"]["fp8-block"])).abs()  # the same model on two kernels
+    assert d.mean().item() < 0.03, d.mean()
+
+
 def test_producer_says_experts_stay_16bit(tmp_path):
     from fp8_backend.quantize import quantize
 
