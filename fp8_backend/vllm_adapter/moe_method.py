@@ -126,7 +126,9 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
                     f"(moe_intermediate_size {moe.intermediate_size} over {tp} ranks)"
                 )
         layer.orig_dtype = params_dtype
-        layer.fp8_moe_sizes = dict(hidden=h, intermediate=moe.intermediate_size, experts=e, tp=tp)
+        # config.json's sizes (a backend may pad the parameters; the checkpoint holds these)
+        hidden = getattr(moe, "hidden_dim_unpadded", None) or h
+        layer.fp8_moe_sizes = dict(hidden=hidden, intermediate=moe.intermediate_size, experts=e, tp=tp)
         loader = extra_weight_attrs["weight_loader"]
         loader = self._online_loader(layer, loader) if self.online_strategy else self._shape_checked_loader(layer, loader)
         attrs = {"weight_loader": loader}
