@@ -41,7 +41,8 @@ UNQUANT_LINEAR = "vllm.model_executor.layers.linear.UnquantizedLinearMethod"
 # both block formats run on Mixtral's partial blocks.
 MODELS = {
     "qwen3": (build_tiny_qwen3_moe, ["fp8-block", "fp8-tensor", "ct-fp8-dynamic"], "fp8-block", "fp8-tensor"),
-    "mixtral": (build_tiny_mixtral, ["ct-fp8-block", "ct-fp8", "fp8-block"], "ct-fp8-block", "ct-fp8"),
+    "mixtral": (build_tiny_mixtral, ["ct-fp8-block", "ct-fp8", "fp8-block", "fp8-tensor-dynamic"], "ct-fp8-block",
+                "ct-fp8"),
     "qwen2": (build_tiny_qwen2_moe, ["ct-fp8-dynamic", "fp8-tensor", "ct-fp8-block"], "ct-fp8-dynamic", "fp8-tensor"),
 }
 CASES = [(m, f) for m, (_, fmts, _, _) in MODELS.items() for f in fmts]
@@ -157,6 +158,12 @@ def test_online_fp8_quantizes_experts_as_they_load(runs, model):
     _fp8_cost(r, runs[model]["bf16"])
     # Online per-tensor FP8 is the per-tensor checkpoint's model (same scales, same kernel).
     assert torch.allclose(lp(r), lp(runs[model][MODELS[model][3]]), atol=1e-3)
+
+
+def test_static_input_scales_are_checked_and_not_used(runs):
+    # W8A16 on CPU: the static checkpoint (input scales 0.02) serves the dynamic one's model.
+    assert torch.equal(lp(runs["mixtral"]["ct-fp8"]), lp(runs["mixtral"]["fp8-tensor-dynamic"]))
+    assert "static input scales loaded and checked" in runs["mixtral"]["ct-fp8"]["log"]
 
 
 def test_online_per_channel_experts_and_ignored_layer(runs):

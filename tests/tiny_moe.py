@@ -7,7 +7,8 @@ FP8 copies (:func:`fp8_copy`), every format fp8-backend reads, quantized with nu
 "fp8-block" is what the published Qwen3-*-FP8 checkpoints look like (``quant_method: fp8``,
 ``weight_block_size: [128, 128]``, dynamic activations, fp32 ``weight_scale_inv`` grids, every
 router named in full in ``modules_to_not_convert``); "fp8-tensor" AutoFP8's static per-tensor
-layout (scalar weight_scale and input_scale); "ct-fp8", "ct-fp8-dynamic" and "ct-fp8-block"
+layout (scalar weight_scale and input_scale), "fp8-tensor-dynamic" the same without input
+scales; "ct-fp8", "ct-fp8-dynamic" and "ct-fp8-block"
 llm-compressor's FP8 (per-tensor, static inputs), FP8_DYNAMIC (per-channel, bf16 scales) and
 FP8_BLOCK presets with its usual ignore list (lm_head, routers, shared-expert gates).
 :func:`dequantized_copy` turns any of them back into a bf16 checkpoint (the reference that
@@ -132,7 +133,7 @@ def build_tiny_qwen3_moe(out: str | Path, num_layers: int = 2, seed: int = 0) ->
 #: shared-expert MLPs, experts of Qwen and of Mixtral); routers and their gates never are.
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 ROUTER_LEAVES = ("gate", "shared_expert_gate")
-FORMATS = ("fp8-tensor", "fp8-block", "ct-fp8", "ct-fp8-dynamic", "ct-fp8-block")
+FORMATS = ("fp8-tensor", "fp8-tensor-dynamic", "fp8-block", "ct-fp8", "ct-fp8-dynamic", "ct-fp8-block")
 #: llm-compressor's usual ignore list for MoE models.
 CT_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shared_expert_gate$"]
 
@@ -183,15 +184,16 @@ def fp8_copy(src: Path, dst: Path, fmt: str, ignore: list[str] | None = None) ->
                 out[base + "weight_scale"] = sc
             else:
                 q, sc = numerics.quantize_per_tensor(w)
-                shape = () if fmt == "fp8-tensor" else (1,)
+                shape = () if fmt.startswith("fp8-") else (1,)
                 out[base + "weight_scale"] = sc.reshape(shape)
-                out[base + "input_scale"] = torch.full(shape, 0.02)
+                if fmt != "fp8-tensor-dynamic":
+                    out[base + "input_scale"] = torch.full(shape, 0.02)
             out[name] = q
         save_file(out, f, metadata={"format": "pt"})
     cfg = json.loads((dst / "config.json").read_text())
     if fmt.startswith("fp8-"):
         qc = {"quant_method": "fp8", "fmt": "e4m3",
-              "activation_scheme": "dynamic" if fmt == "fp8-block" else "static",
+              "activation_scheme": "static" if fmt == "fp8-tensor" else "dynamic",
               "modules_to_not_convert": ignore if ignore is not None else sorted(routers)}
         if fmt == "fp8-block":
             qc["weight_block_size"] = [128, 128]
