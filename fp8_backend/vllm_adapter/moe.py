@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers under fp8-backend's configs, as :func:`layer_owner` decides.
+"""Mixture-of-experts layers delegated to vLLM's own method, and the expert-tensor checks.
 
 * Delegated (FP8 checkpoints where vLLM's own MoE method runs): the method vLLM alone would
   build, from vLLM's own config class and the same ``quantization_config``, so the layer is
@@ -6,8 +6,8 @@
   expert tensors as they load (an expert weight that is not FP8, a non-finite scale, an expert
   missing from the checkpoint): vLLM's loader would copy a 16-bit tensor into an FP8 parameter,
   or leave a scale at its initial value, without a word.
-* Online ``quantization="fp8"``: the experts stay 16-bit (vLLM's unquantized MoE), and the log
-  says how many.
+* fp8-backend's own method (moe_method.Fp8FusedMoEMethod) gets the same checks, through the
+  same wrapper, for checkpoints; online ``quantization="fp8"`` quantizes experts as they load.
 * Anything else is refused at load with the rule's sentence.
 """
 
@@ -69,7 +69,7 @@ def attach_expert_checks(method, prefix: str, fp8_dtype: torch.dtype) -> None:
     def create_weights(layer, *args, **extra):
         loader = extra.get("weight_loader")
         if loader is not None:
-            extra["weight_loader"] = _checked_expert_loader(loader, fp8_dtype, seen)
+            extra["weight_loader"] = _checked_expert_loader(loader, fp8_dtype, seen, layer)
         return create(layer, *args, **extra)
 
     def process_weights_after_loading(layer):
@@ -80,13 +80,36 @@ def attach_expert_checks(method, prefix: str, fp8_dtype: torch.dtype) -> None:
     method.process_weights_after_loading = process_weights_after_loading
 
 
-def _checked_expert_loader(loader, fp8_dtype, seen):
+def checkpoint_tensor_name(layer, weight_name: str, shard_id: str, expert_id: int) -> str:
+    """The checkpoint's name of the expert tensor vLLM's loader calls ``weight_name``.
+
+    vLLM's FusedMoE loader is handed the parameter's name with the layer's prefix
+    ("model.layers.0.mlp.experts.w13_weight_scale_inv"); the tensor in the checkpoint is
+    "model.layers.0.mlp.experts.17.gate_proj.weight_scale_inv" (the model's projection names:
+    gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2). Names that are not a parameter's
+    are returned unchanged."""
+    head, _, leaf = weight_name.rpartition(".")
+    stem, _, suffix = leaf.partition("_")
+    projs = {
+        "w1": getattr(layer, "ckpt_gate_proj_name", None),
+        "w3": getattr(layer, "ckpt_up_proj_name", None),
+        "w2": getattr(layer, "ckpt_down_proj_name", None),
+    }
+    proj = projs.get(str(shard_id))
+    if stem not in ("w13", "w2") or not suffix or not proj:
+        return weight_name
+    prefix = getattr(layer, "layer_name", None) or head
+    return f"{prefix}.{int(expert_id)}.{proj}.{suffix}"
+
+
+def _checked_expert_loader(loader, fp8_dtype, seen, layer):
     def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
+        name = checkpoint_tensor_name(layer, weight_name, shard_id, expert_id)
         if weight_name.endswith(_SCALE_SUFFIXES):
-            check_scale(weight_name, loaded_weight)
+            check_scale(name, loaded_weight)
         elif param.dtype == fp8_dtype:
-            check_fp8_weight(weight_name, loaded_weight, fp8_dtype)
-        seen.setdefault(id(param), {})[(int(expert_id), str(shard_id))] = weight_name
+            check_fp8_weight(name, loaded_weight, fp8_dtype)
+        seen.setdefault(id(param), {})[(int(expert_id), str(shard_id))] = name
         return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
 
     return load
@@ -119,5 +142,5 @@ def _check_experts_complete(layer, prefix, seen) -> None:
                 missing = f"{head}.{expert}.{tail}"
                 raise CheckpointFormatError(
                     f"{missing}: missing from the checkpoint (expected for every one of the "
-                    f"{num_experts} experts of {prefix}, as e.g. {example})"
+                    f"{num_experts} experts of {prefix}, as e.g. {example}; found none for expert {expert})"
                 )
