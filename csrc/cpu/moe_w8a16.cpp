@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "fp8_e4m3.h"
+#include "huge_buffer.h"
 
 namespace fp8_backend {
 namespace {
@@ -135,8 +136,11 @@ void part_gemm(const W8a16Plan& plan, const float* xs, int64_t ldx, int64_t M, c
   const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor xf = at::from_blob(const_cast<float*>(xs), {M, K}, {ldx, 1}, f32);
   const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(64, ((int64_t(1) << 20) / K) & ~int64_t(15)));
-  at::Tensor wbuf = at::empty({nb, K}, f32);
-  float* wb = wbuf.data_ptr<float>();
+  // The decoded panel: the calling thread's scratch, kept between experts and calls (no fresh
+  // pages to fault in per panel).
+  static thread_local HugeBuffer panel;
+  float* wb = static_cast<float*>(panel.get(static_cast<size_t>(nb * K) * 4));
+  const at::Tensor wbuf = at::from_blob(wb, {nb, K}, f32);
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t rows = std::min(nb, N - n0);
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
