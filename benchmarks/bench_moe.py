@@ -227,11 +227,16 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="target time per measurement")
     p.add_argument("--max-reps", type=int, default=50)
     p.add_argument("--json", help="write results here instead of RESULTS.md")
+    p.add_argument("--from-json", help="rewrite RESULTS.md from a --json file of an earlier run")
     p.add_argument("--note", dest="notes", action="append", default=[], help="a line for RESULTS.md")
     args = p.parse_args()
     args.ts = [int(v) for v in args.ts.split(",")]
     args.impls = args.impls.split(",")
     torch.set_num_threads(args.threads)
+    if args.from_json:
+        results = {int(t): r for t, r in json.loads(Path(args.from_json).read_text()).items()}
+        write_layer(args, results)
+        return
     results = run_layer(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
