@@ -213,7 +213,8 @@ def write_layer(args, results: dict) -> None:
     if errs:
         lines += ["", "Relative L2 difference to torch bf16 on the same routing (FP8 weights quantize the bf16 "
                   "ones): " + "; ".join(errs) + "."]
-    lines += ["", *args.notes]
+    for note in args.notes:
+        lines += ["", note]
     update_section("moe_layer", "\n".join(lines))
 
 

@@ -150,7 +150,10 @@ void part_gemm(const W8a16Plan& plan, const float* xs, int64_t ldx, int64_t M, c
         for (int64_t r = r0; r < r1; ++r) {
           const float* sr = p.s + ((n0 + r) / p.bn) * kb;
           float* o = wb + r * K;
-          for (int64_t k = 0; k < K; ++k) o[k] *= sr[k / p.bk];
+          for (int64_t b = 0; b < kb; ++b) {  // one scale per K block (a vectorizable loop)
+            const float sc = sr[b];
+            for (int64_t k = b * p.bk, k1 = std::min(K, k + p.bk); k < k1; ++k) o[k] *= sc;
+          }
         }
       }
     });
