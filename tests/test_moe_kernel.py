@@ -235,3 +235,18 @@ def test_fake_shape():
                                              torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.int64))]
         out = torch.ops.fp8_backend.fused_moe_w8a16(*args)
     assert out.shape == (3, 16) and out.dtype == torch.bfloat16
+
+
+def test_threads_by_expert_is_bit_identical(isa, threads):
+    """Many rows per expert with 2 threads: whole experts per thread, then the reduction in the
+    serial path's order, so the output equals the 1-thread one bit for bit."""
+    e, i, h, t, k = 6, 48, 96, 120, 4
+    q13, s13, q2, s2 = experts(e, i, h, None)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    wts, ids = routing(t, k, e, seed=12)
+    threads(1)
+    one = kernels.fused_moe_w8a16(x, q13, s13, q2, s2, wts, ids)
+    threads(2)
+    two = kernels.fused_moe_w8a16(x, q13, s13, q2, s2, wts, ids)
+    assert torch.equal(one, two)
+    check(two, x, q13, s13, q2, s2, wts, ids, None)

@@ -34,6 +34,9 @@ namespace fp8_backend {
 namespace {
 
 constexpr int64_t kKBlock = 64;  // the GEMV's k-block: staged activations are zero-padded to it
+// Mean rows per expert above which threads take whole experts (the decode + GEMM regime of the
+// avx2 plan) instead of splitting each expert's output rows.
+constexpr int64_t kByExpertMinRows = 16;
 
 // One weight matrix of one expert (or the gate / up half of w13) and its scales.
 struct Part {
@@ -178,10 +181,11 @@ struct MoeArgs {
 };
 
 // One expert's rows: tok[m], wt[m] for m < M (tokens in increasing order; a token routed to the
-// expert twice appears twice). Adds wt[m] * down(silu(gate) * up)(x[tok[m]]) into out32.
+// expert twice appears twice). Adds wt[m] * down(silu(gate) * up)(x[tok[m]]) into out32, or,
+// with rows_out, writes it to row m of rows_out [M, H] (the caller reduces).
 template <typename T>
 void run_expert(const MoeArgs& a, const T* x, const Part& gate, const Part& up, bool fused13, const Part& down,
-                const int64_t* tok, const float* wt, int64_t M, float* out32) {
+                const int64_t* tok, const float* wt, int64_t M, float* out32, float* rows_out) {
   const int64_t H = a.H, I = a.I;
   const int64_t small_m = plan_small_m_max_override(), amx_m = plan_amx_min_m_override();
   const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
@@ -272,9 +276,14 @@ void run_expert(const MoeArgs& a, const T* x, const Part& gate, const Part& up, 
   // then the sum); threads own columns, rows in order.
   at::parallel_for(0, H, 256, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m) {
-      float* o = out32 + tok[m] * H;
       const float* dr = d2 + m * H;
       const float w = wt[m];
+      if (rows_out) {
+        float* o = rows_out + m * H;
+        for (int64_t n = n0; n < n1; ++n) o[n] = (down.blocked() ? dr[n] : dr[n] * down.s[n]) * w;
+        continue;
+      }
+      float* o = out32 + tok[m] * H;
       if (down.blocked()) {
         for (int64_t n = n0; n < n1; ++n) o[n] += dr[n] * w;
       } else {
@@ -379,20 +388,45 @@ at::Tensor fused_moe_w8a16(const at::Tensor& x, const at::Tensor& w13, const at:
   const bool fused13 = bn == 0 || I % bn == 0;
   const int64_t s13_rows = bn ? s13[1] / 2 : I;  // scale rows of the gate half
   const int64_t s13_cols = bn ? s13[2] : 1;
-  for (int64_t e = 0; e < E; ++e) {
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) active.push_back(e);
+  // Threads: few rows per expert (decode; the GEMV regime) split each expert's output rows, as
+  // the dense op. Many rows per expert (prefill) give each thread whole experts, which write
+  // their weighted rows to a [T * k, H] buffer reduced afterwards in the same order as the
+  // serial path (bit-identical results).
+  const int threads = at::get_num_threads();
+  const bool by_expert = threads > 1 && static_cast<int64_t>(active.size()) >= 2 * threads &&
+                         P > kByExpertMinRows * static_cast<int64_t>(active.size());
+  at::Tensor rows_t = by_expert ? at::empty({P, H}, x.options().dtype(at::kFloat)) : at::Tensor();
+  float* rows = by_expert ? rows_t.data_ptr<float>() : nullptr;
+  auto run = [&](int64_t e) {
     const int64_t M = start[e + 1] - start[e];
-    if (M == 0) continue;
     const uint8_t* we = w13p + e * 2 * I * H;
     const float* se = s13p + e * s13[1] * s13_cols;
     const Part gate{we, I, H, se, bn, bk};
     const Part up{we + I * H, I, H, se + s13_rows * s13_cols, bn, bk};
     const Part down{w2p + e * H * I, H, I, s2p + e * s2[1] * (bn ? s2[2] : 1), bn, bk};
+    float* ro = rows ? rows + start[e] * H : nullptr;
     if (x.scalar_type() == at::kBFloat16)
       run_expert<c10::BFloat16>(a, xc.data_ptr<c10::BFloat16>(), gate, up, fused13, down, tok.data() + start[e],
-                                wt.data() + start[e], M, out32.data_ptr<float>());
+                                wt.data() + start[e], M, out32.data_ptr<float>(), ro);
     else
       run_expert<c10::Half>(a, xc.data_ptr<c10::Half>(), gate, up, fused13, down, tok.data() + start[e],
-                            wt.data() + start[e], M, out32.data_ptr<float>());
+                            wt.data() + start[e], M, out32.data_ptr<float>(), ro);
+  };
+  if (!by_expert) {
+    for (const int64_t e : active) run(e);
+  } else {
+    // Inside this region the kernels' own parallel_for calls run inline on the calling thread.
+    at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) run(active[i]);
+    });
+    float* o = out32.data_ptr<float>();
+    at::parallel_for(0, H, 256, [&](int64_t n0, int64_t n1) {
+      for (int64_t q = 0; q < P; ++q)  // expert order, then token order: the serial path's
+        for (int64_t n = n0; n < n1; ++n) o[tok[q] * H + n] += rows[q * H + n];
+    });
   }
   return out32.to(x.scalar_type());
 }
