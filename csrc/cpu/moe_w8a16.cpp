@@ -12,7 +12,8 @@
 // The weights of an expert are read once per call and decoded once per panel (the dense
 // kernels' reuse of decoded weights across the rows of the tile). Threads split the output rows
 // of each GEMM and the columns of the weighted reduction (each column owned by one thread: no
-// races, and sums in the same order whatever the thread count).
+// races, and sums in the same order whatever the thread count); with many rows per expert they
+// take whole experts instead (see kByExpertMinRows).
 //
 // On the amx path, gate/up with bf16 activations run the AMX tile GEMM (its bf16 epilogue is the
 // rounding point the spec has there); the down projection keeps fp32 sums, so it runs the fp32
