@@ -11,6 +11,7 @@
 #include "fp8_e4m3.h"
 #include "huge_buffer.h"
 #include "kernels.h"
+#include "moe_w8a16.h"
 
 namespace fp8_backend {
 namespace {
@@ -353,6 +354,11 @@ std::string w8a16_plan_py(const std::string& isa, int64_t M, int64_t N, int64_t 
 
 std::string cpu_isa() { return isa_name(current_isa()); }
 
+// For the fused-MoE op (moe_w8a16.h): the same ISA and plan overrides as w8a16_linear.
+CpuIsa selected_cpu_isa() { return current_isa(); }
+int64_t plan_small_m_max_override() { return g_small_m_max.load(); }
+int64_t plan_amx_min_m_override() { return g_amx_min_m.load(); }
+
 void set_cpu_isa(const std::string& name) {
   if (name == "auto") {
     g_isa.store(static_cast<int>(best_isa()));
@@ -399,9 +405,14 @@ at::Tensor huge_page_empty(int64_t nbytes) {
 
 TORCH_LIBRARY(fp8_backend, m) {
   m.def("w8a16_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, int[]? block_size=None) -> Tensor");
+  m.def("fused_moe_w8a16(Tensor x, Tensor w13, Tensor w13_scale, Tensor w2, Tensor w2_scale, "
+        "Tensor topk_weights, Tensor topk_ids, int[]? block_size=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) { m.impl("w8a16_linear", &fp8_backend::w8a16_linear); }
+TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) {
+  m.impl("w8a16_linear", &fp8_backend::w8a16_linear);
+  m.impl("fused_moe_w8a16", &fp8_backend::fused_moe_w8a16);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fp8-backend CPU kernels (ops are registered as torch.ops.fp8_backend.*)";

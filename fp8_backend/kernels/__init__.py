@@ -76,6 +76,11 @@ except RuntimeError as e:  # unknown or unsupported: say which variable caused i
     raise RuntimeError(f"{ISA_ENV}={_env_isa!r}: {e}") from None
 
 
+@torch.library.register_fake("fp8_backend::fused_moe_w8a16")
+def _fused_moe_w8a16_fake(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block_size=None):
+    return x.new_empty((x.shape[0], w2.shape[1]))
+
+
 def fused_moe_w8a16(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -86,10 +91,13 @@ def fused_moe_w8a16(
     topk_ids: torch.Tensor,
     block_size: list[int] | None = None,
 ) -> torch.Tensor:
-    """W8A16 mixture of experts with SiLU-and-mul experts (numerics.fused_moe_w8a16)."""
-    from .. import numerics  # the compiled op replaces this reference
-
-    return numerics.fused_moe_w8a16(
+    """W8A16 mixture of experts with SiLU-and-mul experts (numerics.fused_moe_w8a16): x [T, H]
+    bf16/fp16, w13 [E, 2I, H] (gate rows, then up) and w2 [E, H, I] float8_e4m3fn, fp32 scales
+    per channel or per ``block_size`` [bn, bk] block (numerics.moe_scale_shapes), topk_weights /
+    topk_ids [T, k]. Tokens grouped per expert, FP8 decoded in registers / once per panel, the
+    top-k weighting and reduction in fp32, one final rounding to x.dtype. The CPU kernel path is
+    the one linear layers use (cpu_isa())."""
+    return torch.ops.fp8_backend.fused_moe_w8a16(
         x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
-        tuple(block_size) if block_size is not None else None,
+        list(block_size) if block_size is not None else None,
     )
