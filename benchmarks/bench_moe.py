@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from fp8_backend import _C, kernels, numerics  # noqa: E402
-from fp8_backend.kernels.huge_pages import to_huge_pages  # noqa: E402
+from fp8_backend import _C, kernels, numerics
+from fp8_backend.kernels.huge_pages import to_huge_pages
 
-from results_md import machine, update_section  # noqa: E402
+from results_md import machine, update_section
 
 HIDDEN, EXPERTS, TOPK, INTER = 2048, 64, 8, 768
 TS = [1, 4, 16, 64, 512]
