@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from ..numerics import E4M3
-from .scheme import match_ignore
+from .scheme import check_ignore_patterns, match_ignore
 
 #: Block shapes fp8-backend serves for block-quantized weights ([N block, K block]).
 SUPPORTED_BLOCK_SIZES: tuple[tuple[int, int], ...] = ((128, 128),)
@@ -260,15 +260,10 @@ def _name_list(cfg: Mapping[str, Any], key: str) -> list[str]:
 
 
 def _check_ignore_patterns(field_name: str, patterns: list[str]) -> None:
-    for p in patterns:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise CheckpointFormatError(
-                    f"quantization_config.{field_name}: expected 're:' + a valid regular expression, "
-                    f"found {p!r} ({e})"
-                ) from None
+    try:
+        check_ignore_patterns(patterns, f"quantization_config.{field_name}")
+    except ValueError as e:
+        raise CheckpointFormatError(str(e)) from None
 
 
 def _block_size(field_name: str, value: Any) -> tuple[int, int]:

@@ -37,19 +37,25 @@ class Fp8Scheme:
             raise ValueError(
                 f"activation_scheme: expected one of {ACTIVATION_SCHEMES}, found {self.activation_scheme!r}"
             )
-        for pat in self.ignore:
-            if not isinstance(pat, str):
-                raise ValueError(f"ignore: expected layer names or patterns (str), found {pat!r}")
-            if pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as e:
-                    raise ValueError(f"ignore: {pat!r} is not a valid regex: {e}") from e
+        check_ignore_patterns(self.ignore)
 
     def describe(self) -> str:
         act = "16-bit activations" if self.activation_scheme == "none" else f"{self.activation_scheme} activation scales"
         src = "online from 16-bit weights" if self.online else "from an FP8 checkpoint"
         return f"FP8 e4m3 weights, per-{self.weight_strategy} scales, {act}, {src}"
+
+
+def check_ignore_patterns(patterns, field: str = "ignore") -> None:
+    """Every pattern of an ignore list is a non-empty string, and a ``re:`` one a valid regex
+    (ValueError naming the pattern otherwise): the one check for the configs and the producer."""
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"{field}: expected layer names or patterns (non-empty str), found {p!r}")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"{field}: expected 're:' + a valid regex, found {p!r} ({e})") from None
 
 
 def _match_one(name: str, pattern: str) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+from ..formats.scheme import check_ignore_patterns
 
 SCHEMES = ("dynamic", "static", "block")
 FORMATS = ("autofp8", "compressed-tensors")
@@ -51,14 +52,10 @@ class QuantizeOptions:
         for name in ("num_samples", "seq_len", "max_shard_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise QuantizeError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
-        for p in self.ignore:
-            if not isinstance(p, str) or not p:
-                raise QuantizeError(f"ignore: expected layer names or patterns, found {p!r}")
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as e:
-                    raise QuantizeError(f"ignore: expected 're:' + a valid regex, found {p!r} ({e})") from None
+        try:
+            check_ignore_patterns(self.ignore)
+        except ValueError as e:
+            raise QuantizeError(str(e)) from None
 
     @property
     def needs_calibration(self) -> bool:

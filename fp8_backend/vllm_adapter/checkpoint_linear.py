@@ -24,6 +24,7 @@ from vllm.model_executor.parameter import (
 from .. import kernels
 from ..kernels import dispatch
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
+from .layer_owner import check_activation_dtype
 from ..formats.layer_tensors import check_fp8_weight
 
 logger = logging.getLogger("vllm.fp8_backend")
@@ -79,11 +80,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        if params_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"{self.prefix}: fp8-backend runs W8A16 with bf16 or fp16 activations; "
-                f"found model dtype {params_dtype}"
-            )
+        check_activation_dtype(self.prefix, params_dtype)
         loader = extra_weight_attrs.get("weight_loader")
         n, k = sum(output_partition_sizes), input_size_per_partition
         what = self.scheme.weight_strategy

@@ -29,6 +29,17 @@ def linear_kind(prefix: str) -> str:
     return "router" if prefix.rsplit(".", 1)[-1] in ROUTER_NAMES else "linear"
 
 
+def check_activation_dtype(prefix: str, dtype) -> None:
+    """fp8-backend's layer methods run W8A16 with 16-bit activations: a model dtype other than
+    bf16 / fp16 is refused when the layer is created, naming it."""
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{prefix}: fp8-backend runs W8A16 with bf16 or fp16 activations; found model dtype {dtype}"
+        )
+
+
 class UnsupportedLayerError(ValueError):
     """A layer (or a whole checkpoint scheme) that neither fp8-backend nor vLLM can serve in this
     format on this platform. The message names the layer or field, the format and what is

@@ -13,6 +13,7 @@ from vllm.model_executor.parameter import ModelWeightParameter
 from .. import kernels, numerics
 from ..kernels import dispatch
 from ..formats.scheme import Fp8Scheme
+from .layer_owner import check_activation_dtype
 
 
 #: elements quantized at a time: numerics' elementwise quantization makes fp32 temporaries
@@ -81,11 +82,7 @@ class Fp8OnlineLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        if params_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"{self.prefix}: fp8-backend runs W8A16 with bf16 or fp16 activations; "
-                f"found model dtype {params_dtype}"
-            )
+        check_activation_dtype(self.prefix, params_dtype)
         layer.logical_widths = list(output_partition_sizes)
         layer.input_size_per_partition = input_size_per_partition
         layer.output_size_per_partition = sum(output_partition_sizes)

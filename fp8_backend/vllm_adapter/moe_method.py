@@ -44,6 +44,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from .. import kernels
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
 from .linear import quantize_linear_weight
+from .layer_owner import check_activation_dtype
 from .moe import checkpoint_tensor_name
 
 logger = logging.getLogger("vllm.fp8_backend")
@@ -109,11 +110,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        if params_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"{self.prefix}: fp8-backend runs W8A16 with bf16 or fp16 activations; "
-                f"found model dtype {params_dtype}"
-            )
+        check_activation_dtype(self.prefix, params_dtype)
         e, h, i = num_experts, hidden_size, intermediate_size_per_partition
         moe = layer.moe_config
         tp = moe.moe_parallel_config.tp_size
