@@ -19,7 +19,13 @@ Modes (``--mode``):
             previous one. Rewrites the "moe_layer" section of benchmarks/RESULTS.md unless
             --json is given (then results go there). fp8 weights live in transparent huge pages
             as the plugin stores them (kernels/huge_pages.py).
-  (``--mode engine``, a whole random Qwen3-MoE through vLLM, is to be added here.)
+  * engine  a whole random Qwen3-MoE (--layers layers of the same layer shape, ~0.6 GB of bf16
+            experts per layer; built once into models/random-qwen3-moe-L<layers>) through vLLM,
+            one engine process per configuration, one after the other: bf16 (vLLM's own 16-bit
+            MoE) and quantization="fp8" (experts FP8 per tensor, quantized while loading). Each
+            times batch-1 decode, batch-16 decode and a 512-token prefill
+            (fp8_backend.eval.e2e.run_e2e, enforce_eager, 1 OpenMP thread) and reports the peak
+            RSS while loading and the parameter bytes. Rewrites the "moe_engine" section.
 """
 
 from __future__ import annotations
@@ -216,9 +222,63 @@ def write_layer(args, results: dict) -> None:
     update_section("moe_layer", "\n".join(lines))
 
 
+def run_engine_mode(args) -> None:
+    from fp8_backend.eval.e2e import run_e2e
+    from fp8_backend.testing.tiny_moe import build_qwen3_moe
+
+    root = Path(__file__).resolve().parent.parent
+    model = root / "models" / f"random-qwen3-moe-L{args.layers}"
+    if not (model / "config.json").is_file():
+        print(f"building {model} ...", flush=True)
+        build_qwen3_moe(model, num_layers=args.layers, hidden_size=HIDDEN, moe_intermediate_size=INTER,
+                        num_experts=EXPERTS, num_experts_per_tok=TOPK, num_heads=16, num_kv_heads=4,
+                        head_dim=128, init_std=0.02)
+    env = {"E2E_WORKER_BATCH_DECODE": "16", "E2E_WORKER_BATCH_DECODE_TOKENS": "16",
+           "E2E_WORKER_PREFILL_TOKENS": "512"}
+    res = {}
+    for name, quant in (("bf16", None), ("fp8", "fp8")):
+        print(f"{name}: engine ...", flush=True)
+        res[name] = run_e2e(str(model), quant, eager=True, threads=args.threads, prompts=["Hello"], chat=False,
+                            gen_tokens=4, decode_tokens=32, decode_repeats=2, timeout=3600, env=env)
+        r = res[name]
+        print(f"  decode {r['decode_tok_s']:.2f} tok/s, batch-16 {r['batch_decode_tok_s']:.2f} tok/s, "
+              f"prefill {r['prefill_tok_s']:.1f} tok/s, peak load RSS {r['peak_load_rss_mib']:.0f} MiB", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        return
+    b, f = res["bf16"], res["fp8"]
+    expert_mib = args.layers * EXPERTS * 3 * HIDDEN * INTER / 2**20  # FP8: one byte each (+ fp32 scales)
+
+    def row(label, key, fmt="{:.2f}"):
+        return f"| {label} | {fmt.format(b[key])} | {fmt.format(f[key])} | {f[key] / b[key]:.2f}x |"
+
+    lines = [
+        f"## FP8 mixture of experts (engine): random Qwen3-MoE, {args.layers} layers",
+        "",
+        f"Command: `flock -x /tmp/fp8-timing.lock taskset -c 0 .venv/bin/python benchmarks/bench_moe.py --mode engine "
+        f"--layers {args.layers}`. Machine: {machine()}; fp8-backend CPU kernel path `{kernels.cpu_isa()}`; "
+        f"{args.threads} OpenMP thread(s), enforce_eager, one engine process per column, one after the other.",
+        f"Model: hidden {HIDDEN}, {EXPERTS} experts, top-{TOPK}, expert width {INTER}, {args.layers} layers, "
+        "random weights (speed only). bf16 = vLLM's own 16-bit MoE (CPUUnquantizedExperts); fp8 = "
+        "`quantization=\"fp8\"`: every linear layer and expert FP8 (per tensor), fp8-backend's kernels.",
+        "",
+        "| | bf16 | fp8 | fp8 / bf16 |",
+        "|---|---:|---:|---:|",
+        row("batch-1 decode, tokens/s", "decode_tok_s"),
+        row("batch-16 decode, tokens/s", "batch_decode_tok_s"),
+        row("512-token prefill, tokens/s", "prefill_tok_s", "{:.1f}"),
+        row("peak RSS while loading, MiB", "peak_load_rss_mib", "{:.0f}"),
+        f"| expert weights, MiB | {expert_mib * 2:.0f} | {expert_mib:.0f} | 0.50x |",
+    ]
+    for note in args.notes:
+        lines += ["", note]
+    update_section("moe_engine", "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["layer"], default="layer")
+    p.add_argument("--mode", choices=["layer", "engine"], default="layer")
+    p.add_argument("--layers", type=int, default=4, help="engine mode: decoder layers of the random model")
     p.add_argument("--ts", default=",".join(map(str, TS)), help="token counts, comma-separated")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--threads", type=int, default=1)
@@ -232,6 +292,9 @@ def main() -> None:
     args.ts = [int(v) for v in args.ts.split(",")]
     args.impls = args.impls.split(",")
     torch.set_num_threads(args.threads)
+    if args.mode == "engine":
+        run_engine_mode(args)
+        return
     if args.from_json:
         results = {int(t): r for t, r in json.loads(Path(args.from_json).read_text()).items()}
         write_layer(args, results)

@@ -25,20 +25,10 @@ import sys
 from pathlib import Path
 
 from fp8_backend.testing.tiny_model import CORPUS  # noqa: F401  (same corpus as the dense tiny model)
+from fp8_backend.testing.tiny_moe import build_qwen3_moe, tokenizer_dir
 
 # Expert width and hidden size are multiples of 128: vLLM's block-FP8 MoE requires it.
 MOE_SHAPE = dict(hidden_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2)
-
-
-def _tokenizer_dir(out: Path) -> int:
-    """The tokenizer of the dense tiny model (trained on the same corpus) in ``out``; returns
-    its vocabulary size. Its weights are replaced by the caller's model."""
-    from fp8_backend.testing.tiny_model import build_tiny_llama
-
-    build_tiny_llama(out, num_layers=1, hidden_size=64, intermediate_size=64, num_heads=2, num_kv_heads=1)
-    for f in out.glob("*.safetensors"):
-        f.unlink()
-    return json.loads((out / "config.json").read_text())["vocab_size"]
 
 
 def _save(model, out: Path) -> Path:
@@ -71,7 +61,7 @@ def build_tiny_mixtral(out: str | Path, num_layers: int = 2, seed: int = 1) -> P
     from transformers import MixtralConfig, MixtralForCausalLM
 
     out = Path(out)
-    vocab = _tokenizer_dir(out)
+    vocab = tokenizer_dir(out)
     torch.manual_seed(seed)
     cfg = MixtralConfig(vocab_size=vocab, hidden_size=256, intermediate_size=160, num_hidden_layers=num_layers,
                         num_local_experts=8, num_experts_per_tok=2, head_dim=64, **_COMMON)
@@ -85,7 +75,7 @@ def build_tiny_qwen2_moe(out: str | Path, num_layers: int = 2, seed: int = 2) ->
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     out = Path(out)
-    vocab = _tokenizer_dir(out)
+    vocab = tokenizer_dir(out)
     torch.manual_seed(seed)
     cfg = Qwen2MoeConfig(vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=num_layers,
                          num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
@@ -95,35 +85,7 @@ def build_tiny_qwen2_moe(out: str | Path, num_layers: int = 2, seed: int = 2) ->
 
 def build_tiny_qwen3_moe(out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
     """config.json, model.safetensors (bf16) and the tiny tokenizer for a random Qwen3-MoE."""
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    out = Path(out)
-    vocab = _tokenizer_dir(out)
-    torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(
-        vocab_size=vocab,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        intermediate_size=256,
-        max_position_embeddings=2048,
-        initializer_range=0.08,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        norm_topk_prob=True,
-        **MOE_SHAPE,
-    )
-    model = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    data = json.loads((out / "config.json").read_text())
-    data.setdefault("rope_theta", 10000.0)
-    data["torch_dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(data, indent=2))
-    return out
+    return build_qwen3_moe(out, num_layers=num_layers, seed=seed, **MOE_SHAPE)
 
 
 #: Last name components of the linear layers quantized in the FP8 copies (attention, dense and
