@@ -25,22 +25,10 @@ import sys
 from pathlib import Path
 
 from fp8_backend.testing.tiny_model import CORPUS  # noqa: F401  (same corpus as the dense tiny model)
-from fp8_backend.testing.tiny_moe import build_qwen3_moe, tokenizer_dir
+from fp8_backend.testing.tiny_moe import build_qwen3_moe, save_bf16, tokenizer_dir
 
 # Expert width and hidden size are multiples of 128: vLLM's block-FP8 MoE requires it.
 MOE_SHAPE = dict(hidden_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2)
-
-
-def _save(model, out: Path) -> Path:
-    import torch
-
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    data = json.loads((out / "config.json").read_text())
-    data.setdefault("rope_theta", 10000.0)
-    data["torch_dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(data, indent=2))
-    return out
 
 
 _COMMON = dict(
@@ -65,7 +53,7 @@ def build_tiny_mixtral(out: str | Path, num_layers: int = 2, seed: int = 1) -> P
     torch.manual_seed(seed)
     cfg = MixtralConfig(vocab_size=vocab, hidden_size=256, intermediate_size=160, num_hidden_layers=num_layers,
                         num_local_experts=8, num_experts_per_tok=2, head_dim=64, **_COMMON)
-    return _save(MixtralForCausalLM(cfg), out)
+    return save_bf16(MixtralForCausalLM(cfg), out)
 
 
 def build_tiny_qwen2_moe(out: str | Path, num_layers: int = 2, seed: int = 2) -> Path:
@@ -80,7 +68,7 @@ def build_tiny_qwen2_moe(out: str | Path, num_layers: int = 2, seed: int = 2) ->
     cfg = Qwen2MoeConfig(vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=num_layers,
                          num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                          shared_expert_intermediate_size=192, norm_topk_prob=False, **_COMMON)
-    return _save(Qwen2MoeForCausalLM(cfg), out)
+    return save_bf16(Qwen2MoeForCausalLM(cfg), out)
 
 
 def build_tiny_qwen3_moe(out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:

@@ -35,8 +35,14 @@ def build_qwen3_moe(out: str | Path, num_layers: int = 2, hidden_size: int = 256
         initializer_range=init_std, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         rope_theta=10000.0, norm_topk_prob=True,
     )
-    model = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    return save_bf16(Qwen3MoeForCausalLM(cfg), out)
+
+
+def save_bf16(model, out: Path) -> Path:
+    """Save a transformers model in bf16 with the config fields vLLM 0.32 reads (rope_theta)."""
+    import torch
+
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     data = json.loads((out / "config.json").read_text())
     data.setdefault("rope_theta", 10000.0)
     data["torch_dtype"] = "bfloat16"
