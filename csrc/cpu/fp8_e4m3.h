@@ -42,8 +42,15 @@ inline int vbmi_source_index(int j, int lane) {
   return 16 * (lane / 4) + 8 * (j / 2) + 2 * (lane % 4) + (j % 2);
 }
 
-// The AVX2 GEMV's decoder (w8a16_avx2.cpp) produces the same pattern with 8 lanes: within each
-// block of 32 weights, fp32 vector j (0..3), lane l (0..7) holds weight vbmi_source_index(j, l).
-inline int avx2_source_index(int j, int lane) { return vbmi_source_index(j, lane); }
+// The AVX2 GEMV's decoder (w8a16_avx2.cpp) reads 32 bytes as eight 32-bit lanes and takes byte
+// 3 - j of each lane into fp32 vector j: within each block of 32 weights, vector j (0..3), lane l
+// (0..7) holds weight 4*l + 3 - j.
+inline int avx2_source_index(int j, int lane) { return 4 * lane + 3 - j; }
+
+// Index of staged activation slot (j, l) for a GEMV whose vectors have `lanes` lanes (8: AVX2,
+// 16: AVX-512 VBMI) within its 4 * lanes-wide block.
+inline int gemv_source_index(int lanes, int j, int lane) {
+  return lanes == 8 ? avx2_source_index(j, lane) : vbmi_source_index(j, lane);
+}
 
 }  // namespace fp8_backend

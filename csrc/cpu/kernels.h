@@ -6,6 +6,8 @@
 // numerics.w8a16_linear defines it.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -24,10 +26,38 @@ CpuIsa best_isa();
 
 // x: fp32 rows of stride ldx (>= K rounded up to 64, zero-padded), natural k order, except
 // gemv_avx512_vbmi which wants the vbmi_source_index order within each 64-block.
+//
+// The AVX2 GEMV decodes an FP8 byte to its value times 2^-120 with two shifts and a mask
+// (w8a16_avx2.cpp). For the products to stay in fp32's normal range, each staged activation row
+// m of x [M, ld] is multiplied in place by 2^s, s = clamp(100 - exponent(amax_m * headroom), 0,
+// 126), where headroom bounds any factor applied to the rows later (block scales); then the
+// largest product is < 2^-10 and sums stay far from overflow. out_scale[m] = 2^(120 - s), by
+// which the GEMV multiplies row m's sums: powers of two, so the results equal unscaled fp32
+// arithmetic whenever that stays normal, whatever the other rows hold.
+inline void avx2_prescale(float* x, int64_t M, int64_t ld, float headroom, float* out_scale) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* r = x + m * ld;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t i = 0; i < ld; ++i) {
+      const float a = std::fabs(r[i]);
+      finite = finite && std::isfinite(a);
+      amax = a > amax ? a : amax;
+    }
+    int s = 126;
+    if (!finite || !std::isfinite(amax * headroom)) s = 0;
+    else if (amax > 0.f) s = std::min(126, std::max(0, 100 - std::ilogb(amax * headroom)));
+    const float f = std::ldexp(1.f, s);
+    for (int64_t i = 0; i < ld; ++i) r[i] *= f;
+    out_scale[m] = std::ldexp(1.f, 120 - s);
+  }
+}
 void gemv_portable(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                    int64_t n0, int64_t n1, float* D, int64_t ldd);
+// gemv_avx2 wants x in avx2_source_index order, pre-multiplied by avx2_prescale's 2^s, and
+// multiplies row m's sums by out_scale[m] from avx2_prescale.
 void gemv_avx2(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
-               int64_t n0, int64_t n1, float* D, int64_t ldd);
+               int64_t n0, int64_t n1, float* D, int64_t ldd, const float* out_scale);
 void gemv_avx512(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
                  int64_t n0, int64_t n1, float* D, int64_t ldd);
 void gemv_avx512_vbmi(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,

@@ -73,17 +73,33 @@ inline void stage_row(const Get& get, int64_t K, int64_t ld, int lanes, float* o
   for (int64_t b = 0; b < ld; b += 4 * lanes)
     for (int j = 0; j < 4; ++j)
       for (int l = 0; l < lanes; ++l) {
-        const int64_t k = b + vbmi_source_index(j, l);
+        const int64_t k = b + gemv_source_index(lanes, j, l);
         o[b + lanes * j + l] = k < K ? get(k) : 0.f;
       }
 }
 
+// Staged activations [M, ld] for `plan`, made ready for its kernel: the AVX2 GEMV wants each row
+// pre-multiplied by a power of two (avx2_prescale, kernels.h; headroom: the largest block scale
+// the parts will multiply them by). Returns the GEMV's per-row out_scale (ones for the others).
+std::vector<float> prepare_staged(const W8a16Plan& plan, float* xs, int64_t M, int64_t ld, const Part* parts,
+                                  int nparts) {
+  std::vector<float> out_scale(static_cast<size_t>(M), 1.f);
+  if (plan.kernel != W8a16Kernel::gemv || plan.fp32_isa != CpuIsa::avx2) return out_scale;
+  float headroom = 1.f;
+  for (int q = 0; q < nparts; ++q)
+    if (parts[q].blocked())
+      for (int64_t i = 0, n = (parts[q].N + parts[q].bn - 1) / parts[q].bn * parts[q].kb(); i < n; ++i)
+        headroom = std::max(headroom, std::fabs(parts[q].s[i]));
+  avx2_prescale(xs, M, ld, headroom, out_scale.data());
+  return out_scale;
+}
+
 void gemv_isa(CpuIsa f32, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, int64_t n0,
-              int64_t n1, float* D, int64_t ldd) {
+              int64_t n1, float* D, int64_t ldd, const float* out_scale) {
   switch (f32) {
     case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(x, ldx, M, w, K, n0, n1, D, ldd); break;
     case CpuIsa::avx512: gemv_avx512(x, ldx, M, w, K, n0, n1, D, ldd); break;
-    case CpuIsa::avx2: gemv_avx2(x, ldx, M, w, K, n0, n1, D, ldd); break;
+    case CpuIsa::avx2: gemv_avx2(x, ldx, M, w, K, n0, n1, D, ldd, out_scale); break;
     default: gemv_portable(x, ldx, M, w, K, n0, n1, D, ldd); break;
   }
 }
@@ -98,9 +114,9 @@ void decode_rows_isa(CpuIsa f32, const uint8_t* w, int64_t K, int64_t n0, int64_
 
 // D[m, n] (row stride ldd) = sum_k x[m, k] * fp8(w[n, k]) * (block scale of (n, k), or 1 for
 // per-channel scales, which the caller applies to these raw sums) for m < M, n < p.N. x: staged
-// for `plan` (stage_row), row stride ldx.
+// for `plan` (stage_row, then prepare_staged), row stride ldx; out_scale: prepare_staged's rows.
 void part_gemm(const W8a16Plan& plan, const float* xs, int64_t ldx, int64_t M, const Part& p, float* D,
-               int64_t ldd) {
+               int64_t ldd, const float* out_scale) {
   const int64_t N = p.N, K = p.K;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(D + m * ldd, D + m * ldd + N, 0.f);
@@ -111,7 +127,7 @@ void part_gemm(const W8a16Plan& plan, const float* xs, int64_t ldx, int64_t M, c
     const int64_t nblk = (N + 3) / 4;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 4 * K * M));
     at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-      gemv_isa(plan.fp32_isa, xs, ldx, M, p.w, K, b0 * 4, std::min(N, b1 * 4), D, ldd);
+      gemv_isa(plan.fp32_isa, xs, ldx, M, p.w, K, b0 * 4, std::min(N, b1 * 4), D, ldd, out_scale);
     });
     return;
   }
@@ -130,7 +146,7 @@ void part_gemm(const W8a16Plan& plan, const float* xs, int64_t ldx, int64_t M, c
             const float sc = sr[std::min(k0, K - 1) / p.bk];
             for (int64_t j = 0; j < kKBlock; ++j) xb[m * ldx + k0 + j] = xs[m * ldx + k0 + j] * sc;
           }
-        gemv_isa(plan.fp32_isa, xb, ldx, M, p.w, K, b * p.bn, std::min(N, (b + 1) * p.bn), D, ldd);
+        gemv_isa(plan.fp32_isa, xb, ldx, M, p.w, K, b * p.bn, std::min(N, (b + 1) * p.bn), D, ldd, out_scale);
       }
     });
     return;
@@ -240,9 +256,10 @@ void run_expert(const MoeArgs& a, const T* x, const Part& gate, const Part& up, 
         stage_row([xr](int64_t k) { return static_cast<float>(xr[k]); }, H, ldx, lanes, xs + m * ldx);
       }
     });
+    const std::vector<float> os13 = prepare_staged(p13, xs, M, ldx, parts13, nparts);
     at::Tensor d_t = at::empty({M, 2 * I}, f32);
     float* d = d_t.data_ptr<float>();
-    for (int q = 0; q < nparts; ++q) part_gemm(p13, xs, ldx, M, parts13[q], d + q * I, 2 * I);
+    for (int q = 0; q < nparts; ++q) part_gemm(p13, xs, ldx, M, parts13[q], d + q * I, 2 * I, os13.data());
     // The epilogue of w8a16_linear: per-channel scale times the fp32 sum, rounded to x.dtype.
     const float* sg = gate.s;  // per channel: [2I] when fused, else gate [I] then up [I]
     at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
@@ -271,7 +288,8 @@ void run_expert(const MoeArgs& a, const T* x, const Part& gate, const Part& up, 
   });
   at::Tensor d2_t = at::empty({M, H}, f32);
   float* d2 = d2_t.data_ptr<float>();
-  part_gemm(p2, as, lda, M, down, d2, H);
+  const std::vector<float> os2 = prepare_staged(p2, as, M, lda, &down, 1);
+  part_gemm(p2, as, lda, M, down, d2, H, os2.data());
 
   // Weighted reduction: out32[tok, n] += wt * (d2 * scale[n]), as numerics (d, then d * weight,
   // then the sum); threads own columns, rows in order.

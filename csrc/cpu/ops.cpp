@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "fp8_e4m3.h"
 #include "huge_buffer.h"
@@ -71,15 +72,16 @@ void stage_activations(const at::Tensor& x2, int64_t Kp, CpuIsa isa, float* out)
       for (int64_t b = 0; b < Kp; b += 4 * lanes)
         for (int j = 0; j < 4; ++j)
           for (int l = 0; l < lanes; ++l) {
-            const int64_t k = b + vbmi_source_index(j, l);
+            const int64_t k = b + gemv_source_index(lanes, j, l);
             o[b + lanes * j + l] = k < K ? static_cast<float>(s[k]) : 0.f;
           }
     }
   });
 }
 
+// out_scale: gemv_avx2's (avx2_prescale); the other paths read unscaled activations.
 void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K,
-                   int64_t N, float* D) {
+                   int64_t N, float* D, const float* out_scale) {
   // Parallel over blocks of 4 output rows; aim for >= ~64k multiply-adds per task.
   const int64_t nblk = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 4 * K * M));
@@ -88,7 +90,7 @@ void gemv_dispatch(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const uin
     switch (fp32_isa(isa)) {
       case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(x, ldx, M, w, K, n0, n1, D, N); break;
       case CpuIsa::avx512: gemv_avx512(x, ldx, M, w, K, n0, n1, D, N); break;
-      case CpuIsa::avx2: gemv_avx2(x, ldx, M, w, K, n0, n1, D, N); break;
+      case CpuIsa::avx2: gemv_avx2(x, ldx, M, w, K, n0, n1, D, N, out_scale); break;
       default: gemv_portable(x, ldx, M, w, K, n0, n1, D, N); break;
     }
   });
@@ -136,7 +138,7 @@ void decode_gemm(CpuIsa isa, const at::Tensor& x2, const uint8_t* w, int64_t K, 
 // scaled per K block (bk a multiple of 64: one scale per 64-wide staging block, whatever the lane
 // order). The extra work is M*K multiplies per bn rows, against M*K*bn multiply-adds.
 void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, const uint8_t* w,
-                         int64_t K, int64_t N, float* D, const BlockScales& blk) {
+                         int64_t K, int64_t N, float* D, const BlockScales& blk, const float* out_scale) {
   const int64_t nblocks = (N + blk.bn - 1) / blk.bn;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor xb = at::empty({M, Kp}, at::TensorOptions().dtype(at::kFloat));  // 64-byte aligned
@@ -152,7 +154,7 @@ void gemv_block_dispatch(CpuIsa isa, const float* xs, int64_t Kp, int64_t M, con
       switch (fp32_isa(isa)) {
         case CpuIsa::avx512_vbmi: gemv_avx512_vbmi(xp, Kp, M, w, K, n0, n1, D, N); break;
         case CpuIsa::avx512: gemv_avx512(xp, Kp, M, w, K, n0, n1, D, N); break;
-        case CpuIsa::avx2: gemv_avx2(xp, Kp, M, w, K, n0, n1, D, N); break;
+        case CpuIsa::avx2: gemv_avx2(xp, Kp, M, w, K, n0, n1, D, N, out_scale); break;
         default: gemv_portable(xp, Kp, M, w, K, n0, n1, D, N); break;
       }
     }
@@ -293,10 +295,18 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
       stage_activations<at::BFloat16>(x2, Kp, plan.fp32_isa, xs.data_ptr<float>());
     else
       stage_activations<at::Half>(x2, Kp, plan.fp32_isa, xs.data_ptr<float>());
+    std::vector<float> out_scale(static_cast<size_t>(M), 1.f);
+    if (plan.fp32_isa == CpuIsa::avx2) {
+      // Block scales multiply the staged activations later (gemv_block_dispatch): headroom.
+      float headroom = 1.f;
+      for (int64_t i = 0, n = blk ? (N + blk.bn - 1) / blk.bn * blk.kb : 0; i < n; ++i)
+        headroom = std::max(headroom, std::fabs(blk.s[i]));
+      avx2_prescale(xs.data_ptr<float>(), M, Kp, headroom, out_scale.data());
+    }
     if (!blk)
-      gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>());
+      gemv_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>(), out_scale.data());
     else
-      gemv_block_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>(), blk);
+      gemv_block_dispatch(isa, xs.data_ptr<float>(), Kp, M, wp, K, N, D.data_ptr<float>(), blk, out_scale.data());
   } else {
     decode_gemm(isa, x2, wp, K, N, D, blk);
   }

@@ -3,15 +3,16 @@
 // are fp32 FMAs, 8 lanes.
 //
 // Two decoders:
-//  * GEMV (Bf16LutDecoder): 32 bytes -> the bf16 encodings of the 32 values with three 16-entry
-//    byte lookups (vpshufb), then bf16 -> fp32 by shifting into the upper half of each 32-bit
-//    lane. Permuted element order (avx2_source_index); the activations are staged in the same
-//    order. Only simple one-uop operations: an F16C GEMV is bound by vcvtph2ps on AMD Zen 3
-//    (RESULTS.md, w8a16_avx2).
+//  * GEMV (ShiftDecoder): 32 bytes = eight 32-bit lanes; byte i of a lane is shifted to the top,
+//    arithmetically shifted right by 4 and masked: sign to bit 31, eeee.mmm to bits 26..20, i.e.
+//    the fp32 bit pattern of the e4m3 value times 2^-120 (subnormals included: fp32's exponent-0
+//    numbers have the same structure). Two or three one-uop operations per 8 weights; the
+//    activations are staged in the same permuted order (avx2_source_index) and pre-multiplied by
+//    a power of two (avx2_prescale, kernels.h) so that every product is a normal fp32 number.
 //  * Rows for decode + fp32 GEMM (decode8, natural order, F16C): the byte s.eeee.mmm becomes the
 //    fp16 bit pattern s.0eeee.mmm0000000, whose value is the e4m3 value times 2^-8 (subnormals
 //    included: fp16 has the same structure with a wider exponent); vcvtph2ps and x 2^8 (exact).
-// s.1111.111 is NaN in e4m3fn. The lookup decoder gives it a finite value; the GEMV tracks per
+// s.1111.111 is NaN in e4m3fn. The shift decoder gives it a finite value; the GEMV tracks per
 // tile whether any byte has its low 7 bits all set and makes the sums of the weight rows that
 // have one NaN (NaN times anything is NaN: the result of decoding it). decode8 patches the lanes.
 // The scalar reference is w8a16_portable.cpp; tests compare all paths with numerics.py.
@@ -33,51 +34,19 @@
 namespace fp8_backend {
 namespace {
 
-// The bf16 encoding of an e4m3 byte s.eeee.mmm with e >= 1 is
-//     high byte = s << 7 | (e + 120) >> 1 = s << 7 | (60 + (e >> 1)),
-//     low byte  = (e & 1) << 7 | m << 4,
-// so the high byte is a 16-entry lookup on the byte's high nibble s.eee and the low byte one on
-// its low nibble (indexed with c = byte & 0x7F: bit 7 clear). For e = 0 (zero and the subnormals m * 2^-9) a second pair of lookups on 8 + m XORs in
-// the difference to the exact encoding: its index c + 0x78 (c = byte & 0x7F) has bit 7 set, so
-// that vpshufb gives 0, exactly when e >= 1.
-struct Bf16LutDecoder {
-  __m256i t_hi, t_lo, t_hi_sub, t_lo_sub;
-
-  Bf16LutDecoder() {
-    alignas(32) uint8_t hi[32], lo[32], hs[32], ls[32];
-    for (int i = 0; i < 16; ++i) {
-      hi[i] = hi[16 + i] = static_cast<uint8_t>((i & 8) << 4 | (60 + (i & 7)));  // i = s.eee
-      lo[i] = lo[16 + i] = static_cast<uint8_t>(i << 4);                          // i = e0.mmm
-      hs[i] = hs[16 + i] = ls[i] = ls[16 + i] = 0;
-    }
-    const DecodeTables& t = decode_tables();
-    for (int m = 0; m < 8; ++m) {  // e = 0: exact encoding XOR the e >= 1 formula's
-      hs[8 + m] = hs[24 + m] = static_cast<uint8_t>(t.bf16_hi[m] ^ 60);
-      ls[8 + m] = ls[24 + m] = static_cast<uint8_t>(t.bf16_lo[m] ^ (m << 4));
-    }
-    t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-    t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-    t_hi_sub = _mm256_load_si256(reinterpret_cast<const __m256i*>(hs));
-    t_lo_sub = _mm256_load_si256(reinterpret_cast<const __m256i*>(ls));
-  }
-
-  // v[j], lane l holds the weight of byte avx2_source_index(j, l) of b. nan_max: the byte-wise
-  // maximum of b & 0x7F so far (0x7F iff a NaN encoding was seen).
+// Lane l of vector j holds byte 3 - j of 32-bit lane l (avx2_source_index): the byte is moved
+// to bits 31..24, shifted right arithmetically by 4 (bits 31..27 = the sign, 26..20 = eeee.mmm)
+// and masked to the sign and those 7 bits: the fp32 encoding of the e4m3 value times 2^-120.
+struct ShiftDecoder {
+  // v[j], lane l: the weight of byte avx2_source_index(j, l) of b, times 2^-120. nan_max: the
+  // byte-wise maximum of b & 0x7F so far (0x7F iff a NaN encoding was seen).
   inline void decode(__m256i b, __m256 v[4], __m256i& nan_max) const {
-    const __m256i c = _mm256_and_si256(b, _mm256_set1_epi8(0x7F));
-    nan_max = _mm256_max_epu8(nan_max, c);
-    const __m256i sub = _mm256_add_epi8(c, _mm256_set1_epi8(0x78));
-    // High nibble: the 16-bit shift pulls the neighbour byte's bits into 7..4, masked off.
-    const __m256i nib = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
-    const __m256i hi = _mm256_xor_si256(_mm256_shuffle_epi8(t_hi, nib), _mm256_shuffle_epi8(t_hi_sub, sub));
-    const __m256i lo = _mm256_xor_si256(_mm256_shuffle_epi8(t_lo, c), _mm256_shuffle_epi8(t_lo_sub, sub));
-    // bf16 words (within 128-bit lanes: bytes 0-7 / 8-15 of each), then bf16 -> fp32.
-    const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
-    const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-    v[1] = _mm256_castsi256_ps(_mm256_and_si256(w0, top));
-    v[2] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-    v[3] = _mm256_castsi256_ps(_mm256_and_si256(w1, top));
+    nan_max = _mm256_max_epu8(nan_max, _mm256_and_si256(b, _mm256_set1_epi8(0x7F)));
+    const __m256i keep = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
+    v[0] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(b, 4), keep));
+    v[1] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 8), 4), keep));
+    v[2] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 16), 4), keep));
+    v[3] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 24), 4), keep));
   }
 };
 
@@ -98,8 +67,8 @@ constexpr int64_t kPrefetchBytes = 16 << 10;
 // U accumulators per (row, activation row) break the FMA dependency chains when R x MT is
 // small; they are added at the end in a fixed order (results do not depend on the threads).
 template <int R, int MT, int U>
-inline void gemv_tile(const Bf16LutDecoder& dec, const float* x, int64_t ldx, const uint8_t* w,
-                      int64_t K, float* D, int64_t ldd, int64_t prefetch_ahead) {
+inline void gemv_tile(const ShiftDecoder& dec, const float* x, int64_t ldx, const uint8_t* w,
+                      int64_t K, float* D, int64_t ldd, const float* out_scale, int64_t prefetch_ahead) {
   static_assert(U == 1 || U == 2, "U: 1 or 2 accumulators per output");
   __m256 acc[R][MT][U];
 #pragma GCC unroll 8
@@ -162,15 +131,15 @@ inline void gemv_tile(const Bf16LutDecoder& dec, const float* x, int64_t ldx, co
       const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
       const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
       const __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
-      D[m * ldd + r] = nan ? NAN : _mm_cvtss_f32(s1);
+      D[m * ldd + r] = nan ? NAN : _mm_cvtss_f32(s1) * out_scale[m];  // exact: a power of 2
     }
   }
 }
 
 // Rows of one R-row tile for all M activation rows, in tiles of MT rows.
 template <int R, int MT>
-inline void gemv_rows(const Bf16LutDecoder& dec, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, float* D,
-                      int64_t ldd) {
+inline void gemv_rows(const ShiftDecoder& dec, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, float* D,
+                      int64_t ldd, const float* os) {
   // Only the first pass over these rows prefetches; later m-tiles find them in cache. The far
   // distance is a whole number of tiles and at least kPrefetchBytes.
   const int64_t tile = R * K;
@@ -180,12 +149,12 @@ inline void gemv_rows(const Bf16LutDecoder& dec, const float* x, int64_t ldx, in
   // not depend on R, N or the threads.
   int64_t m = 0;
   for (; m + MT <= M; m += MT)
-    gemv_tile<R, MT, MT <= 2 ? 2 : 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, m == 0 ? ahead : 0);
+    gemv_tile<R, MT, MT <= 2 ? 2 : 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, os + m, m == 0 ? ahead : 0);
   const int64_t pf = m == 0 ? ahead : 0;
   switch (M - m) {  // MT <= 4
-    case 3: gemv_tile<R, 3, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
-    case 2: gemv_tile<R, 2, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
-    case 1: gemv_tile<R, 1, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, pf); break;
+    case 3: gemv_tile<R, 3, 1>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, os + m, pf); break;
+    case 2: gemv_tile<R, 2, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, os + m, pf); break;
+    case 1: gemv_tile<R, 1, 2>(dec, x + m * ldx, ldx, w, K, D + m * ldd, ldd, os + m, pf); break;
     default: break;
   }
 }
@@ -193,14 +162,14 @@ inline void gemv_rows(const Bf16LutDecoder& dec, const float* x, int64_t ldx, in
 // Weight rows [n0, n1) in tiles of R rows.
 template <int R, int MT>
 void gemv(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, int64_t n0, int64_t n1,
-          float* D, int64_t ldd) {
-  const Bf16LutDecoder dec;
+          float* D, int64_t ldd, const float* out_scale) {
+  const ShiftDecoder dec;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) gemv_rows<R, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd);
+  for (; n + R <= n1; n += R) gemv_rows<R, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd, out_scale);
   switch (n1 - n) {  // R <= 4
-    case 3: gemv_rows<3, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd); break;
-    case 2: gemv_rows<2, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd); break;
-    case 1: gemv_rows<1, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd); break;
+    case 3: gemv_rows<3, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd, out_scale); break;
+    case 2: gemv_rows<2, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd, out_scale); break;
+    case 1: gemv_rows<1, MT>(dec, x, ldx, M, w + n * K, K, D + n, ldd, out_scale); break;
     default: break;
   }
 }
@@ -219,11 +188,11 @@ inline __m256 decode8(__m128i b) {
 // M = 1: 4 weight rows per tile (4 concurrent streams), two accumulators each; M > 1: 2 weight
 // rows x 4 activation rows (8 accumulators, 16 ymm registers in all).
 void gemv_avx2(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t K, int64_t n0,
-               int64_t n1, float* D, int64_t ldd) {
+               int64_t n1, float* D, int64_t ldd, const float* out_scale) {
   if (M == 1)
-    gemv<4, 1>(x, ldx, M, w, K, n0, n1, D, ldd);
+    gemv<4, 1>(x, ldx, M, w, K, n0, n1, D, ldd, out_scale);
   else
-    gemv<2, 4>(x, ldx, M, w, K, n0, n1, D, ldd);
+    gemv<2, 4>(x, ldx, M, w, K, n0, n1, D, ldd, out_scale);
 }
 
 void decode_rows_avx2(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, float* out) {

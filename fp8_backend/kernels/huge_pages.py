@@ -33,9 +33,18 @@ class HugePageArena:
         """A contiguous copy of CPU tensor ``t`` in huge-page memory."""
         if t.device.type != "cpu":
             raise ValueError(f"HugePageArena.place: expected a CPU tensor, found one on {t.device}")
-        nbytes = t.numel() * t.element_size()
-        if nbytes == 0:
+        if t.numel() == 0:
             return t.contiguous()
+        out = self.empty(t.shape, t.dtype)
+        out.copy_(t)
+        return out
+
+    def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized contiguous CPU tensor in huge-page memory (pages become resident as
+        they are first written, so filling it piece by piece never holds a second copy)."""
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
         if nbytes >= self.block_bytes:
             buf = _C.huge_page_empty(nbytes)  # a block of its own
         else:
@@ -43,9 +52,7 @@ class HugePageArena:
                 self._block, self._used = _C.huge_page_empty(self.block_bytes), 0
             buf = self._block[self._used : self._used + nbytes]
             self._used = (self._used + nbytes + ALIGN - 1) // ALIGN * ALIGN
-        out = buf.view(t.dtype).view(t.shape)
-        out.copy_(t)
-        return out
+        return buf.view(dtype).view(shape)
 
 
 _arena = HugePageArena()
@@ -54,3 +61,9 @@ _arena = HugePageArena()
 def to_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of CPU tensor ``t`` in the process-wide weight arena."""
     return _arena.place(t)
+
+
+def huge_page_empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor in the process-wide weight arena (weights filled in place by
+    a loader, such as mixture-of-experts weights loaded expert by expert)."""
+    return _arena.empty(shape, dtype)

@@ -42,6 +42,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightSc
 from vllm.model_executor.utils import set_weight_attrs
 
 from .. import kernels
+from ..kernels.huge_pages import huge_page_empty
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
 from .linear import quantize_linear_weight
 from .layer_owner import check_activation_dtype
@@ -135,8 +136,8 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
             layer.register_parameter(name, p)
             set_weight_attrs(p, attrs if quant_method is None else {**attrs, "quant_method": quant_method})
 
-        add("w13_weight", torch.empty(e, 2 * i, h, dtype=_E4M3))
-        add("w2_weight", torch.empty(e, h, i, dtype=_E4M3))
+        add("w13_weight", _expert_weights(e, 2 * i, h))
+        add("w2_weight", _expert_weights(e, h, i))
         s13, s2, how = self._loaded_scale_shapes(e, h, i)
         add(f"w13_{self.scale_name}", _missing(*s13), how)
         add(f"w2_{self.scale_name}", _missing(*s2), how)
@@ -289,6 +290,14 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
             topk_ids,
             layer.fp8_block_size,
         )
+
+
+def _expert_weights(*shape: int) -> torch.Tensor:
+    """The FP8 expert weights, filled expert by expert by the loader: on CPU in huge pages, as
+    dense FP8 weights are (kernels/huge_pages.py), because every decode step streams them."""
+    if torch.empty(0).device.type == "cpu":
+        return huge_page_empty(shape, _E4M3)
+    return torch.empty(*shape, dtype=_E4M3)
 
 
 def _check_loaded_scale(name: str, s: torch.Tensor) -> None:
