@@ -2,7 +2,8 @@
 same kernel with a bf16 cache vs vLLM's CPU_ATTN kernel (cpu_attention_with_kv_cache) with the
 same FP8 cache, and with bf16 for reference.
 
-    flock -x /tmp/fp8-timing.lock taskset -c 0 .venv/bin/python -m pytest benchmarks/bench_attention.py --benchmark-only -q
+    flock -x /tmp/fp8-timing.lock taskset -c 0 \
+        .venv/bin/python -m pytest benchmarks/bench_attention.py --benchmark-only -q
     BENCH_ATTN_SMOKE=1 ...   # seconds-long smoke run (tiny contexts; RESULTS.md untouched)
 
 Shapes: 32 query heads / 8 kv heads, head size 128, block size 128 (vLLM's CPU default), one
@@ -286,7 +287,8 @@ def test_read_bandwidth_and_write_results(benchmark):
                          f"{ms(r['vllm_bf16'])} | {ratio(r['fp8_backend_bf16'])} | {ratio(r['vllm_fp8'])} | "
                          f"{ratio(r['vllm_bf16'])} |")
     plot = RESULTS_MD.with_name(f"attention_{path}.png")
-    lines += res_lines + ["", f"![FP8 decode attention speed-up vs context]({plot.name})", "", "Targets:", *checks, ""]
+    lines += res_lines + ["", f"![FP8 decode attention speed-up vs context]({plot.name})", "",
+                          "Targets:", *checks, ""]
     for impl, why in UNAVAILABLE.items():
         lines.append(f"- `{impl}` unavailable: {why}")
     text = "\n".join(lines)

@@ -1,8 +1,8 @@
 """The speed-up plot every benchmark draws beside its RESULTS.md section (matplotlib, Agg).
 
 One line per series of (x, speed-up) points, x on a log-2 axis, speed-up on a linear axis from
-0, a dashed line at 1x (below it the baseline is faster). Used by bench_attention.py (vs context), bench_moe.py (vs tokens) and
-plot_w8a16.py (vs M).
+0, a dashed line at 1x (below it the baseline is faster). Used by bench_attention.py (vs
+context), bench_moe.py (vs tokens) and plot_w8a16.py (vs M).
 """
 
 from __future__ import annotations
