@@ -372,10 +372,15 @@ def test_attention_path_names_the_kernel_that_runs():
 
 def test_one_cpu_path_for_linear_and_attention():
     """The registry is shared: selecting a path for the linear kernels selects it for attention."""
-    with kernels.using_cpu_isa("portable"):
-        assert kernels.cpu_isa() == "portable" and A.attention_path(128, torch.uint8) == "portable"
+    before = kernels.cpu_isa()
+    with pytest.raises(KeyError):  # using_cpu_isa restores the path however its block ends
+        with kernels.using_cpu_isa("portable"):
+            assert kernels.cpu_isa() == "portable" and A.attention_path(128, torch.uint8) == "portable"
+            raise KeyError("leave the block")
+    assert kernels.cpu_isa() == before
     with pytest.raises(RuntimeError, match="unknown CPU kernel path 'avx3'"):
         kernels.set_cpu_isa("avx3")
+    assert kernels.cpu_isa() == before
 
 
 @pytest.mark.parametrize("bs", [64, 128])
