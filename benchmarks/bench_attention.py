@@ -2,7 +2,8 @@
 same kernel with a bf16 cache vs vLLM's CPU_ATTN kernel (cpu_attention_with_kv_cache) with the
 same FP8 cache, and with bf16 for reference.
 
-    .venv/bin/python -m pytest benchmarks/bench_attention.py --benchmark-only -q
+    flock -x /tmp/fp8-timing.lock taskset -c 0 \
+        .venv/bin/python -m pytest benchmarks/bench_attention.py --benchmark-only -q
     BENCH_ATTN_SMOKE=1 ...   # seconds-long smoke run (tiny contexts; RESULTS.md untouched)
 
 Shapes: 32 query heads / 8 kv heads, head size 128, block size 128 (vLLM's CPU default), one
@@ -20,7 +21,8 @@ an order that rotates, so drifts of the shared machine's speed hit all of them a
 each implementation in its own block of rounds gave ratios that moved by 2x between runs).
 On CPUs where vLLM's CPU_ATTN cannot read an FP8 cache (no AVX-512) its bf16 cache is the
 comparison. Rewrites this CPU class's subsection (fp8-backend's attention path: amx, avx512, avx2,
-portable) of the "attention" section of benchmarks/RESULTS.md, keeping the other CPUs' results.
+portable) of the "attention" section of benchmarks/RESULTS.md, keeping the other CPUs' results,
+and its plot benchmarks/attention_<path>.png (speed-up vs context, K/V from memory).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from fp8_backend.kernels import attention as A
 
+from plotting import speedup_plot
 from results_md import RESULTS as RESULTS_MD
 from results_md import machine, update_section
 
@@ -226,7 +229,8 @@ def test_read_bandwidth_and_write_results(benchmark):
         f"### {cpu_title()}: fp8-backend `{path}` path, 1 thread",
         "",
         f"Machine: {machine()}; 1 thread.",
-        "Command: `.venv/bin/python -m pytest benchmarks/bench_attention.py --benchmark-only -q`.",
+        "Command: `flock -x /tmp/fp8-timing.lock taskset -c 0 .venv/bin/python -m pytest "
+        "benchmarks/bench_attention.py --benchmark-only -q` (1 core pinned, exclusive timing lock).",
         f"{HQ} query heads / {HKV} kv heads, head size {D}, block size {BS}, one query token per "
         "sequence; median ms per call, the implementations timed interleaved (one call of each per round); "
         "consecutive calls read different blocks of a 256 MiB pool (K/V from memory).",
@@ -282,10 +286,29 @@ def test_read_bandwidth_and_write_results(benchmark):
         res_lines.append(f"| {ctx} | x {q_mul:g} | {ms(f8)} | {ms(r['fp8_backend_bf16'])} | {ms(r['vllm_fp8'])} | "
                          f"{ms(r['vllm_bf16'])} | {ratio(r['fp8_backend_bf16'])} | {ratio(r['vllm_fp8'])} | "
                          f"{ratio(r['vllm_bf16'])} |")
-    lines += res_lines + ["", "Targets:", *checks, ""]
+    plot = RESULTS_MD.with_name(f"attention_{path}.png")
+    lines += res_lines + ["", f"![FP8 decode attention speed-up vs context]({plot.name})", "",
+                          "Targets:", *checks, ""]
     for impl, why in UNAVAILABLE.items():
         lines.append(f"- `{impl}` unavailable: {why}")
     text = "\n".join(lines)
     print("\n" + text)
     if not SMOKE:
         write_subsection(path, text)
+        plot_speedups(plot, path, ref, ref_name)
+
+
+def plot_speedups(out, path: str, ref: str, ref_name: str) -> None:
+    """fp8-backend FP8 speed-up vs context over `ref` and over its own bf16 cache, per batch
+    (K/V from memory)."""
+    series = {}
+    for b in BATCHES:
+        for base, name in ((ref, ref_name), ("fp8_backend_bf16", "own bf16")):
+            pts = []
+            for ctx in CONTEXTS:
+                f8, other = (RESULTS.get((ctx, b, False, 1.0, i)) for i in ("fp8_backend_fp8", base))
+                if f8 and other:
+                    pts.append((ctx, other / f8))
+            series[f"vs {name} cache, batch {b}"] = pts
+    speedup_plot(series, out, xlabel="context (tokens)", ylabel="speed-up of fp8-backend FP8 cache",
+                 title=f"decode attention, {cpu_title()}\nfp8-backend `{path}` path, 1 thread, K/V from memory")

@@ -16,8 +16,9 @@ Modes (``--mode``):
                            reference's structure)
             Each timed call uses the next of --copies copies of the layer's weights and the next
             of a pool of routings, so the experts a call reads are not left in cache by the
-            previous one. Rewrites the "moe_layer" section of benchmarks/RESULTS.md unless
-            --json is given (then results go there). fp8 weights live in transparent huge pages
+            previous one. Rewrites the "moe_layer" section of benchmarks/RESULTS.md and its
+            plot benchmarks/moe_layer.png (speed-up vs T) unless --json is given (then results
+            go there). fp8 weights live in transparent huge pages
             as the plugin stores them (kernels/huge_pages.py).
   * engine  a whole random Qwen3-MoE (--layers layers of the same layer shape, ~0.6 GB of bf16
             experts per layer; built once into models/random-qwen3-moe-L<layers>) through vLLM,
@@ -43,7 +44,9 @@ import torch.nn.functional as F
 from fp8_backend import _C, kernels, numerics
 from fp8_backend.kernels.huge_pages import to_huge_pages
 
-from results_md import machine, update_section
+from plotting import speedup_plot
+from results_md import RESULTS as RESULTS_MD
+from results_md import cpu_description, machine, update_section
 
 HIDDEN, EXPERTS, TOPK, INTER = 2048, 64, 8, 768
 TS = [1, 4, 16, 64, 512]
@@ -214,12 +217,23 @@ def write_layer(args, results: dict) -> None:
         for t in sorted(results)
         if any(k.endswith("_relerr") for k in results[t])
     ]
+    plot = RESULTS_MD.with_name("moe_layer.png")
+    lines += ["", f"![FP8 MoE layer speed-up vs tokens]({plot.name})"]
     if errs:
         lines += ["", "Relative L2 difference to torch bf16 on the same routing (FP8 weights quantize the bf16 "
                   "ones): " + "; ".join(errs) + "."]
     for note in args.notes:
         lines += ["", note]
     update_section("moe_layer", "\n".join(lines))
+    series = {}
+    for impl, base, label in (("fp8_channel", "vllm_bf16", "FP8 per-channel vs vLLM bf16"),
+                              ("fp8_block", "vllm_bf16", "FP8 128x128 blocks vs vLLM bf16"),
+                              ("fp8_channel", "torch_bf16", "FP8 per-channel vs torch bf16")):
+        series[label] = [(t, results[t][base] / results[t][impl]) for t in sorted(results)
+                         if results[t].get(impl) and results[t].get(base)]
+    speedup_plot(series, plot, xlabel="tokens per layer call (T)", ylabel="speed-up of fp8-backend's fused MoE",
+                 title=f"MoE layer (hidden {HIDDEN}, {EXPERTS} experts, top-{TOPK}, width {INTER}), "
+                       f"`{kernels.cpu_isa()}` path, {torch.get_num_threads()} thread(s)\n{cpu_description()}")
 
 
 def run_engine_mode(args) -> None:

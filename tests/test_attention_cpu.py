@@ -21,6 +21,7 @@ is large and the output cancels to near zero, as in the FP8 range-edge test).
 import pytest
 import torch
 
+from fp8_backend import kernels
 from fp8_backend import numerics as N
 from fp8_backend.kernels import attention as A
 
@@ -28,14 +29,12 @@ KV = {"fp8": N.E4M3, "fp8_e4m3": N.E4M3, "fp8_e5m2": N.E5M2}
 TOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (2**-7, 1e-5), torch.float16: (2**-10, 1e-5)}
 
 
-@pytest.fixture(params=A.ATTENTION_ISAS)
+@pytest.fixture(params=["amx", "avx512", "avx2", "portable"])  # one CPU path per attention kernel
 def isa(request):
-    if request.param not in A.supported_attention_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} attention path")
-    before = A.attention_isa()
-    A.set_attention_isa(request.param)
-    yield request.param
-    A.set_attention_isa(before)
+    if request.param not in kernels.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    with kernels.using_cpu_isa(request.param):
+        yield request.param
 
 
 def make_batch(lens, qlens, H, D, bs, gen, nb_extra=3):
@@ -322,12 +321,10 @@ def test_attention_fp8_range_edges(isa, kv):
 
 
 def test_attention_auto_picks_fastest_path():
-    """auto selects the last (fastest) path this CPU supports: amx where AMX-BF16 is usable."""
-    before = A.attention_isa()
-    try:
-        assert A.set_attention_isa("auto") == A.supported_attention_isas()[-1]
-    finally:
-        A.set_attention_isa(before)
+    """auto selects the fastest kernel this CPU supports: amx where AMX-BF16 is usable."""
+    fastest = {"avx512_vbmi": "avx512"}.get(kernels.supported_cpu_isas()[0], kernels.supported_cpu_isas()[0])
+    with kernels.using_cpu_isa("auto"):
+        assert A.attention_path(128, torch.uint8) == fastest
 
 
 def test_reference_matches_dequantize_then_sdpa():
@@ -355,19 +352,35 @@ def test_attention_path_names_the_kernel_that_runs():
     """attention_path (logged by the vLLM backend) falls back from amx where the amx kernel does
     not take the shape or cache dtype, from avx512 to avx2 for head sizes that are multiples of 8
     but not 16, and to portable for head sizes not a multiple of 8."""
-    before = A.attention_isa()
-    try:
-        for isa in A.supported_attention_isas():
-            A.set_attention_isa(isa)
+    for isa in kernels.supported_cpu_isas():
+        with kernels.using_cpu_isa(isa):
             vec = "portable" if isa == "portable" else "avx2"
-            wide = "avx512" if isa in ("amx", "avx512") else vec  # AVX-512 kernels: D % 16 == 0
+            wide = "avx512" if isa in ("amx", "avx512_vbmi", "avx512") else vec  # AVX-512 kernels: D % 16 == 0
+            best = {"avx512_vbmi": "avx512"}.get(isa, isa)
             assert A.attention_path(100, torch.uint8) == "portable"
             assert A.attention_path(72, torch.uint8) == vec
-            assert A.attention_path(128, torch.uint8) == isa
+            assert A.attention_path(128, torch.uint8) == best
+            assert A.attention_path(128, torch.float8_e5m2) == best
+            assert A.attention_path(128, torch.bfloat16) == best
             assert A.attention_path(80, torch.uint8) == wide
             assert A.attention_path(128, torch.float16) == wide
-    finally:
-        A.set_attention_isa(before)
+            assert A.attention_path(128, torch.float32) == wide
+            assert A.attention_path(288, torch.uint8) == wide  # amx: head sizes up to 256
+    with pytest.raises(RuntimeError, match="cache_dtype must be"):
+        A.attention_path(128, torch.int32)
+
+
+def test_one_cpu_path_for_linear_and_attention():
+    """The registry is shared: selecting a path for the linear kernels selects it for attention."""
+    before = kernels.cpu_isa()
+    with pytest.raises(KeyError):  # using_cpu_isa restores the path however its block ends
+        with kernels.using_cpu_isa("portable"):
+            assert kernels.cpu_isa() == "portable" and A.attention_path(128, torch.uint8) == "portable"
+            raise KeyError("leave the block")
+    assert kernels.cpu_isa() == before
+    with pytest.raises(RuntimeError, match="unknown CPU kernel path 'avx3'"):
+        kernels.set_cpu_isa("avx3")
+    assert kernels.cpu_isa() == before
 
 
 @pytest.mark.parametrize("bs", [64, 128])

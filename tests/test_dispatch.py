@@ -1,4 +1,4 @@
-"""kernels/dispatch.py: the per-layer kernel choice (a pure function, tested for every device
+"""vllm_adapter/linear_paths.py: the per-layer kernel choice (a pure function, tested for every device
 class on CPU), bad input at load, and the chosen GPU ops run end to end by the Triton
 interpreter on CPU tensors against numerics.py (nothing runs on a GPU)."""
 
@@ -7,56 +7,56 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fp8_backend import numerics as nm
-from fp8_backend.kernels import dispatch
+from fp8_backend.vllm_adapter import linear_paths
 
 
-@pytest.mark.parametrize("cap,kernel", [((8, 0), dispatch.GPU_MARLIN_W8A16), ((8, 6), dispatch.GPU_MARLIN_W8A16),
-                                        ((8, 7), dispatch.GPU_MARLIN_W8A16), ((8, 9), dispatch.GPU_W8A8),
-                                        ((9, 0), dispatch.GPU_W8A8), ((10, 0), dispatch.GPU_W8A8),
-                                        ((12, 0), dispatch.GPU_W8A8)])
+@pytest.mark.parametrize("cap,kernel", [((8, 0), linear_paths.GPU_MARLIN_W8A16), ((8, 6), linear_paths.GPU_MARLIN_W8A16),
+                                        ((8, 7), linear_paths.GPU_MARLIN_W8A16), ((8, 9), linear_paths.GPU_W8A8),
+                                        ((9, 0), linear_paths.GPU_W8A8), ((10, 0), linear_paths.GPU_W8A8),
+                                        ((12, 0), linear_paths.GPU_W8A8)])
 def test_choose_by_capability(cap, kernel):
-    assert dispatch.choose_linear_path("cuda", cap, "channel", "none").kernel == kernel
+    assert linear_paths.choose_linear_path("cuda", cap, "channel", "none").kernel == kernel
 
 
 def test_choose_cpu_keeps_cpu_kernels():
     for strategy in ("tensor", "channel", "block"):
         for act in ("none", "dynamic", "static"):
-            p = dispatch.choose_linear_path("cpu", None, strategy, act)
-            assert p.kernel == dispatch.CPU_W8A16 and p.act is None
+            p = linear_paths.choose_linear_path("cpu", None, strategy, act)
+            assert p.kernel == linear_paths.CPU_W8A16 and p.act is None
 
 
 @pytest.mark.parametrize("strategy,act,want", [("block", "dynamic", "group"), ("tensor", "static", "static"),
                                                ("channel", "none", "dynamic_token"),
                                                ("tensor", "dynamic", "dynamic_token")])
 def test_choose_w8a8_activation_quant(strategy, act, want):
-    assert dispatch.choose_linear_path("cuda", (9, 0), strategy, act).act == want
+    assert linear_paths.choose_linear_path("cuda", (9, 0), strategy, act).act == want
 
 
 def test_sm80_never_gets_the_fp8_gemm():
     # sm_80 has no FP8 MMA: the W8A8 kernel is refused by the dispatcher (not by a compile crash)
     for strategy in ("tensor", "channel", "block"):
-        assert dispatch.choose_linear_path("cuda", (8, 0), strategy, "static").kernel != dispatch.GPU_W8A8
+        assert linear_paths.choose_linear_path("cuda", (8, 0), strategy, "static").kernel != linear_paths.GPU_W8A8
 
 
 @pytest.mark.parametrize("cap", [(7, 5), (7, 0), (6, 1)])
 def test_old_gpu_is_a_clear_error(cap):
     with pytest.raises(ValueError, match=rf"expected sm_80 or newer.*found sm_{cap[0]}{cap[1]}"):
-        dispatch.choose_linear_path("cuda", cap, "channel", "none")
+        linear_paths.choose_linear_path("cuda", cap, "channel", "none")
 
 
 def test_unknown_device_and_capability_errors():
     with pytest.raises(ValueError, match="device type"):
-        dispatch.choose_linear_path("xpu", None, "channel", "none")
+        linear_paths.choose_linear_path("xpu", None, "channel", "none")
     with pytest.raises(ValueError, match="capability"):
-        dispatch.choose_linear_path("cuda", None, "channel", "none")
+        linear_paths.choose_linear_path("cuda", None, "channel", "none")
 
 
 def test_path_for_cpu_device_logs_once(caplog):
-    dispatch._logged.clear()
+    linear_paths._logged.clear()
     with caplog.at_level("INFO", logger="vllm.fp8_backend"):
         for _ in range(3):
-            p = dispatch.path_for_device(torch.device("cpu"), "channel", "none")
-    assert p.kernel == dispatch.CPU_W8A16
+            p = linear_paths.path_for_device(torch.device("cpu"), "channel", "none")
+    assert p.kernel == linear_paths.CPU_W8A16
     assert sum("linear kernel" in r.message for r in caplog.records) == 1
 
 
@@ -82,7 +82,7 @@ def make_layer(strategy: str, n: int = 70, k: int = 300, seed: int = 0):
 
 def test_prepare_cpu_leaves_layer_untouched():
     layer, q, s, _ = make_layer("channel")
-    dispatch.prepare_layer(layer, dispatch.choose_linear_path("cpu", None, "channel", "none"), "l")
+    linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cpu", None, "channel", "none"), "l")
     assert layer.weight.data_ptr() == q.data_ptr() and layer.weight_scale.data_ptr() == s.data_ptr()
 
 
@@ -92,13 +92,13 @@ def test_gpu_paths_interpreted_vs_numerics(strategy, cap):
     layer, q, s, block = make_layer(strategy)
     act = "static" if strategy == "tensor" else "dynamic"
     layer.input_scale = torch.nn.Parameter(torch.tensor([0.02, 0.03]), requires_grad=False)  # 2 shards: max used
-    path = dispatch.choose_linear_path("cuda", cap, strategy, act)
-    dispatch.prepare_layer(layer, path, "model.layers.0.mlp")
+    path = linear_paths.choose_linear_path("cuda", cap, strategy, act)
+    linear_paths.prepare_layer(layer, path, "model.layers.0.mlp")
     x = torch.randn(5, 300).bfloat16()
     bias = torch.randn(70)
-    y = dispatch.apply_linear(layer, x, bias)
+    y = linear_paths.apply_linear(layer, x, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (5, 70)
-    if path.kernel == dispatch.GPU_MARLIN_W8A16:
+    if path.kernel == linear_paths.GPU_MARLIN_W8A16:
         ref = nm.w8a16_linear(x.float(), q, s, bias, tuple(block) if block else None)
     elif path.act == "group":
         xq, xs = nm.quantize_group(x, 128)
@@ -125,16 +125,16 @@ def test_bad_scales_clear_error_at_load():
     layer, *_ = make_layer("channel")
     layer.weight_scale = torch.nn.Parameter(torch.ones(3), requires_grad=False)
     with pytest.raises(ValueError, match=r"l0\.weight_scale: expected 1 or N=70 scales"):
-        dispatch.prepare_layer(layer, dispatch.choose_linear_path("cuda", (9, 0), "channel", "none"), "l0")
+        linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cuda", (9, 0), "channel", "none"), "l0")
     layer, *_ = make_layer("channel")
     layer.weight_scale = torch.nn.Parameter(torch.ones(3), requires_grad=False)
     with pytest.raises(ValueError, match=r"l0: weight_scale: expected 1 or N=70"):
-        dispatch.prepare_layer(layer, dispatch.choose_linear_path("cuda", (8, 0), "channel", "none"), "l0")
+        linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cuda", (8, 0), "channel", "none"), "l0")
     layer, *_ = make_layer("block")
     layer.weight_scale = torch.nn.Parameter(torch.ones(1, 1), requires_grad=False)
     for cap in ((8, 0), (9, 0)):
         with pytest.raises(ValueError, match=r"expected block scale"):
-            dispatch.prepare_layer(layer, dispatch.choose_linear_path("cuda", cap, "block", "dynamic"), "l0")
+            linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cuda", cap, "block", "dynamic"), "l0")
 
 
 def test_untileable_block_shape_clear_error_at_load():
@@ -143,15 +143,15 @@ def test_untileable_block_shape_clear_error_at_load():
     layer.block_size = [128, 48]
     layer.weight_scale = torch.nn.Parameter(torch.ones(1, 7), requires_grad=False)
     with pytest.raises(ValueError, match="not a multiple of the W8A16 tile K"):
-        dispatch.prepare_layer(layer, dispatch.choose_linear_path("cuda", (8, 6), "block", "dynamic"), "l0")
+        linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cuda", (8, 6), "block", "dynamic"), "l0")
     with pytest.raises(ValueError, match="power of two"):
-        dispatch.prepare_layer(layer, dispatch.choose_linear_path("cuda", (9, 0), "block", "dynamic"), "l0")
+        linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cuda", (9, 0), "block", "dynamic"), "l0")
 
 
 def test_static_without_input_scale_clear_error():
     layer, *_ = make_layer("tensor")
     with pytest.raises(ValueError, match="input_scale"):
-        dispatch.prepare_layer(layer, dispatch.choose_linear_path("cuda", (9, 0), "tensor", "static"), "l0")
+        linear_paths.prepare_layer(layer, linear_paths.choose_linear_path("cuda", (9, 0), "tensor", "static"), "l0")
 
 
 def test_interpreter_setting_does_not_leak_into_the_session():
@@ -189,11 +189,11 @@ def test_gpu_paths_interpreted_per_row_block_grid(cap):
     s_rows = s.repeat_interleave(128, 0)[:70].contiguous()
     layer.weight_scale = torch.nn.Parameter(s_rows, requires_grad=False)
     layer.block_size = [1, 128]
-    path = dispatch.choose_linear_path("cuda", cap, "block", "dynamic")
-    dispatch.prepare_layer(layer, path, "l0")
+    path = linear_paths.choose_linear_path("cuda", cap, "block", "dynamic")
+    linear_paths.prepare_layer(layer, path, "l0")
     x = torch.randn(4, 300).bfloat16()
-    y = dispatch.apply_linear(layer, x, None)
-    if path.kernel == dispatch.GPU_MARLIN_W8A16:
+    y = linear_paths.apply_linear(layer, x, None)
+    if path.kernel == linear_paths.GPU_MARLIN_W8A16:
         ref = nm.w8a16_linear(x.float(), q, s, None, (128, 128))
     else:
         xq, xs = nm.quantize_group(x, 128)
@@ -207,13 +207,13 @@ def test_cpu_w8a8_emulation_vs_numerics(strategy, scheme):
     """FP8_BACKEND_EMULATE_W8A8: the CPU kernel with activations fake-quantized as W8A8 does."""
     layer, q, s, block = make_layer(strategy)
     layer.input_scale = torch.nn.Parameter(torch.tensor([0.02, 0.03]), requires_grad=False)
-    path = dispatch.choose_linear_path("cpu", None, strategy, scheme, emulate_w8a8=True)
-    assert path.kernel == dispatch.CPU_W8A16 and path.act == {"block": "group", "static": "static"}.get(
+    path = linear_paths.choose_linear_path("cpu", None, strategy, scheme, emulate_w8a8=True)
+    assert path.kernel == linear_paths.CPU_W8A16 and path.act == {"block": "group", "static": "static"}.get(
         strategy if strategy == "block" else scheme, "dynamic_token")
-    dispatch.prepare_layer(layer, path, "model.layers.0.mlp")
+    linear_paths.prepare_layer(layer, path, "model.layers.0.mlp")
     x = torch.randn(5, 300).bfloat16() * 3
     bias = torch.randn(70).bfloat16()
-    y = dispatch.apply_linear(layer, x, bias)
+    y = linear_paths.apply_linear(layer, x, bias)
     bias = bias.float()
     if path.act == "group":
         xq, xs = nm.quantize_group(x, 128)
@@ -232,10 +232,10 @@ def test_cpu_w8a8_emulation_vs_numerics(strategy, scheme):
 
 
 def test_emulation_env_is_read_and_validated(monkeypatch):
-    monkeypatch.setenv(dispatch.EMULATE_ENV, "1")
-    assert dispatch.path_for_device(torch.device("cpu"), "tensor", "static").act == "static"
-    monkeypatch.setenv(dispatch.EMULATE_ENV, "yes please")
+    monkeypatch.setenv(linear_paths.EMULATE_ENV, "1")
+    assert linear_paths.path_for_device(torch.device("cpu"), "tensor", "static").act == "static"
+    monkeypatch.setenv(linear_paths.EMULATE_ENV, "yes please")
     with pytest.raises(ValueError, match="FP8_BACKEND_EMULATE_W8A8: expected 0 or 1"):
-        dispatch.path_for_device(torch.device("cpu"), "tensor", "static")
-    monkeypatch.delenv(dispatch.EMULATE_ENV)
-    assert dispatch.path_for_device(torch.device("cpu"), "tensor", "static").act is None
+        linear_paths.path_for_device(torch.device("cpu"), "tensor", "static")
+    monkeypatch.delenv(linear_paths.EMULATE_ENV)
+    assert linear_paths.path_for_device(torch.device("cpu"), "tensor", "static").act is None

@@ -17,7 +17,7 @@ import torch
 
 from fp8_backend import _C, kernels, numerics
 
-ISAS = ["amx", "avx512_vbmi", "avx512", "avx2", "portable"]
+ISAS = list(kernels.ISAS)
 # (small_m_max, amx_min_m) per regime; "amx" only differs from the others on the amx path.
 NEVER = 1 << 30
 REGIMES = {"gemv": (NEVER, NEVER), "decode_gemm": (0, NEVER), "amx": (NEVER, 0)}
@@ -37,10 +37,8 @@ def _cpu_flags() -> set[str]:
 def isa(request):
     if not _C.cpu_isa_supported(request.param):
         pytest.skip(f"this CPU cannot run the {request.param} path")
-    before = kernels.cpu_isa()
-    kernels.set_cpu_isa(request.param)
-    yield request.param
-    kernels.set_cpu_isa(before)
+    with kernels.using_cpu_isa(request.param):
+        yield request.param
 
 
 @pytest.fixture(params=list(REGIMES))
@@ -184,23 +182,22 @@ def test_paths_agree_and_threads_do_not_change_gemv_results():
     gen = torch.Generator().manual_seed(3)
     q, s = numerics.quantize_per_channel(torch.randn(301, 517, generator=gen))
     s = s.reshape(-1)
-    before, threads = kernels.cpu_isa(), torch.get_num_threads()
+    threads = torch.get_num_threads()
     try:
         for m in (1, 7):  # the GEMV's M = 1 and M > 1 tiles
             x = torch.randn(m, 517, generator=gen).to(torch.bfloat16)
             outs = {}
             for name in kernels.supported_cpu_isas():
-                kernels.set_cpu_isa(name)
-                for t in (1, 2):
-                    torch.set_num_threads(t)
-                    outs[(name, t)] = kernels.w8a16_linear(x, q, s)
+                with kernels.using_cpu_isa(name):
+                    for t in (1, 2):
+                        torch.set_num_threads(t)
+                        outs[(name, t)] = kernels.w8a16_linear(x, q, s)
             for name in kernels.supported_cpu_isas():
                 # Each output row's sum is computed by one thread in a fixed order: bit-identical.
                 assert torch.equal(outs[(name, 1)], outs[(name, 2)]), name
             for y in outs.values():
                 check_close(y, x, q, s)
     finally:
-        kernels.set_cpu_isa(before)
         torch.set_num_threads(threads)
 
 
@@ -216,32 +213,31 @@ def test_amx_panels_chunks_row_blocks_and_threads(scheme):
     m, n, k = 530, 1040, 1100
     w = torch.randn(n, k, generator=gen) * 0.1
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    before = kernels.cpu_isa(), _C.amx_min_m(), torch.get_num_threads()
-    try:
-        kernels.set_cpu_isa("amx")
-        _C.set_amx_min_m(0)
-        outs = []
-        for t in (1, 2):
-            torch.set_num_threads(t)
+    before = _C.amx_min_m(), torch.get_num_threads()
+    with kernels.using_cpu_isa("amx"):
+        try:
+            _C.set_amx_min_m(0)
+            outs = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                if scheme == "block":
+                    q, s = numerics.quantize_block(w, block_size=(128, 128))
+                    outs.append(kernels.w8a16_linear(x, q, s, None, [128, 128]))
+                else:
+                    q, s = numerics.quantize_per_channel(w)
+                    outs.append(kernels.w8a16_linear(x, q, s.reshape(-1)))
+            assert torch.equal(outs[0], outs[1])
             if scheme == "block":
-                q, s = numerics.quantize_block(w, block_size=(128, 128))
-                outs.append(kernels.w8a16_linear(x, q, s, None, [128, 128]))
+                deq = numerics.dequantize(q, s, (128, 128)).double()
+                exact = x.double() @ deq.T
+                spread = x.double().abs() @ deq.abs().T
+                tol = k * 2.0**-24 * spread + 2.0**-8 * exact.abs() + 1e-30  # as in check_close
+                assert bool(((outs[0].double() - exact).abs() <= tol).all())
             else:
-                q, s = numerics.quantize_per_channel(w)
-                outs.append(kernels.w8a16_linear(x, q, s.reshape(-1)))
-        assert torch.equal(outs[0], outs[1])
-        if scheme == "block":
-            deq = numerics.dequantize(q, s, (128, 128)).double()
-            exact = x.double() @ deq.T
-            spread = x.double().abs() @ deq.abs().T
-            tol = k * 2.0**-24 * spread + 2.0**-8 * exact.abs() + 1e-30  # as in check_close
-            assert bool(((outs[0].double() - exact).abs() <= tol).all())
-        else:
-            check_close(outs[0], x, q, s.reshape(-1))
-    finally:
-        kernels.set_cpu_isa(before[0])
-        _C.set_amx_min_m(before[1])
-        torch.set_num_threads(before[2])
+                check_close(outs[0], x, q, s.reshape(-1))
+        finally:
+            _C.set_amx_min_m(before[0])
+            torch.set_num_threads(before[1])
 
 
 @pytest.mark.parametrize("scale_exp", [0, -135])
@@ -313,14 +309,10 @@ def test_isa_detection_matches_cpuinfo():
     vbmi = avx512 and "avx512vbmi" in flags
     assert _C.cpu_isa_supported("avx512_vbmi") == vbmi
     # amx also needs the kernel's permission for tile data, which Linux grants on AMX CPUs.
-    amx = vbmi and {"amx_tile", "amx_bf16"} <= flags
+    amx = vbmi and {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
     assert _C.cpu_isa_supported("amx") == amx
-    before = kernels.cpu_isa()
-    try:
-        kernels.set_cpu_isa("auto")  # the best path this CPU has
-        assert kernels.cpu_isa() == kernels.supported_cpu_isas()[0]
-    finally:
-        kernels.set_cpu_isa(before)
+    with kernels.using_cpu_isa("auto") as best:  # the best path this CPU has
+        assert kernels.cpu_isa() == best == kernels.supported_cpu_isas()[0]
     assert _C.cpu_isa_supported("portable")
     with pytest.raises(RuntimeError, match="unknown CPU kernel path 'sse9'"):
         kernels.set_cpu_isa("sse9")
@@ -335,7 +327,7 @@ def test_forcing_a_path_this_cpu_lacks_names_the_missing_feature(name):
     flags = _cpu_flags()
     needs = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"]}
     needs["avx512_vbmi"] = needs["avx512"] + ["avx512vbmi"]
-    needs["amx"] = needs["avx512_vbmi"] + ["amx_tile", "amx_bf16"]
+    needs["amx"] = needs["avx512_vbmi"] + ["amx_tile", "amx_bf16", "avx512_bf16"]
     lacking = [f for f in needs[name] if f not in flags]
     before = kernels.cpu_isa()
     with pytest.raises(RuntimeError, match=rf"CPU kernel path '{name}' needs .*{lacking[0].replace('_', '-')}.*which this CPU lacks"):

@@ -11,10 +11,26 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+
+#include "isa.h"
 
 namespace fp8_backend {
 
 enum class KvKind : int { e4m3 = 0, e5m2 = 1, bf16 = 2, f16 = 3, f32 = 4 };
+
+// The attention kernels, one per attend_* function below.
+enum class AttnPath : int { portable = 0, avx2 = 1, avx512 = 2, amx = 3 };
+
+// THE attention path rule: the kernel a task of head size D over a cache of `kind` runs on CPU
+// path `isa` (isa.h). amx: AMX CPUs, FP8 / bf16 caches (values exact in bf16), D a multiple of 32
+// up to 256; avx512: AVX-512 CPUs, D a multiple of 16; avx2: AVX2 CPUs, D a multiple of 8; else
+// portable.
+AttnPath attention_path(CpuIsa isa, int64_t D, KvKind kind);
+const char* attention_path_name(AttnPath path);
+// attention_path on the selected CPU path for a cache of torch dtype `cache_dtype` (uint8 and the
+// float8 dtypes hold FP8; bfloat16, float16, float32), by name: for Python (_C.attention_path).
+std::string selected_attention_path(int64_t head_size, const std::string& cache_dtype);
 
 struct AttnTask {
   const float* q = nullptr;       // [R, D] staged query rows

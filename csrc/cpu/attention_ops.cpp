@@ -2,7 +2,8 @@
 // layer's k/v scales, round half to even, saturate) and paged attention reading the FP8 blocks
 // directly (numerics.paged_kv_write / numerics.paged_attention). Argument checks, query staging
 // (softmax_scale * k_scale folded in), task split over (sequence, kv head, query rows) with
-// at::parallel_for, the ISA choice, and the epilogue (v_scale, rounding to the query dtype).
+// at::parallel_for, the kernel choice (attention_path, on the CPU path registry of isa.h), and the
+// epilogue (v_scale, rounding to the query dtype).
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
@@ -13,68 +14,19 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
-#include "kernels.h"
+#include "isa.h"
 
 namespace fp8_backend {
 namespace {
-
-// Attention code path: 0 portable, 1 avx2, 2 avx512, 3 amx (ascending speed; the indices of
-// kernels/attention.py's ATTENTION_ISAS); -1 = best this CPU has (chosen on first use).
-std::atomic<int> g_attn_isa{-1};
-
-// AVX2 + FMA + F16C (the OS saving YMM state: libgcc's CPU checks include XGETBV).
-bool attn_avx2_ok() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-bool attn_avx512_ok() { return isa_supported(CpuIsa::avx512) && attn_avx2_ok(); }
-// AMX-BF16 tiles (with the kernel's tile permission) + AVX512-BF16 (fp32 -> bf16 splits).
-bool attn_amx_ok() { return isa_supported(CpuIsa::amx) && __builtin_cpu_supports("avx512bf16"); }
-
-int attn_best() { return attn_amx_ok() ? 3 : (attn_avx512_ok() ? 2 : (attn_avx2_ok() ? 1 : 0)); }
-
-int attn_isa() {
-  int v = g_attn_isa.load();
-  if (v < 0) {
-    v = attn_best();
-    g_attn_isa.store(v);
-  }
-  return v;
-}
-
-int64_t attention_set_isa(const std::string& name) {
-  if (name == "auto") {
-    g_attn_isa.store(attn_best());
-  } else if (name == "amx") {
-    TORCH_CHECK(attn_amx_ok(), "fp8_backend attention: path 'amx' needs AMX-BF16 with tile permission and ",
-                "AVX512-BF16/VBMI, which this CPU (or kernel) lacks; use auto, avx512, avx2 or portable");
-    g_attn_isa.store(3);
-  } else if (name == "portable") {
-    g_attn_isa.store(0);
-  } else if (name == "avx512" || name == "avx512_vbmi") {
-    TORCH_CHECK(attn_avx512_ok(), "fp8_backend attention: path '", name,
-                "' needs AVX-512 (F/BW/VL/DQ), which this CPU lacks; use auto, avx2 or portable");
-    g_attn_isa.store(2);
-  } else if (name == "avx2") {
-    TORCH_CHECK(attn_avx2_ok(), "fp8_backend attention: path 'avx2' needs AVX2, FMA and F16C, which this CPU ",
-                "lacks; use auto or portable");
-    g_attn_isa.store(1);
-  } else {
-    TORCH_CHECK(false, "fp8_backend attention: unknown CPU path '", name,
-                "'; expected auto, amx, avx512 (avx512_vbmi accepted as avx512), avx2 or portable");
-  }
-  return g_attn_isa.load();
-}
-
-int64_t attention_isa() { return attn_isa(); }
 
 // kv_cache_dtype string + cache tensor dtype -> what the cache bytes hold.
 KvKind cache_kind(const std::string& kv_dtype, const at::Tensor& cache, const char* op) {
@@ -354,12 +306,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t j0 = 0; j0 < n; j0 += rows_per_task) work.push_back({s, h, j0, std::min(n, j0 + rows_per_task)});
   }
-  const int isa = attn_isa();
-  // AMX: FP8 / bf16 caches (values exact in bf16), D a multiple of 32 up to 256.
-  const bool amx = isa == 3 && D % 32 == 0 && D <= 256 &&
-                   (kind == KvKind::e4m3 || kind == KvKind::e5m2 || kind == KvKind::bf16);
-  const bool avx = isa >= 2 && D % 16 == 0;
-  const bool avx2 = isa >= 1 && D % 8 == 0;
+  const AttnPath path = attention_path(selected_cpu_isa(), D, kind);
+  const bool amx = path == AttnPath::amx;
   const int q_parts = query.scalar_type() == at::kBFloat16 ? 1 : (query.scalar_type() == at::kHalf ? 2 : 3);
   const int64_t eb = key_cache.element_size();
   const uint8_t* kc = static_cast<const uint8_t*>(key_cache.data_ptr());
@@ -413,14 +361,12 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
           t.next_v = vc + (nx.h * value_cache.stride(1) + b0 * value_cache.stride(0)) * eb;
           t.next_n = std::min<int64_t>(BS, L[nx.s]);
         }
-        if (amx)
-          attend_amx(t);
-        else if (avx)
-          attend_avx512(t);
-        else if (avx2)
-          attend_avx2(t);
-        else
-          attend_portable(t);
+        switch (path) {
+          case AttnPath::amx: attend_amx(t); break;
+          case AttnPath::avx512: attend_avx512(t); break;
+          case AttnPath::avx2: attend_avx2(t); break;
+          case AttnPath::portable: attend_portable(t); break;
+        }
         const float vsc = vs[wk.h];
         for (int64_t j = wk.j0; j < wk.j1; ++j)
           for (int64_t g = 0; g < G; ++g) {
@@ -435,6 +381,37 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
 }
 
 }  // namespace
+
+AttnPath attention_path(CpuIsa isa, int64_t D, KvKind kind) {
+  const bool amx_cache = kind == KvKind::e4m3 || kind == KvKind::e5m2 || kind == KvKind::bf16;
+  if (isa == CpuIsa::amx && D % 32 == 0 && D <= 256 && amx_cache) return AttnPath::amx;
+  if (isa >= CpuIsa::avx512 && D % 16 == 0) return AttnPath::avx512;
+  if (isa >= CpuIsa::avx2 && D % 8 == 0) return AttnPath::avx2;
+  return AttnPath::portable;
+}
+
+const char* attention_path_name(AttnPath path) {
+  switch (path) {
+    case AttnPath::amx: return "amx";
+    case AttnPath::avx512: return "avx512";
+    case AttnPath::avx2: return "avx2";
+    case AttnPath::portable: break;
+  }
+  return "portable";
+}
+
+std::string selected_attention_path(int64_t head_size, const std::string& cache_dtype) {
+  // uint8 holds either FP8 format: both take the same paths.
+  static const std::pair<const char*, KvKind> kinds[] = {
+      {"uint8", KvKind::e4m3},    {"float8_e4m3fn", KvKind::e4m3}, {"float8_e5m2", KvKind::e5m2},
+      {"bfloat16", KvKind::bf16}, {"float16", KvKind::f16},        {"float32", KvKind::f32}};
+  TORCH_CHECK(head_size > 0, "attention_path: head_size must be > 0; found ", head_size);
+  for (const auto& [name, kind] : kinds)
+    if (cache_dtype == name) return attention_path_name(attention_path(selected_cpu_isa(), head_size, kind));
+  TORCH_CHECK(false, "attention_path: cache_dtype must be uint8, float8_e4m3fn, float8_e5m2, bfloat16, ",
+              "float16 or float32; found '", cache_dtype, "'");
+}
+
 }  // namespace fp8_backend
 
 TORCH_LIBRARY_FRAGMENT(fp8_backend, m) {
@@ -445,8 +422,6 @@ TORCH_LIBRARY_FRAGMENT(fp8_backend, m) {
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor(a!) out, "
       "Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float softmax_scale, "
       "int sliding_window, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()");
-  m.def("attention_set_isa(str name) -> int", &fp8_backend::attention_set_isa);
-  m.def("attention_isa() -> int", &fp8_backend::attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) {

@@ -11,18 +11,9 @@
 #include <cstdint>
 #include <string>
 
+#include "isa.h"
+
 namespace fp8_backend {
-
-// Ordered by capability: each path needs every instruction set of the ones before it
-// (avx2 = AVX2 + FMA + F16C; avx512 = F/BW/VL/DQ on top; avx512_vbmi adds VBMI; amx adds
-// AMX-TILE/AMX-BF16 and the OS permission for tile data).
-enum class CpuIsa : int { portable = 0, avx2 = 1, avx512 = 2, avx512_vbmi = 3, amx = 4 };
-
-const char* isa_name(CpuIsa isa);
-bool isa_supported(CpuIsa isa);
-// The CPU features `isa` needs that this CPU (or OS) lacks, space-separated; "" if none.
-std::string isa_missing(CpuIsa isa);
-CpuIsa best_isa();
 
 // x: fp32 rows of stride ldx (>= K rounded up to 64, zero-padded), natural k order, except
 // gemv_avx512_vbmi which wants the vbmi_source_index order within each 64-block.

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "fp8_e4m3.h"
 #include "huge_buffer.h"
 #include "kernels.h"
@@ -17,7 +18,6 @@
 namespace fp8_backend {
 namespace {
 
-std::atomic<int> g_isa{-1};           // -1: not chosen yet (best available on first use)
 // Test overrides of w8a16_plan's measured crossovers; -1: none.
 std::atomic<int64_t> g_small_m_max{-1};
 std::atomic<int64_t> g_amx_min_m{-1};
@@ -31,25 +31,6 @@ CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_
 // The scalar GEMV loses to decode + GEMM from M = 1, so the portable path always decodes.
 constexpr int64_t kAvx2SmallMMax = 16;
 constexpr int64_t kPortableSmallMMax = 0;
-
-CpuIsa current_isa() {
-  int v = g_isa.load();
-  if (v < 0) {
-    v = static_cast<int>(best_isa());
-    g_isa.store(v);
-  }
-  return static_cast<CpuIsa>(v);
-}
-
-CpuIsa parse_isa(const std::string& name) {
-  if (name == "amx") return CpuIsa::amx;
-  if (name == "avx512_vbmi") return CpuIsa::avx512_vbmi;
-  if (name == "avx512") return CpuIsa::avx512;
-  if (name == "avx2") return CpuIsa::avx2;
-  if (name == "portable") return CpuIsa::portable;
-  TORCH_CHECK(false, "fp8_backend: unknown CPU kernel path '", name,
-              "'; expected one of auto, amx, avx512_vbmi, avx512, avx2, portable");
-}
 
 constexpr int64_t kBlock = 64;  // GEMV k-block; activations are zero-padded to a multiple
 
@@ -246,7 +227,7 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
     s = s.reshape({-1});
   }
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  const CpuIsa isa = current_isa();
+  const CpuIsa isa = selected_cpu_isa();
   const bool bf16 = x2.scalar_type() == at::kBFloat16;
   const W8a16Plan plan = w8a16_plan(isa, M, N, K, bf16, blk ? blk.bk : 0, g_small_m_max.load(), g_amx_min_m.load());
   if (K > 0 && plan.kernel == W8a16Kernel::amx_tile_gemm) {
@@ -362,25 +343,9 @@ std::string w8a16_plan_py(const std::string& isa, int64_t M, int64_t N, int64_t 
                                     g_small_m_max.load(), g_amx_min_m.load()));
 }
 
-std::string cpu_isa() { return isa_name(current_isa()); }
-
-// For the fused-MoE op (moe_w8a16.h): the same ISA and plan overrides as w8a16_linear.
-CpuIsa selected_cpu_isa() { return current_isa(); }
+// For the fused-MoE op (moe_w8a16.h): the same plan overrides as w8a16_linear.
 int64_t plan_small_m_max_override() { return g_small_m_max.load(); }
 int64_t plan_amx_min_m_override() { return g_amx_min_m.load(); }
-
-void set_cpu_isa(const std::string& name) {
-  if (name == "auto") {
-    g_isa.store(static_cast<int>(best_isa()));
-    return;
-  }
-  const CpuIsa isa = parse_isa(name);
-  TORCH_CHECK(isa_supported(isa), "fp8_backend: CPU kernel path '", name, "' needs ", isa_missing(isa),
-              ", which this CPU lacks (best available path: ", isa_name(best_isa()), ")");
-  g_isa.store(static_cast<int>(isa));
-}
-
-bool cpu_isa_supported(const std::string& name) { return isa_supported(parse_isa(name)); }
 
 // Benchmark helper: read every byte of a contiguous tensor once, split over the intra-op
 // threads; each thread streams 4 far-apart regions at once, as the GEMV reads 4 weight rows.
@@ -426,9 +391,25 @@ TORCH_LIBRARY_IMPL(fp8_backend, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fp8-backend CPU kernels (ops are registered as torch.ops.fp8_backend.*)";
-  m.def("cpu_isa", &fp8_backend::cpu_isa, "The W8A16 code path in use");
-  m.def("set_cpu_isa", &fp8_backend::set_cpu_isa, "Select auto|amx|avx512_vbmi|avx512|avx2|portable");
-  m.def("cpu_isa_supported", &fp8_backend::cpu_isa_supported, "Whether this CPU can run a path");
+  // The CPU path registry (isa.h), one for linear, MoE and attention.
+  m.def("cpu_isas", []() {
+    std::vector<std::string> names;
+    for (int i = fp8_backend::kNumCpuIsas - 1; i >= 0; --i)
+      names.push_back(fp8_backend::isa_name(static_cast<fp8_backend::CpuIsa>(i)));
+    return names;
+  }, "Every CPU code path, most capable first");
+  m.def("cpu_isa", []() { return std::string(fp8_backend::isa_name(fp8_backend::selected_cpu_isa())); },
+        "The CPU code path every op runs (FP8_BACKEND_CPU_ISA or the best supported, on first use)");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    return std::string(fp8_backend::isa_name(fp8_backend::select_cpu_isa(name)));
+  }, "Select auto|amx|avx512_vbmi|avx512|avx2|portable for every op; returns the path selected");
+  m.def("cpu_isa_supported", [](const std::string& name) {
+    return fp8_backend::isa_supported(fp8_backend::parse_isa(name));
+  }, "Whether this CPU can run a path");
+  m.def("attention_path", &fp8_backend::selected_attention_path, pybind11::arg("head_size"),
+        pybind11::arg("cache_dtype"),
+        "The paged-attention kernel for this head size and cache dtype (torch dtype name: uint8, "
+        "float8_e4m3fn, float8_e5m2, bfloat16, float16, float32) on the selected CPU path");
   m.def("set_small_m_max", [](int64_t v) { fp8_backend::g_small_m_max.store(v); },
         "Test override: largest M served by the GEMV kernel (larger M: decode + fp32 GEMM); -1: "
         "the measured crossover (w8a16_plan)");

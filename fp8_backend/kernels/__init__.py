@@ -2,21 +2,25 @@
 
 Ops live in the compiled extension ``fp8_backend._C`` (csrc/cpu) and are registered as
 ``torch.ops.fp8_backend.*`` with fake implementations here, so they trace under torch.compile.
-The CPU code path is chosen by CPUID; ``FP8_BACKEND_CPU_ISA=auto|amx|avx512_vbmi|avx512|avx2|portable``
-overrides it (an unsupported choice is an error, not a silent fallback).
+
+One CPU code path serves every op (linear, mixture of experts, attention): the registry of
+csrc/cpu/isa.h. It is chosen by CPUID; ``FP8_BACKEND_CPU_ISA=auto|amx|avx512_vbmi|avx512|avx2|portable``
+(read by the registry on first use, that is when this module is imported) or :func:`set_cpu_isa`
+forces one; a path the CPU lacks is an error naming the missing features, not a silent fallback.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.fp8_backend)
 from .huge_pages import to_huge_pages
 
-ISAS = ("amx", "avx512_vbmi", "avx512", "avx2", "portable")
-ISA_ENV = "FP8_BACKEND_CPU_ISA"
+#: Every CPU code path, most capable first (the names of csrc/cpu/isa.h).
+ISAS = tuple(_C.cpu_isas())
 
 
 @torch.library.register_fake("fp8_backend::w8a16_linear")
@@ -25,17 +29,29 @@ def _w8a16_linear_fake(x, w, scale, bias, block_size=None):
 
 
 def cpu_isa() -> str:
-    """The W8A16 CPU code path in use."""
+    """The CPU code path every op runs now."""
     return _C.cpu_isa()
 
 
-def set_cpu_isa(name: str) -> None:
-    """Select the CPU code path (``auto`` = best this CPU supports); raises if unsupported."""
-    _C.set_cpu_isa(name)
+def set_cpu_isa(name: str) -> str:
+    """Select the CPU code path of every op (``auto`` = best this CPU supports) and return it;
+    raises, naming the path and the missing CPU features, if this CPU cannot run it."""
+    return _C.set_cpu_isa(name)
 
 
 def supported_cpu_isas() -> list[str]:
+    """The paths this CPU can run, most capable first (the last is always ``portable``)."""
     return [name for name in ISAS if _C.cpu_isa_supported(name)]
+
+
+@contextlib.contextmanager
+def using_cpu_isa(name: str) -> Iterator[str]:
+    """Run a block on one CPU code path, restoring the previous one after (tests, benchmarks)."""
+    before = cpu_isa()
+    try:
+        yield set_cpu_isa(name)
+    finally:
+        set_cpu_isa(before)
 
 
 def w8a16_prepack(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
@@ -69,11 +85,7 @@ def w8a16_linear(
     return torch.ops.fp8_backend.w8a16_linear(x, w, scale, bias, block_size)
 
 
-_env_isa = os.environ.get(ISA_ENV, "auto").strip() or "auto"
-try:
-    set_cpu_isa(_env_isa)
-except RuntimeError as e:  # unknown or unsupported: say which variable caused it
-    raise RuntimeError(f"{ISA_ENV}={_env_isa!r}: {e}") from None
+cpu_isa()  # the registry reads FP8_BACKEND_CPU_ISA now: a bad value fails the import, naming it
 
 
 @torch.library.register_fake("fp8_backend::fused_moe_w8a16")

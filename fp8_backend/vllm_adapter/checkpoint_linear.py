@@ -22,9 +22,9 @@ from vllm.model_executor.parameter import (
 )
 
 from .. import kernels
-from ..kernels import dispatch
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
 from .layer_owner import check_activation_dtype
+from .linear_paths import apply_linear, path_for_device, prepare_layer
 from ..formats.layer_tensors import check_fp8_weight
 
 logger = logging.getLogger("vllm.fp8_backend")
@@ -154,8 +154,8 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         layer._fp8_backend_ready = True
-        path = dispatch.path_for_device(w.device, self.scheme.weight_strategy, self.scheme.activation_scheme)
-        dispatch.prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
+        path = path_for_device(w.device, self.scheme.weight_strategy, self.scheme.activation_scheme)
+        prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def _block_layout(self, scale: torch.Tensor, layer) -> tuple[torch.Tensor, list[int]]:
         """Block grid for the kernel, which maps local row n to scale row n // bn and local column
@@ -210,7 +210,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         return s
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return dispatch.apply_linear(layer, x, bias)
+        return apply_linear(layer, x, bias)
 
 
 _QKV = {"q": 0, "k": 1, "v": 2}

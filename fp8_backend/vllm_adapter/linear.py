@@ -11,9 +11,9 @@ from vllm.model_executor.model_loader.reload.layerwise import initialize_online_
 from vllm.model_executor.parameter import ModelWeightParameter
 
 from .. import kernels, numerics
-from ..kernels import dispatch
 from ..formats.scheme import Fp8Scheme
 from .layer_owner import check_activation_dtype
+from .linear_paths import apply_linear, path_for_device, prepare_layer
 
 
 #: elements quantized at a time: numerics' elementwise quantization makes fp32 temporaries
@@ -112,8 +112,8 @@ class Fp8OnlineLinearMethod(LinearMethodBase):
         )
         layer.weight = torch.nn.Parameter(kernels.w8a16_prepack(q), requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-        path = dispatch.path_for_device(layer.weight.device, self.scheme.weight_strategy, "none")
-        dispatch.prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
+        path = path_for_device(layer.weight.device, self.scheme.weight_strategy, "none")
+        prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return dispatch.apply_linear(layer, x, bias)
+        return apply_linear(layer, x, bias)

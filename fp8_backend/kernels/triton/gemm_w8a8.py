@@ -6,8 +6,8 @@ no repacking). Scales:
   are applied once to the fp32 accumulator (per-tensor x per-tensor, per-token x per-channel).
 - "block": sa [M, ceil(K/g)] (1 x g activation groups), sb [ceil(N/bn), ceil(K/g)] (bn x g weight
   blocks, partial last blocks included); applied per K tile, whose size divides g.
-fp32 accumulation; output bf16, fp16 or fp32. Not for sm_80 (no FP8 MMA): dispatch.py sends
-Ampere to the W8A16 kernel instead.
+fp32 accumulation; output bf16, fp16 or fp32. Not for sm_80 (no FP8 MMA): the adapter's
+linear_paths.py sends Ampere to the W8A16 kernel instead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Which linear kernel serves an FP8 layer, chosen once per layer at load time.
+"""Linear-layer policy of the adapter: which kernel serves an FP8 layer (chosen once per layer
+at load time), W8A8 emulation on CPU, and the environment variable that asks for it.
 
 - CPU              -> torch.ops.fp8_backend.w8a16_linear (csrc/cpu), weights as loaded;
 - CUDA sm_89+      -> W8A8: activations quantized to FP8, FP8 tensor-core GEMM (Triton);
@@ -7,7 +8,7 @@
 
 :func:`choose_linear_path` is a pure function of (device type, capability, scheme) so that the
 decision is unit-tested on CPU; :func:`prepare_layer` applies it to a layer and
-:func:`apply_linear` runs the chosen op.
+:func:`apply_linear` runs the chosen op of ``fp8_backend.kernels``. Importable without vLLM.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels  # noqa: F401  (registers torch.ops.fp8_backend)
+
 logger = logging.getLogger("vllm.fp8_backend")
 
-_cpu_w8a16_linear = torch.ops.fp8_backend.w8a16_linear.default  # csrc/cpu (loaded by kernels/__init__)
+_cpu_w8a16_linear = torch.ops.fp8_backend.w8a16_linear.default  # csrc/cpu
 
 CPU_W8A16 = "cpu_w8a16"
 GPU_W8A8 = "gpu_w8a8"
@@ -106,7 +109,7 @@ def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None
     block = getattr(layer, "block_size", None)
     w, scale = layer.weight.data, layer.weight_scale.data
     if path.kernel == GPU_MARLIN_W8A16:
-        from .triton.w8a16_repack import repack
+        from ..kernels.triton.w8a16_repack import repack
 
         try:
             packed = repack(w, scale, tuple(block) if block else None)
@@ -185,7 +188,7 @@ def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | N
             if x_scale is not None:
                 scale = scale * x_scale
         return _cpu_w8a16_linear(x, params["weight"], scale, bias, block)
-    from . import gpu_ops  # noqa: F401  (registers the custom ops)
+    from ..kernels import gpu_ops  # noqa: F401  (registers the custom ops)
 
     if path.kernel == GPU_MARLIN_W8A16:
         n, k, group = layer.fp8_shape
