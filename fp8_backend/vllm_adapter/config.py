@@ -208,12 +208,14 @@ class Fp8Config(QuantizationConfig):
 
         from .layer_owner import UnsupportedLayerError, this_cpu_features
         from .moe import attach_expert_checks, delegated_moe_method
+        from .moe import moe_layer_ignored as _moe_ignored
         from .moe_method import Fp8FusedMoEMethod
 
         ckpt = self.checkpoint
-        if ckpt is not None and not ckpt.is_quantized(prefix, self.packed_modules_mapping):
+        if ckpt is not None and (not ckpt.is_quantized(prefix, self.packed_modules_mapping)
+                                 or _moe_ignored(layer, prefix, ckpt.ignore, ckpt.source)):
             return UnquantizedFusedMoEMethod(layer.moe_config)
-        if ckpt is None and match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
+        if ckpt is None and _moe_ignored(layer, prefix, self.scheme.ignore):
             self._moe_16bit.append((prefix, int(getattr(layer, "global_num_experts", 0) or layer.moe_config.num_experts)))
             return UnquantizedFusedMoEMethod(layer.moe_config)
         platform = platform_name()

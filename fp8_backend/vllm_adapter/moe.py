@@ -102,6 +102,30 @@ def checkpoint_tensor_name(layer, weight_name: str, shard_id: str, expert_id: in
     return f"{prefix}.{int(expert_id)}.{proj}.{suffix}"
 
 
+def moe_layer_ignored(layer, prefix: str, patterns, checkpoint_source: str | None = None) -> bool:
+    """True if MoE layer ``prefix`` stays 16-bit under the ignore ``patterns`` (online ``ignore``,
+    or the ignore list of a checkpoint in format ``checkpoint_source``): formats.scheme's rule
+    over the checkpoint names of every expert's projections (``<prefix>.<e>.<gate|up|down>``).
+    Patterns that name only some of them (one expert, one projection) are refused, naming the
+    patterns and the layer (CheckpointFormatError for a checkpoint's list)."""
+    from ..formats.scheme import moe_layer_ignored as rule
+
+    patterns = list(patterns)
+    if not patterns:
+        return False
+    moe = getattr(layer, "moe_config", None)
+    n = int(getattr(moe, "num_logical_experts", 0) or getattr(layer, "global_num_experts", 0) or 0)
+    projs = [getattr(layer, f"ckpt_{r}_proj_name", None) or f"{r}_proj" for r in ("gate", "up", "down")]
+    names = [f"{prefix}.{e}.{p}" for e in range(n) for p in projs]
+    if checkpoint_source is None:
+        return rule(prefix, patterns, names)
+    field = "quantization_config." + ("ignore" if checkpoint_source == "compressed-tensors" else "ignored_layers")
+    try:
+        return rule(prefix, patterns, names, field)
+    except ValueError as e:
+        raise CheckpointFormatError(str(e)) from None
+
+
 def _checked_expert_loader(loader, fp8_dtype, seen, layer):
     def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
         name = checkpoint_tensor_name(layer, weight_name, shard_id, expert_id)
