@@ -40,8 +40,34 @@ def vllm_config_for(fmt: str, quantization_config: dict[str, Any]):
     raise ValueError(f"vllm_config_for: no vLLM config for format {fmt!r}")
 
 
+def check_vllm_cpu_moe_parallelism(layer: torch.nn.Module, prefix: str, what: str) -> None:
+    """Refuse, naming the layer, to hand an MoE layer to vLLM's own CPU experts under expert
+    parallelism: vLLM 0.32's CPU MoE kernels (cpu_fused_moe, CPUExpertsFp8) are given the
+    global expert ids and no expert map, and read past the rank's experts (a segfault at the
+    first forward). fp8-backend's FP8 MoE method maps the ids and serves expert parallelism."""
+    from .config import platform_name
+
+    parallel = getattr(getattr(layer, "moe_config", None), "moe_parallel_config", None)
+    if getattr(parallel, "use_ep", False) and platform_name() == "cpu":
+        raise UnsupportedLayerError(
+            f"{prefix}: expert parallelism (enable_expert_parallel=True) on CPU: this layer would run "
+            f"vLLM's own CPU MoE ({what}), which in vLLM 0.32 ignores the expert map and crashes; expected "
+            f"FP8 experts served by fp8-backend (which supports expert parallelism) or no expert "
+            f"parallelism, found {what}"
+        )
+
+
+def unquantized_moe_method(layer: torch.nn.Module, prefix: str):
+    """vLLM's 16-bit MoE method for a layer left unquantized (checked as above)."""
+    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+    check_vllm_cpu_moe_parallelism(layer, prefix, "16-bit experts: the layer is ignored or not quantized")
+    return UnquantizedFusedMoEMethod(layer.moe_config)
+
+
 def delegated_moe_method(vllm_config, layer: torch.nn.Module, prefix: str, fmt: str, fp8_dtype: torch.dtype):
     """vLLM's own method for MoE layer ``prefix``, with fp8-backend's tensor checks attached."""
+    check_vllm_cpu_moe_parallelism(layer, prefix, f"vLLM's {fmt} MoE method")
     try:
         method = vllm_config.get_quant_method(layer, prefix)
     except (ValueError, NotImplementedError) as e:
