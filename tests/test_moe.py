@@ -91,7 +91,8 @@ def _engines(root: Path, model: str) -> dict:
                                "model.layers.1.mlp.experts.3.down_proj"])
         engines.append({"name": "ckpt-one-expert-ignored", "model": str(one)})
         engines.append({"name": "online-one-expert-ignored", "model": str(bf16), "kwargs": {
-            "quantization": "fp8", "quantization_config": {"ignore": [r"re:.*experts\.3\..*"]}}})
+            "quantization": "fp8",
+            "quantization_config": {"moe": "fp8_per_tensor", "ignore": [r"re:.*experts\.3\..*"]}}})
     spec = root / f"{model}-engines.json"
     spec.write_text(json.dumps({"engines": engines, "prompts": PROMPTS}))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", FP8_BACKEND_MOE="plugin")

@@ -103,9 +103,22 @@ def moe_layer_ignored(layer: str, patterns: list[str], expert_projections: list[
     silently, or serving that expert in 16-bit, would both be wrong."""
     if any(_match_one(layer, p) for p in patterns):
         return True
-    # A pattern naming an expert's module (``<layer>.3``) names its projections too.
-    hits = {p: [n for n in expert_projections if _match_one(n, p) or _match_one(n.rsplit(".", 1)[0], p)]
-            for p in patterns}
+    # A pattern naming an expert's module (``<layer>.3``) names its projections too. Models have
+    # ~100 layers x 128+ experts x 3 projections and ignore lists of ~100 router names: a plain
+    # name can only match here if it ends in a projection's name or an expert number.
+    owners = [(n, n.rsplit(".", 1)[0]) for n in expert_projections]
+    leaves = {n.rsplit(".", 1)[-1] for n in expert_projections}
+    hits = {}
+    for p in patterns:
+        if p.startswith("re:"):
+            rx = re.compile(p[3:])
+            hits[p] = [n for n, e in owners if rx.match(n) or rx.match(e)]
+        elif any(c in p for c in "*?["):
+            hits[p] = [n for n, e in owners if fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(e, p)]
+        elif p.rsplit(".", 1)[-1] in leaves or p.rsplit(".", 1)[-1].isdigit():
+            hits[p] = [n for n, e in owners if _match_one(n, p) or _match_one(e, p)]
+        else:
+            hits[p] = []
     covered = {n for names in hits.values() for n in names}
     if not covered:
         return False
