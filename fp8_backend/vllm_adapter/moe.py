@@ -171,7 +171,9 @@ _REQUIRED = ("_weight", "_weight_scale", "_weight_scale_inv")
 
 def _check_experts_complete(layer, prefix, seen) -> None:
     """Every expert's weight and weight scale, for every shard vLLM loads into them, came from
-    the checkpoint; names the first one that did not."""
+    the checkpoint; names the first one that did not. Under expert parallelism each rank's
+    loader is still handed every expert's tensors (vLLM drops other ranks' experts inside its
+    loader, after the wrappers here recorded them), so every global expert is expected."""
     num_experts = int(getattr(layer, "global_num_experts", 0) or getattr(layer, "local_num_experts", 0))
     for name, p in layer.named_parameters(recurse=False):
         if not name.endswith(_REQUIRED):
