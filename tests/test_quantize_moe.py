@@ -251,6 +251,76 @@ def test_partly_ignored_moe_layer_refused(moe_model, tmp_path, pattern):
     assert not (tmp_path / "o").exists()
 
 
+# The ignore rule for MoE layers (formats.scheme.moe_layer_ignored), as the loader applies it
+# (vllm_adapter.moe.moe_layer_ignored: expert count and projection names from vLLM's layer) and
+# as the producer does above (the stored projections).
+
+ONE_EXPERT = [r"re:.*experts\.3\..*", "model.layers.0.mlp.experts.3.down_proj", "model.layers.0.mlp.experts.3",
+              "mlp.experts.3.gate_proj", "experts.3", "*.experts.3.*", "re:.*down_proj"]
+
+
+def _fake_moe_layer(num_experts=E, projs=PROJ):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(moe_config=SimpleNamespace(num_logical_experts=num_experts),
+                           ckpt_gate_proj_name=projs[0], ckpt_up_proj_name=projs[1], ckpt_down_proj_name=projs[2])
+
+
+@pytest.mark.parametrize("pattern", ONE_EXPERT)
+def test_loader_refuses_ignore_naming_some_experts(pattern):
+    from fp8_backend.formats.checkpoint import CheckpointFormatError
+    from fp8_backend.vllm_adapter.moe import moe_layer_ignored
+
+    layer = "model.layers.0.mlp.experts"
+    msg = (rf"patterns \[{re.escape(repr(pattern))}\] match \d+ of the 24 expert projections of MoE layer "
+           rf"{re.escape(layer)} .*ignore '{re.escape(layer)}' to keep them 16-bit")
+    with pytest.raises(ValueError, match="ignore: " + msg):  # online quantization="fp8"
+        moe_layer_ignored(_fake_moe_layer(), layer, ["lm_head", pattern])
+    with pytest.raises(CheckpointFormatError, match=r"quantization_config\.ignore: " + msg):
+        moe_layer_ignored(_fake_moe_layer(), layer, [pattern], "compressed-tensors")
+    with pytest.raises(CheckpointFormatError, match=r"quantization_config\.ignored_layers: " + msg):
+        moe_layer_ignored(_fake_moe_layer(), layer, [pattern], "fp8")
+
+
+@pytest.mark.parametrize("patterns", [["model.layers.0.mlp.experts"], ["mlp.experts"], [r"re:.*\.experts\.\d+\..*"],
+                                      ["re:.*gate_proj", "re:.*up_proj", "re:.*down_proj"],
+                                      [f"model.layers.0.mlp.experts.{e}" for e in range(E)],
+                                      # the producer's compressed-tensors entry for an ignored MoE layer
+                                      [r"re:model\.layers\.0\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)$"]])
+def test_loader_keeps_a_wholly_ignored_moe_layer_16bit(patterns):
+    from fp8_backend.vllm_adapter.moe import moe_layer_ignored
+
+    assert moe_layer_ignored(_fake_moe_layer(), "model.layers.0.mlp.experts", patterns)
+    assert moe_layer_ignored(_fake_moe_layer(), "model.layers.0.mlp.experts", patterns, "compressed-tensors")
+
+
+@pytest.mark.parametrize("patterns", [[], ["lm_head"], ["re:.*mlp.gate$", "re:.*shared_expert_gate$"],
+                                      ["model.layers.0.mlp.gate", "model.layers.1.mlp.experts",
+                                       "model.layers.1.mlp.experts.3.down_proj"], ["experts.30"]])
+def test_loader_quantizes_moe_layer_no_pattern_names(patterns):
+    from fp8_backend.vllm_adapter.moe import moe_layer_ignored
+
+    assert not moe_layer_ignored(_fake_moe_layer(), "model.layers.0.mlp.experts", patterns)
+
+
+def test_loader_ignore_rule_uses_the_models_projection_names():
+    from fp8_backend.vllm_adapter.moe import moe_layer_ignored
+
+    mixtral = _fake_moe_layer(projs=("w1", "w3", "w2"))
+    layer = "model.layers.0.block_sparse_moe.experts"
+    with pytest.raises(ValueError, match=r"match 8 of the 24 expert projections of MoE layer " + re.escape(layer)):
+        moe_layer_ignored(mixtral, layer, ["re:.*\\.w2$"])
+    assert not moe_layer_ignored(mixtral, layer, ["re:.*down_proj"])
+
+
+def test_moe_ignore_rule_is_the_producers(moe_model, tmp_path):
+    # Same rule, same sentence: the producer refuses a single expert before writing anything.
+    with pytest.raises(QuantizeError, match=r"ignore: patterns \['model.layers.1.mlp.experts.3'\] match 3 of the 24 "
+                                            r"expert projections of MoE layer model\.layers\.1\.mlp\.experts"):
+        q(moe_model, tmp_path / "o", ignore=["model.layers.1.mlp.experts.3"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_incomplete_experts_refused(moe_model, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(moe_model, bad)

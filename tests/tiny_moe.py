@@ -1,7 +1,9 @@
 """Tiny random mixture-of-experts models (bf16) and FP8 copies of them, built locally.
 
 Models: Qwen3-MoE, Mixtral (experts w1/w2/w3 under block_sparse_moe, expert width 160: a partial
-128-block) and Qwen2-MoE (a shared expert and its shared_expert_gate besides the routed experts).
+128-block), Qwen2-MoE (a shared expert and its shared_expert_gate besides the routed experts) and
+DeepSeek-V3 (MLA attention, grouped top-k routing with sigmoid scores and a correction bias, a
+shared expert, a dense first layer).
 
 FP8 copies (:func:`fp8_copy`), every format fp8-backend reads, quantized with numerics.py:
 "fp8-block" is what the published Qwen3-*-FP8 checkpoints look like (``quant_method: fp8``,
@@ -71,14 +73,49 @@ def build_tiny_qwen2_moe(out: str | Path, num_layers: int = 2, seed: int = 2) ->
     return save_bf16(Qwen2MoeForCausalLM(cfg), out)
 
 
+def build_tiny_deepseek_v3(out: str | Path, num_layers: int = 3, seed: int = 3) -> Path:
+    """A random DeepSeek-V3: MLA attention (q and kv low-rank projections; latent 512 + rope 64,
+    the one size vLLM's CPU MLA kernel is built for), layer 0 a dense MLP, then MoE layers of 8
+    routed experts of width 128 in 2 groups (top-2 within the best group, sigmoid scores with
+    e_score_correction_bias, routed_scaling_factor 2.5) and one shared expert."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    out = Path(out)
+    vocab = tokenizer_dir(out)
+    torch.manual_seed(seed)
+    # Initializer 0.04, not 0.08: at 0.08 the random MLA attention alone moves prompt log-probs
+    # by 0.26 nats mean under FP8 rounding (the experts by 0.03), far from any trained model.
+    common = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"} | {"initializer_range": 0.04}
+    cfg = DeepseekV3Config(vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=num_layers,
+                           num_key_value_heads=4, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1,
+                           num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                           routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=128, kv_lora_rank=512,
+                           qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=64, num_nextn_predict_layers=0,
+                           **common)
+    model = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():  # a bias that changes which experts win, as trained ones do
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.05)
+    save_bf16(model, out)
+    # DeepSeek-V3's config.json names its routing; vLLM reads these (softmax / no bias otherwise).
+    data = json.loads((out / "config.json").read_text())
+    data.update(scoring_func="sigmoid", topk_method="noaux_tc")
+    (out / "config.json").write_text(json.dumps(data, indent=2))
+    return out
+
+
 def build_tiny_qwen3_moe(out: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
     """config.json, model.safetensors (bf16) and the tiny tokenizer for a random Qwen3-MoE."""
     return build_qwen3_moe(out, num_layers=num_layers, seed=seed, **MOE_SHAPE)
 
 
-#: Last name components of the linear layers quantized in the FP8 copies (attention, dense and
-#: shared-expert MLPs, experts of Qwen and of Mixtral); routers and their gates never are.
-LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+#: Last name components of the linear layers quantized in the FP8 copies (attention, DeepSeek's
+#: MLA projections, dense and shared-expert MLPs, experts of Qwen, Mixtral and DeepSeek); routers
+#: and their gates never are.
+LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3",
+                 "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 ROUTER_LEAVES = ("gate", "shared_expert_gate")
 FORMATS = ("fp8-tensor", "fp8-tensor-dynamic", "fp8-block", "ct-fp8", "ct-fp8-dynamic", "ct-fp8-block")
 #: llm-compressor's usual ignore list for MoE models.

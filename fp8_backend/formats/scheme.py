@@ -89,3 +89,45 @@ def match_ignore(prefix: str, patterns: list[str], fused: dict[str, list[str]] |
             f"quantized; found ignored: {[s for s, h in zip(fused[proj], hits) if h]}"
         )
     return False
+
+
+def moe_layer_ignored(layer: str, patterns: list[str], expert_projections: list[str], field: str = "ignore") -> bool:
+    """True if mixture-of-experts layer ``layer`` (the experts module, e.g.
+    ``model.layers.0.mlp.experts``) stays 16-bit: a pattern names the layer, or the patterns
+    together name every one of its ``expert_projections`` (``<layer>.<e>.<proj>``, every expert
+    and projection; a pattern naming the expert module ``<layer>.<e>`` names its projections).
+
+    The layer's experts are one fused weight served one way (vLLM's FusedMoE, this plugin's
+    kernel), so patterns that name some but not all of them (one expert, or only the down
+    projections) raise ValueError naming the patterns and the layer: quantizing the others
+    silently, or serving that expert in 16-bit, would both be wrong."""
+    if any(_match_one(layer, p) for p in patterns):
+        return True
+    # A pattern naming an expert's module (``<layer>.3``) names its projections too. Models have
+    # ~100 layers x 128+ experts x 3 projections and ignore lists of ~100 router names: a plain
+    # name can only match here if it ends in a projection's name or an expert number.
+    owners = [(n, n.rsplit(".", 1)[0]) for n in expert_projections]
+    leaves = {n.rsplit(".", 1)[-1] for n in expert_projections}
+    hits = {}
+    for p in patterns:
+        if p.startswith("re:"):
+            rx = re.compile(p[3:])
+            hits[p] = [n for n, e in owners if rx.match(n) or rx.match(e)]
+        elif any(c in p for c in "*?["):
+            hits[p] = [n for n, e in owners if fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(e, p)]
+        elif p.rsplit(".", 1)[-1] in leaves or p.rsplit(".", 1)[-1].isdigit():
+            hits[p] = [n for n, e in owners if _match_one(n, p) or _match_one(e, p)]
+        else:
+            hits[p] = []
+    covered = {n for names in hits.values() for n in names}
+    if not covered:
+        return False
+    if len(covered) == len(set(expert_projections)):
+        return True
+    some = [n for n in expert_projections if n in covered]
+    raise ValueError(
+        f"{field}: patterns {[p for p, h in hits.items() if h]} match {len(covered)} of the "
+        f"{len(set(expert_projections))} expert projections of MoE layer {layer} (e.g. {some[:3]}); its "
+        f"experts are served as one fused layer, so they are quantized or left 16-bit together: "
+        f"ignore {layer!r} to keep them 16-bit"
+    )

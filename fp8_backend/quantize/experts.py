@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..formats.scheme import match_ignore
+from ..formats.scheme import match_ignore, moe_layer_ignored
 from .options import QuantizeError
 
 #: Checkpoint projection name -> role in the expert MLP (SiLU(gate) * up, then down).
@@ -83,21 +83,13 @@ def split_ignored(moe: dict[str, MoeLayer], patterns: list[str]) -> tuple[list[s
     of them is an error."""
     ignored, used = [], set()
     for name, layer in moe.items():
-        hits = {p: [n for n in layer.projections if match_ignore(n, [p])] for p in patterns}
-        whole = [p for p in patterns if match_ignore(name, [p])]
-        used.update(whole)
-        used.update(p for p, h in hits.items() if h)
-        covered = {n for h in hits.values() for n in h}
-        if whole or len(covered) == len(layer.projections):
-            ignored.append(name)
-        elif covered:
-            some = sorted(covered, key=_natural)
-            raise QuantizeError(
-                f"ignore: patterns {[p for p, h in hits.items() if h]} match {len(covered)} of the "
-                f"{len(layer.projections)} expert projections of MoE layer {name} (e.g. {some[:3]}); its "
-                f"experts are served as one fused layer, so they are quantized or left 16-bit together: "
-                f"ignore {name!r} to keep them 16-bit"
-            )
+        projections = sorted(layer.projections, key=_natural)
+        used.update(p for p in patterns if match_ignore(name, [p]) or any(match_ignore(n, [p]) for n in projections))
+        try:
+            if moe_layer_ignored(name, patterns, projections):
+                ignored.append(name)
+        except ValueError as e:
+            raise QuantizeError(str(e)) from None
     return ignored, used
 
 

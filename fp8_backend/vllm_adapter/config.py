@@ -204,18 +204,18 @@ class Fp8Config(QuantizationConfig):
         """FusedMoE layers, as layer_owner decides: fp8-backend's FP8 MoE method (checkpoints
         and online), vLLM's own method for the same checkpoint, 16-bit experts (ignored layers),
         or a refusal naming the layer."""
-        from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
-
         from .layer_owner import UnsupportedLayerError, this_cpu_features
-        from .moe import attach_expert_checks, delegated_moe_method
+        from .moe import attach_expert_checks, delegated_moe_method, unquantized_moe_method
+        from .moe import moe_layer_ignored as _moe_ignored
         from .moe_method import Fp8FusedMoEMethod
 
         ckpt = self.checkpoint
-        if ckpt is not None and not ckpt.is_quantized(prefix, self.packed_modules_mapping):
-            return UnquantizedFusedMoEMethod(layer.moe_config)
-        if ckpt is None and match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
+        if ckpt is not None and (not ckpt.is_quantized(prefix, self.packed_modules_mapping)
+                                 or _moe_ignored(layer, prefix, ckpt.ignore, ckpt.source)):
+            return unquantized_moe_method(layer, prefix)
+        if ckpt is None and _moe_ignored(layer, prefix, self.scheme.ignore):
             self._moe_16bit.append((prefix, int(getattr(layer, "global_num_experts", 0) or layer.moe_config.num_experts)))
-            return UnquantizedFusedMoEMethod(layer.moe_config)
+            return unquantized_moe_method(layer, prefix)
         platform = platform_name()
         moe = layer.moe_config
         activation = getattr(getattr(moe, "activation", None), "value", None)

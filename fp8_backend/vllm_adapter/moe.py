@@ -40,8 +40,34 @@ def vllm_config_for(fmt: str, quantization_config: dict[str, Any]):
     raise ValueError(f"vllm_config_for: no vLLM config for format {fmt!r}")
 
 
+def check_vllm_cpu_moe_parallelism(layer: torch.nn.Module, prefix: str, what: str) -> None:
+    """Refuse, naming the layer, to hand an MoE layer to vLLM's own CPU experts under expert
+    parallelism: vLLM 0.32's CPU MoE kernels (cpu_fused_moe, CPUExpertsFp8) are given the
+    global expert ids and no expert map, and read past the rank's experts (a segfault at the
+    first forward). fp8-backend's FP8 MoE method maps the ids and serves expert parallelism."""
+    from .config import platform_name
+
+    parallel = getattr(getattr(layer, "moe_config", None), "moe_parallel_config", None)
+    if getattr(parallel, "use_ep", False) and platform_name() == "cpu":
+        raise UnsupportedLayerError(
+            f"{prefix}: expert parallelism (enable_expert_parallel=True) on CPU: this layer would run "
+            f"vLLM's own CPU MoE ({what}), which in vLLM 0.32 ignores the expert map and crashes; expected "
+            f"FP8 experts served by fp8-backend (which supports expert parallelism) or no expert "
+            f"parallelism, found {what}"
+        )
+
+
+def unquantized_moe_method(layer: torch.nn.Module, prefix: str):
+    """vLLM's 16-bit MoE method for a layer left unquantized (checked as above)."""
+    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+    check_vllm_cpu_moe_parallelism(layer, prefix, "16-bit experts: the layer is ignored or not quantized")
+    return UnquantizedFusedMoEMethod(layer.moe_config)
+
+
 def delegated_moe_method(vllm_config, layer: torch.nn.Module, prefix: str, fmt: str, fp8_dtype: torch.dtype):
     """vLLM's own method for MoE layer ``prefix``, with fp8-backend's tensor checks attached."""
+    check_vllm_cpu_moe_parallelism(layer, prefix, f"vLLM's {fmt} MoE method")
     try:
         method = vllm_config.get_quant_method(layer, prefix)
     except (ValueError, NotImplementedError) as e:
@@ -102,6 +128,30 @@ def checkpoint_tensor_name(layer, weight_name: str, shard_id: str, expert_id: in
     return f"{prefix}.{int(expert_id)}.{proj}.{suffix}"
 
 
+def moe_layer_ignored(layer, prefix: str, patterns, checkpoint_source: str | None = None) -> bool:
+    """True if MoE layer ``prefix`` stays 16-bit under the ignore ``patterns`` (online ``ignore``,
+    or the ignore list of a checkpoint in format ``checkpoint_source``): formats.scheme's rule
+    over the checkpoint names of every expert's projections (``<prefix>.<e>.<gate|up|down>``).
+    Patterns that name only some of them (one expert, one projection) are refused, naming the
+    patterns and the layer (CheckpointFormatError for a checkpoint's list)."""
+    from ..formats.scheme import moe_layer_ignored as rule
+
+    patterns = list(patterns)
+    if not patterns:
+        return False
+    moe = getattr(layer, "moe_config", None)
+    n = int(getattr(moe, "num_logical_experts", 0) or getattr(layer, "global_num_experts", 0) or 0)
+    projs = [getattr(layer, f"ckpt_{r}_proj_name", None) or f"{r}_proj" for r in ("gate", "up", "down")]
+    names = [f"{prefix}.{e}.{p}" for e in range(n) for p in projs]
+    if checkpoint_source is None:
+        return rule(prefix, patterns, names)
+    field = "quantization_config." + ("ignore" if checkpoint_source == "compressed-tensors" else "ignored_layers")
+    try:
+        return rule(prefix, patterns, names, field)
+    except ValueError as e:
+        raise CheckpointFormatError(str(e)) from None
+
+
 def _checked_expert_loader(loader, fp8_dtype, seen, layer):
     def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
         name = checkpoint_tensor_name(layer, weight_name, shard_id, expert_id)
@@ -121,7 +171,9 @@ _REQUIRED = ("_weight", "_weight_scale", "_weight_scale_inv")
 
 def _check_experts_complete(layer, prefix, seen) -> None:
     """Every expert's weight and weight scale, for every shard vLLM loads into them, came from
-    the checkpoint; names the first one that did not."""
+    the checkpoint; names the first one that did not. Under expert parallelism each rank's
+    loader is still handed every expert's tensors (vLLM drops other ranks' experts inside its
+    loader, after the wrappers here recorded them), so every global expert is expected."""
     num_experts = int(getattr(layer, "global_num_experts", 0) or getattr(layer, "local_num_experts", 0))
     for name, p in layer.named_parameters(recurse=False):
         if not name.endswith(_REQUIRED):

@@ -223,14 +223,18 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
                 raise CheckpointFormatError(
                     f"{name}: expected a 16-bit expert weight to quantize online, found {loaded_weight.dtype}"
                 )
+            stem = "w2" if shard_id == "w2" else "w13"
+            scale = getattr(layer, f"{stem}_weight_scale")
+            for p in (param, scale):
+                self._seen.setdefault(id(p), {})[(int(expert_id), str(shard_id))] = name
+            to_local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
+            if to_local is not None and to_local(int(expert_id)) == -1:
+                # Expert parallelism: another rank's expert. vLLM's loader skips it untouched.
+                return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
             q, s = quantize_linear_weight(loaded_weight, self.online_strategy, [loaded_weight.shape[0]], name)
             rows = s.reshape(-1, 1).expand(loaded_weight.shape[0], 1).contiguous()
             ok = loader(param, q, weight_name, shard_id, expert_id, *args, **kwargs)
-            stem = "w2" if shard_id == "w2" else "w13"
-            scale = getattr(layer, f"{stem}_weight_scale")
             loader(scale, rows, f"{weight_name}_scale", shard_id, expert_id, *args, **kwargs)
-            for p in (param, scale):
-                self._seen.setdefault(id(p), {})[(int(expert_id), str(shard_id))] = name
             return ok
 
         return load
