@@ -13,7 +13,7 @@ A forward pre-hook on every quantized Linear takes its input x (the value compre
 fake-quantizes, computed by compressed-tensors' own model) and compares, element by element:
 
   ct    compressed-tensors' forward_quantize(module, x, "input", args) (the value its matmul uses)
-  ours  what the plugin's emulation (fp8_backend/kernels/dispatch.py fake_quant_activations, i.e.
+  ours  what the plugin's emulation (fp8_backend/vllm_adapter/linear_paths.py fake_quant_activations, i.e.
         numerics.py) makes of the same x: static per-tensor: q = round(x.float() / s) and the
         GEMM uses q * s exactly (s is folded into the fp32 weight scale); dynamic per-token and
         1x128 groups: (q * s) rounded to x.dtype

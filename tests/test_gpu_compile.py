@@ -57,6 +57,6 @@ def test_w8a8_gemm_compiled_to_fp8_mma(compiled, kernel, cap):
 
 
 def test_w8a8_gemm_not_built_for_sm80(compiled):
-    # sm_80 has no FP8 MMA: the W8A8 kernel is not a target there; dispatch.py refuses it
-    # (tests/test_dispatch.py) and sends Ampere to the W8A16 kernel.
+    # sm_80 has no FP8 MMA: the W8A8 kernel is not a target there; linear_paths.py refuses it
+    # (tests/test_linear_paths.py) and sends Ampere to the W8A16 kernel.
     assert not any(k[0] in W8A8 and k[1] == 80 for k in compiled)

@@ -60,7 +60,7 @@ def kernels(cap: int):
                  "stride_s": "i32"}, {"HAS_BIAS": True, "GROUP_K": grouped, "BM": 64, "BN": 64, "BK": 64})
     out["w8a16_bf16_group0_bm16"] = (out["w8a16_bf16_group0"][0], out["w8a16_bf16_group0"][1],
                                      {**out["w8a16_bf16_group0"][2], "BM": 16})
-    if cap >= 89:  # FP8 tensor cores only; dispatch.py never sends sm_80/86 here
+    if cap >= 89:  # FP8 tensor cores only; linear_paths.py never sends sm_80/86 here
         for block in (False, True):
             out[f"w8a8_gemm_{'block' if block else 'channel'}_bf16"] = spec(
                 gemm_w8a8.w8a8_gemm_kernel,

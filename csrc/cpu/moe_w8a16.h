@@ -1,18 +1,18 @@
 // The fused W8A16 mixture-of-experts op (moe_w8a16.cpp) and what it needs from the dense op
-// layer (ops.cpp): one ISA registry and one kernel plan for linear layers and experts alike.
+// layer (ops.cpp, isa.h): one ISA registry and one kernel plan for linear layers and experts alike.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
+#include "isa.h"
 #include "kernels.h"
 
 namespace fp8_backend {
 
-// The W8A16 path selected for linear layers (FP8_BACKEND_CPU_ISA / _C.set_cpu_isa), and the test
-// overrides of w8a16_plan's crossovers (-1: none). Defined in ops.cpp.
-CpuIsa selected_cpu_isa();
+// The test overrides of w8a16_plan's crossovers (-1: none), defined in ops.cpp; the CPU path
+// comes from isa.h's selected_cpu_isa.
 int64_t plan_small_m_max_override();
 int64_t plan_amx_min_m_override();
 
