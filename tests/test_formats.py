@@ -638,3 +638,35 @@ def test_describe_each_preset():
     assert "dynamic per-token 1x128 activation groups" in texts[1]
     assert "per-channel scales, dynamic per-token activation scales" in texts[3]
     assert "weight-only" in texts[5]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer: what the producer writes parses back to the scheme it wrote
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, strategy, act, kv", [
+    ("autofp8", "tensor", "dynamic", False), ("autofp8", "tensor", "static", True),
+    ("autofp8", "block", "dynamic", False), ("compressed-tensors", "tensor", "static", True),
+    ("compressed-tensors", "channel", "dynamic", False), ("compressed-tensors", "channel", "static", False),
+    ("compressed-tensors", "block", "dynamic", True),
+])
+def test_writer_round_trips_through_the_parser(fmt, strategy, act, kv):
+    from fp8_backend.formats.writer import producer_scheme, quantization_config
+
+    s = producer_scheme(fmt, strategy, act, kv_cache=kv, ignore=["lm_head", "re:.*gate$"])
+    assert parse_quantization_config(copy.deepcopy(quantization_config(s))) == s
+    names = s.tensor_names("m.l")
+    assert names["weight_scale"] == ("m.l.weight_scale_inv" if (fmt, strategy) == ("autofp8", "block") else "m.l.weight_scale")
+    assert ("input_scale" in names) == (act == "static")
+    assert s.scalar_shape == (() if fmt == "autofp8" else (1,))
+
+
+def test_writer_refuses_what_the_format_cannot_store():
+    from fp8_backend.formats.writer import producer_scheme, quantization_config
+
+    _err(producer_scheme, "autofp8", "channel", "dynamic", match_all=["weight_strategy", "'channel'"])
+    _err(producer_scheme, "safetensors", "tensor", "dynamic", match_all=["format", "'safetensors'"])
+    s = CheckpointScheme(source="fp8", storage_format="fp8", weight_strategy="tensor",
+                         activation_scheme="none", activation_strategy=None)
+    _err(quantization_config, s, match_all=["'fp8' format", "none activations"])

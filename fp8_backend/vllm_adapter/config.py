@@ -199,6 +199,25 @@ class Fp8Config(QuantizationConfig):
         if model and os.path.isdir(model) and getattr(model_config, "quantization", None):
             # Kept: the KV-scale method tells a deprecated kv_scale from a lost v_scale by it.
             self.tensor_names = frozenset(check_safetensors_files(model))
+            self._warn_unmatched_ignores()
+
+    def _warn_unmatched_ignores(self) -> None:
+        """Ignore patterns of the checkpoint that name no layer it stores: harmless to serving
+        (nothing to leave unquantized) but usually a config written for another model. lm_head
+        is left out: checkpoints with tied embeddings do not store it."""
+        from ..formats.checkpoint import module_names, unmatched_ignores
+
+        if self.checkpoint is None or not self.tensor_names:
+            return
+        patterns = [p for p in self.checkpoint.ignore if p != "lm_head"]
+        names = module_names(self.tensor_names)
+        unmatched = unmatched_ignores(patterns, names, self.packed_modules_mapping)
+        if unmatched:
+            logger.warning(
+                "fp8-backend: quantization_config ignore patterns %s match none of the checkpoint's "
+                "%d layers (e.g. %s): expected each to name a layer it stores",
+                unmatched, len(names), names[:2],
+            )
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase:
         """FusedMoE layers, as layer_owner decides: fp8-backend's FP8 MoE method (checkpoints
@@ -318,9 +337,10 @@ class Fp8Config(QuantizationConfig):
         (self_attn.k_scale, deprecated kv_scale, ...)."""
         from vllm.model_executor.models.utils import WeightsMapper
 
+        from ..formats.layer_tensors import KV_SCALE_SUFFIXES
+
         own = WeightsMapper(orig_to_new_suffix={
-            ".k_proj.output_scale": ".attn.k_scale",
-            ".v_proj.output_scale": ".attn.v_scale",
+            suffix: f".attn.{role}_scale" for suffix, role in KV_SCALE_SUFFIXES if suffix.endswith(".output_scale")
         })
         return own | QuantizationConfig.get_cache_scale_mapper()
 
