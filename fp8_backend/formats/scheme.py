@@ -93,7 +93,8 @@ def match_ignore(
         return True
     if any(hits):
         raise ValueError(
-            f"{field}: the shards {list(fused[proj])} of fused layer {prefix} must all be {verb} or "
-            f"none; found {verb}: {[s for s, h in zip(fused[proj], hits) if h]}"
+            f"{field}: expected the shards {list(fused[proj])} of fused layer {prefix} all {verb} or "
+            f"none (one fused weight cannot be half quantized), found {verb}: "
+            f"{[s for s, h in zip(fused[proj], hits) if h]}"
         )
     return False

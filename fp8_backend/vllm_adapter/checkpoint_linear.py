@@ -28,6 +28,8 @@ from ..formats.layer_tensors import (
     check_scalar_scale,
     check_scale,
     check_weight_scale,
+    check_weight_shape,
+    check_zero_point,
     first_unfilled,
     unfilled_scales,
 )
@@ -67,7 +69,7 @@ class _Tensors:
         (for shapes vLLM's loader accepted by broadcasting)."""
         if role == "weight":
             if values:
-                check_fp8_weight(f"{self.prefix}.weight", t, self.scheme.fp8_dtype)
+                check_weight_shape(f"{self.prefix}.weight", check_fp8_weight(f"{self.prefix}.weight", t, self.scheme.fp8_dtype))
             return
         name = self.scale_name(self.scheme.weight_scale_name if role == "weight_scale" else role, shard)
         if values:
@@ -87,6 +89,8 @@ def _checked_loader(loader, role: str, tensors: _Tensors, layer_shape: str):
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
         shard = _shard_index(args, kwargs)
         tensors.check(role, loaded_weight, shard, values=True)
+        if role == "weight_scale" and tensors.scheme.weight_strategy == "channel" and loaded_weight.dim() == 1:
+            loaded_weight = loaded_weight.reshape(-1, 1)  # [N] is the same per-channel scale as [N, 1]
         try:
             out = loader(param, loaded_weight, *args, **kwargs)
         except (AssertionError, RuntimeError, ValueError, IndexError) as e:
@@ -108,9 +112,10 @@ def _checked_loader(loader, role: str, tensors: _Tensors, layer_shape: str):
 class Fp8CheckpointLinearMethod(LinearMethodBase):
     """FP8 weights stored in the checkpoint; per-tensor, per-channel or block weight scales."""
 
-    def __init__(self, scheme: CheckpointScheme, prefix: str = "") -> None:
+    def __init__(self, scheme: CheckpointScheme, prefix: str = "", zero_points: tuple[str, ...] = ()) -> None:
         self.scheme = scheme
         self.prefix = prefix
+        self.zero_points = zero_points  # zero-point tensor names the checkpoint stores (checked, dropped)
 
     def create_weights(
         self,
@@ -166,6 +171,9 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
                 weight_loader=_checked_loader(loader, "input_scale", tensors, shapes),
             )
             layer.register_parameter("input_scale", input_scale)
+        for zp in self.zero_points:
+            layer.register_parameter(zp, torch.nn.Parameter(torch.empty(0), requires_grad=False))
+            getattr(layer, zp).weight_loader = _zero_point_loader(zp, tensors)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "_fp8_backend_ready", False):
@@ -191,6 +199,8 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             scale = scale.reshape(-1).contiguous()
         layer.block_size = block
         delattr(layer, self.scheme.weight_scale_name)
+        for zp in self.zero_points:
+            delattr(layer, zp)
         if self.scheme.activation_scheme == "static":
             self._check_filled(layer.input_scale.data, "input_scale", layer)
             _log_static_once()
@@ -313,6 +323,15 @@ def _block_tp_layout(layer, widths: list[int], output_size: int, k: int, input_s
     k_first = k_offset // bk
     return _BlockTp(tuple(rows), tuple(first), tuple(phases), tuple(full), k_offset, k_first,
                     -(-(k_offset + k) // bk) - k_first, input_size, -(-input_size // bk))
+
+
+def _zero_point_loader(name: str, tensors: _Tensors):
+    """A symmetric scheme's zero point: checked to be all zeros, then dropped."""
+
+    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        check_zero_point(tensors.scale_name(name, _shard_index(args, kwargs)), loaded_weight)
+
+    return load
 
 
 def _block_scale_loader(tensors: _Tensors, tp: _BlockTp):

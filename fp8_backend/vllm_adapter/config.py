@@ -141,7 +141,7 @@ class Fp8Config(QuantizationConfig):
                 self._logged = True
             if rule.owner == "vllm":
                 return self._vllm_linear_method(layer, prefix, rule.reason)
-            return Fp8CheckpointLinearMethod(self.checkpoint, prefix)
+            return Fp8CheckpointLinearMethod(self.checkpoint, prefix, self._stored_zero_points())
         if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
         rule = self._linear_rule(prefix, "online")
@@ -200,6 +200,14 @@ class Fp8Config(QuantizationConfig):
             # Kept: the KV-scale method tells a deprecated kv_scale from a lost v_scale by it.
             self.tensor_names = frozenset(check_safetensors_files(model))
             self._warn_unmatched_ignores()
+
+    def _stored_zero_points(self) -> tuple[str, ...]:
+        """The zero-point tensor names ("weight_zero_point", ...) the checkpoint stores (older
+        llm-compressor writes them for symmetric schemes): the linear method takes and checks them."""
+        from ..formats.layer_tensors import ZERO_POINTS
+
+        stored = self.tensor_names or ()
+        return tuple(z for z in ZERO_POINTS if any(n.endswith("." + z) for n in stored))
 
     def _warn_unmatched_ignores(self) -> None:
         """Ignore patterns of the checkpoint that name no layer it stores: harmless to serving
