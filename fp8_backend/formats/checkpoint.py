@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
@@ -668,14 +668,11 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
         )
     g = next(iter(distinct))
     kv_scheme = _parse_ct_kv_cache(kv_raw) if kv_raw is not None else None
+    # _Fp8Group's fields are CheckpointScheme's, by name.
+    group = {f.name: getattr(g, f.name) for f in fields(_Fp8Group)}
     return CheckpointScheme(
         source="compressed-tensors",
-        storage_format=g.storage_format,
-        weight_strategy=g.weight_strategy,
-        block_size=g.block_size,
-        activation_scheme=g.activation_scheme,
-        activation_strategy=g.activation_strategy,
-        activation_group_size=g.activation_group_size,
+        **group,
         ignore=tuple(ignore),
         targets=tuple(targets),
         kv_cache=kv_scheme,

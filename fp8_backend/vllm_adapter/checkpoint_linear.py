@@ -117,16 +117,9 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.zero_points = zero_points  # zero-point tensor names the checkpoint stores (checked, dropped)
 
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs,
-    ) -> None:
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         check_activation_dtype(self.prefix, params_dtype)
         loader = extra_weight_attrs.get("weight_loader")
         n, k = sum(output_partition_sizes), input_size_per_partition

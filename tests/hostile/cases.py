@@ -237,8 +237,10 @@ def all_cases() -> list[Case]:
     ws, xs = f"{L0}.mlp.down_proj.weight_scale", f"{L0}.self_attn.o_proj.input_scale"
     cs, zp = f"{L1}.mlp.down_proj.weight_scale", f"{L0}.mlp.down_proj.weight_zero_point"
     cases += [
-        Case("weight-scale-1x1", "autofp8-static-kv", retensor(ws, lambda x: x.reshape(1, 1)), (ws, "one per-tensor")),
-        Case("input-scale-1x1", "autofp8-static-kv", retensor(xs, lambda x: x.reshape(1, 1)), (xs, "one per-tensor input")),
+        Case("weight-scale-1x1", "autofp8-static-kv", retensor(ws, lambda x: x.reshape(1, 1)), (ws, "[1, 1]")),
+        Case("input-scale-1x1", "autofp8-static-kv", retensor(xs, lambda x: x.reshape(1, 1)), (xs, "[1, 1]")),
+        Case("channel-scale-1x1", "ct-dynamic-channel", retensor(cs, lambda x: x[:1]),
+             (cs, "[256, 1]", "[1, 1]")),
         Case("weight-scale-empty", "autofp8-static-kv", retensor(ws, lambda x: x.reshape(-1)[:0]), (ws, "empty")),
         Case("channel-scale-1d", "ct-dynamic-channel", retensor(cs, lambda x: x.reshape(-1)), None),
         Case("zero-point-zero", "ct-dynamic-channel", add_tensor(zp, torch.zeros(256, 1, dtype=torch.int8)), None),

@@ -41,7 +41,7 @@ def main(specs: list[dict]) -> None:
             if record.levelno >= logging.WARNING:
                 warnings.append(record.getMessage())
 
-    logging.getLogger("vllm.fp8_backend").addHandler(Collect())
+    collect = Collect()
     initialized = False
     for spec in specs:
         d = spec["dir"]
@@ -52,6 +52,10 @@ def main(specs: list[dict]) -> None:
             kwargs.update(spec.get("kwargs", {}))
             args = EngineArgs(model=d, **kwargs)
             vllm_config = args.create_engine_config()
+            # vLLM (re)configures logging, which resets the handlers of "vllm.*" loggers.
+            plugin_logger = logging.getLogger("vllm.fp8_backend")
+            if collect not in plugin_logger.handlers:
+                plugin_logger.addHandler(collect)
             with set_current_vllm_config(vllm_config):
                 if not initialized:
                     init_distributed_environment(1, 0, "tcp://127.0.0.1:%d" % _free_port(), 0, "gloo")
