@@ -65,11 +65,13 @@ class _Tensors:
         return f"{full} (shard {shard} of {n})" if n > 1 and shard is not None else full
 
     def check(self, role: str, t: torch.Tensor, shard: int | None, *, values: bool) -> None:
-        """Before vLLM's loader (``values``): dtype and values; after it: the shape by strategy
-        (for shapes vLLM's loader accepted by broadcasting)."""
+        """Before vLLM's loader (``values``): dtype, values, a weight's rank; after it, the
+        scale's shape by strategy: formats' rule decides whatever vLLM's loader lets through
+        (its own shape errors come first, wrapped with the layer's sizes)."""
         if role == "weight":
             if values:
-                check_weight_shape(f"{self.prefix}.weight", check_fp8_weight(f"{self.prefix}.weight", t, self.scheme.fp8_dtype))
+                name = f"{self.prefix}.weight"
+                check_weight_shape(name, check_fp8_weight(name, t, self.scheme.fp8_dtype))
             return
         name = self.scale_name(self.scheme.weight_scale_name if role == "weight_scale" else role, shard)
         if values:
