@@ -638,3 +638,62 @@ def test_describe_each_preset():
     assert "dynamic per-token 1x128 activation groups" in texts[1]
     assert "per-channel scales, dynamic per-token activation scales" in texts[3]
     assert "weight-only" in texts[5]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer: what the producer writes parses back to the scheme it wrote
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, strategy, act, kv", [
+    ("autofp8", "tensor", "dynamic", False), ("autofp8", "tensor", "static", True),
+    ("autofp8", "block", "dynamic", False), ("compressed-tensors", "tensor", "static", True),
+    ("compressed-tensors", "channel", "dynamic", False), ("compressed-tensors", "channel", "static", False),
+    ("compressed-tensors", "block", "dynamic", True),
+])
+def test_writer_round_trips_through_the_parser(fmt, strategy, act, kv):
+    from fp8_backend.formats.writer import producer_scheme, quantization_config
+
+    s = producer_scheme(fmt, strategy, act, kv_cache=kv, ignore=["lm_head", "re:.*gate$"])
+    assert parse_quantization_config(copy.deepcopy(quantization_config(s))) == s
+    names = s.tensor_names("m.l")
+    assert names["weight_scale"] == ("m.l.weight_scale_inv" if (fmt, strategy) == ("autofp8", "block") else "m.l.weight_scale")
+    assert ("input_scale" in names) == (act == "static")
+    assert s.scalar_shape == (() if fmt == "autofp8" else (1,))
+
+
+def test_writer_refuses_what_the_format_cannot_store():
+    from fp8_backend.formats.writer import producer_scheme, quantization_config
+
+    _err(producer_scheme, "autofp8", "channel", "dynamic", match_all=["weight_strategy", "'channel'"])
+    _err(producer_scheme, "safetensors", "tensor", "dynamic", match_all=["format", "'safetensors'"])
+    s = CheckpointScheme(source="fp8", storage_format="fp8", weight_strategy="tensor",
+                         activation_scheme="none", activation_strategy=None)
+    _err(quantization_config, s, match_all=["'fp8' format", "none activations"])
+
+
+def test_one_scale_message_and_unfilled_slots():
+    from fp8_backend.formats.layer_tensors import check_scale, first_unfilled, unfilled_scales
+
+    msg = _err(check_scale, "a.weight_scale", torch.tensor([0.5, float("nan"), -1.0, float("inf")]))
+    assert msg.startswith("a.weight_scale: expected a finite scale > 0, found nan (3 of 4 scales: 1 NaN, 1 Inf, 1 <= 0")
+    assert _err(check_scale, "b", torch.tensor(0.0)) == "b: expected a finite scale > 0, found 0.0 (1 of 1 scales: 1 <= 0)"
+    s = unfilled_scales(3, 2)
+    assert first_unfilled(s) == (0, 0)
+    s[0] = 1.0
+    s[1, 0] = float("nan")  # a NaN from a checkpoint is not an unfilled slot
+    assert first_unfilled(s) == (1, 1)
+    s[1:] = 1.0
+    assert first_unfilled(s) is None
+
+
+def test_kv_scales_json_uses_the_scale_check(tmp_path):
+    import json
+
+    from fp8_backend.formats.kv_scales import load_kv_scales_json
+
+    p = tmp_path / "kv_cache_scales.json"
+    p.write_text(json.dumps({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": -2}}}}))
+    _err(load_kv_scales_json, p, match_all=[str(p), "layer 1", "expected a finite scale > 0, found -2.0"])
+    p.write_text(json.dumps({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": 0.25}}}}))
+    assert load_kv_scales_json(p, 0, 2) == {0: 0.5, 1: 0.25}

@@ -286,7 +286,7 @@ def test_bad_scale_refused_at_start(autofp8_kv, tmp_path):
     sd["model.layers.1.self_attn.v_proj.output_scale"] = torch.tensor(bad)
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     _, out = engine(d, {"kv_cache_dtype": "fp8"}, expect_fail=True)
-    assert "model.layers.1.self_attn.v_scale (or model.layers.1.self_attn.v_proj.output_scale; loaded into model.layers.1.self_attn.attn.v_scale): expected scales > 0, found 1 of 1 <= 0" in out, out[-3000:]
+    assert "model.layers.1.self_attn.v_scale (or model.layers.1.self_attn.v_proj.output_scale; loaded into model.layers.1.self_attn.attn.v_scale): expected a finite scale > 0, found 0.0 (1 of 1 scales: 1 <= 0)" in out, out[-3000:]
 
 
 @pytest.mark.slow

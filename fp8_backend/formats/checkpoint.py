@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
@@ -141,6 +141,18 @@ class CheckpointScheme:
             names["input_scale"] = f"{prefix}.{self.input_scale_name}"
         return names
 
+    @property
+    def scalar_shape(self) -> tuple[int, ...]:
+        """Shape a writer gives one scale (per-tensor weight, input and KV scales): [] in the
+        "fp8" format, [1] in compressed-tensors (readers accept both)."""
+        return () if self.source == "fp8" else (1,)
+
+    @staticmethod
+    def kv_scale_names(attention: str) -> dict[str, str]:
+        """Names a writer gives the K/V-cache scales of attention module ``attention``, by role
+        (readers also accept the older names of layer_tensors.KV_SCALE_SUFFIXES)."""
+        return {"k": f"{attention}.k_scale", "v": f"{attention}.v_scale"}
+
     def weight_scale_shape(self, n: int, k: int) -> tuple[int, ...]:
         """Canonical fp32 weight-scale shape for an [n, k] weight: (), (n, 1) or the block grid."""
         if self.weight_strategy == "tensor":
@@ -159,40 +171,21 @@ class CheckpointScheme:
         except ValueError as e:
             raise CheckpointFormatError(f"quantization_config.{e}") from None
 
-    def is_targeted(
-        self,
-        prefix: str,
-        fused: Mapping[str, list[str]] | None = None,
-        module_classes: tuple[str, ...] = ("Linear",),
-    ) -> bool:
+    def is_targeted(self, prefix: str, fused: Mapping[str, list[str]] | None = None,
+                    module_classes: tuple[str, ...] = ("Linear",)) -> bool:
         """True if a config-group target covers layer ``prefix`` of a module whose class (or a
         base) is named in ``module_classes``; "Linear" stands for every linear layer."""
         names = [t for t in self.targets if t not in module_classes]
         if len(names) < len(self.targets):
             return True
-        if match_ignore(prefix, names):
-            return True
-        proj = prefix.rsplit(".", 1)[-1]
-        if not fused or proj not in fused:
-            return False
-        base = prefix[: len(prefix) - len(proj)]
-        hits = [match_ignore(base + shard, names) for shard in fused[proj]]
-        if all(hits):
-            return True
-        if any(hits):
-            raise CheckpointFormatError(
-                f"quantization_config.config_groups targets: the shards {list(fused[proj])} of fused "
-                f"layer {prefix} must all be targeted or none; found targeted: "
-                f"{[s for s, h in zip(fused[proj], hits) if h]}"
-            )
-        return False
+        try:
+            return match_ignore(prefix, names, dict(fused) if fused else None,
+                                field="config_groups targets", verb="targeted")
+        except ValueError as e:
+            raise CheckpointFormatError(f"quantization_config.{e}") from None
 
-    def is_quantized(
-        self,
-        prefix: str,
-        fused: Mapping[str, list[str]] | None = None,
-        module_classes: tuple[str, ...] = ("Linear",),
-    ) -> bool:
+    def is_quantized(self, prefix: str, fused: Mapping[str, list[str]] | None = None,
+                     module_classes: tuple[str, ...] = ("Linear",)) -> bool:
         """True if linear layer ``prefix`` is stored in FP8 (targeted and not ignored)."""
         return self.is_targeted(prefix, fused, module_classes) and not self.is_ignored(prefix, fused)
 
@@ -426,15 +419,20 @@ def _args(where: str, value: Any):
         raise _pydantic_error(where, e) from None
 
 
-def _parse_ct_kv_cache(kv: Mapping[str, Any], where: str = "quantization_config.kv_cache_scheme") -> KVCacheScheme:
-    args = _args(where, kv)
+def _check_symmetric_fp8(where: str, args, context: str) -> None:
+    """compressed-tensors QuantizationArgs that describe symmetric 8-bit floats."""
     if args.type != "float" or args.num_bits != 8:
         raise CheckpointFormatError(
-            f"{where}: expected num_bits 8, type 'float' (FP8 KV cache), found num_bits "
+            f"{where}: expected num_bits 8, type 'float' {context}, found num_bits "
             f"{args.num_bits}, type {args.type!r}"
         )
     if not args.symmetric:
         raise CheckpointFormatError(f"{where}.symmetric: expected true, found {args.symmetric!r}")
+
+
+def _parse_ct_kv_cache(kv: Mapping[str, Any], where: str = "quantization_config.kv_cache_scheme") -> KVCacheScheme:
+    args = _args(where, kv)
+    _check_symmetric_fp8(where, args, "(FP8 KV cache)")
     if args.dynamic:
         raise CheckpointFormatError(
             f"{where}.dynamic: expected false (static k/v scales stored in the checkpoint), found {args.dynamic!r}"
@@ -503,13 +501,7 @@ def _fp8_group(where: str, scheme, fmt: str | None) -> _Fp8Group:
 
     if a is None:
         return _Fp8Group(w.strategy, block, "none", None, None, fmt)
-    if a.type != "float" or a.num_bits != 8:
-        raise CheckpointFormatError(
-            f"{where}.input_activations: expected num_bits 8, type 'float' with FP8 weights, found "
-            f"num_bits {a.num_bits}, type {a.type!r}"
-        )
-    if not a.symmetric:
-        raise CheckpointFormatError(f"{where}.input_activations.symmetric: expected true, found false")
+    _check_symmetric_fp8(f"{where}.input_activations", a, "with FP8 weights")
     if a.dynamic is True:
         if a.strategy in ("token", "tensor"):
             act = _Fp8Group(w.strategy, block, "dynamic", a.strategy, None, fmt)
@@ -676,14 +668,11 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
         )
     g = next(iter(distinct))
     kv_scheme = _parse_ct_kv_cache(kv_raw) if kv_raw is not None else None
+    # _Fp8Group's fields are CheckpointScheme's, by name.
+    group = {f.name: getattr(g, f.name) for f in fields(_Fp8Group)}
     return CheckpointScheme(
         source="compressed-tensors",
-        storage_format=g.storage_format,
-        weight_strategy=g.weight_strategy,
-        block_size=g.block_size,
-        activation_scheme=g.activation_scheme,
-        activation_strategy=g.activation_strategy,
-        activation_group_size=g.activation_group_size,
+        **group,
         ignore=tuple(ignore),
         targets=tuple(targets),
         kv_cache=kv_scheme,

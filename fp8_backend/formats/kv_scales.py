@@ -12,11 +12,13 @@ One float per layer serves as both k and v scale. No vLLM import.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CheckpointFormatError
+from .layer_tensors import check_scale
 
 #: Environment variable naming a kv_cache_scales.json (vLLM 0.32 has no quantization_param_path).
 KV_SCALES_ENV = "FP8_BACKEND_KV_CACHE_SCALES"
@@ -67,8 +69,7 @@ def load_kv_scales_json(path: str | os.PathLike, tp_rank: int = 0, num_layers: i
             idx, s = int(layer), float(value)
         except (TypeError, ValueError):
             raise CheckpointFormatError(f"{where}: rank {tp_rank} layer {layer!r}: expected an int key and a float, found {value!r}") from None
-        if not math.isfinite(s) or s <= 0:
-            raise CheckpointFormatError(f"{where}: rank {tp_rank} layer {idx}: expected a finite KV-cache scale > 0, found {s}")
+        check_scale(f"{where}: rank {tp_rank} layer {idx} KV-cache scale", torch.tensor(s, dtype=torch.float64))
         out[idx] = s
     if num_layers is not None:
         missing = [i for i in range(num_layers) if i not in out]

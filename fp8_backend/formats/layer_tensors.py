@@ -6,7 +6,6 @@ No vLLM import. Every error names the full tensor name, what was expected and wh
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -19,7 +18,7 @@ SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Tensors a quantized linear layer may carry besides weight and scales, and that loading drops:
 # zero points of symmetric schemes (older llm-compressor writes them, all zero).
-_ZERO_POINTS = ("weight_zero_point", "input_zero_point")
+ZERO_POINTS = ("weight_zero_point", "input_zero_point")
 
 
 @dataclass
@@ -59,6 +58,8 @@ def check_fp8_weight(
 ) -> torch.Tensor:
     """An FP8 weight as the config declares it: dtype ``fp8_dtype`` and (``check_values``) no
     NaN encodings. Returned unchanged."""
+    if not isinstance(w, torch.Tensor):
+        raise CheckpointFormatError(f"{name}: expected a tensor, found {type(w).__name__}")
     if w.dtype != fp8_dtype:
         raise CheckpointFormatError(
             f"{name}: expected dtype {_dtype_name(fp8_dtype)} (the config declares FP8 "
@@ -75,12 +76,17 @@ def check_fp8_weight(
     return w
 
 
+def check_weight_shape(name: str, w: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of a 2-D linear weight."""
+    if w.dim() != 2:
+        raise CheckpointFormatError(f"{name}: expected a 2-D [N, K] weight, found shape {list(w.shape)}")
+    return int(w.shape[0]), int(w.shape[1])
+
+
 def check_scale(name: str, t: torch.Tensor) -> torch.Tensor:
-    """A stored scale tensor as float32 (exact): a float dtype, every value finite and > 0."""
-    return _scale_fp32(name, t)
+    """A stored scale tensor as float32 (exact): a float dtype, every value finite and > 0.
 
-
-def _scale_fp32(name: str, t: torch.Tensor) -> torch.Tensor:
+    The one check of scale values: weight, input, expert and KV-cache scales all go through it."""
     if not isinstance(t, torch.Tensor):
         raise CheckpointFormatError(f"{name}: expected a tensor, found {type(t).__name__}")
     if t.dtype not in SCALE_DTYPES:
@@ -90,21 +96,60 @@ def _scale_fp32(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.numel() == 0:
         raise CheckpointFormatError(f"{name}: expected at least one scale, found an empty tensor of shape {list(t.shape)}")
     s = t.float()
-    finite = torch.isfinite(s)
-    if not bool(finite.all()):
-        bad = s[~finite]
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        flat = s.reshape(-1)
+        first = float(flat[int(bad.reshape(-1).nonzero()[0])])
+        counts = ((int(torch.isnan(s).sum()), "NaN"), (int(torch.isinf(s).sum()), "Inf"),
+                  (int((s <= 0).sum()), "<= 0"))
+        detail = ", ".join(f"{c} {what}" for c, what in counts if c)
+        example = f", e.g. {flat[bad.reshape(-1)][:4].tolist()}" if s.numel() > 1 else ""
         raise CheckpointFormatError(
-            f"{name}: expected finite scales, found {int(torch.isnan(bad).sum())} NaN and "
-            f"{int(torch.isinf(bad).sum())} Inf of {s.numel()} (e.g. {bad[:4].tolist()})"
-        )
-    nonpos = s <= 0
-    if bool(nonpos.any()):
-        bad = s[nonpos]
-        raise CheckpointFormatError(
-            f"{name}: expected scales > 0, found {int(nonpos.sum())} of {s.numel()} <= 0 "
-            f"(e.g. {bad[:4].tolist()})"
+            f"{name}: expected a finite scale > 0, found {first!r} ({int(bad.sum())} of "
+            f"{s.numel()} scales: {detail}{example})"
         )
     return s
+
+
+def check_scalar_scale(name: str, t: torch.Tensor, what: str = "per-tensor") -> torch.Tensor:
+    """One scale (shape [] or [1]), checked by :func:`check_scale`, as a float32 []."""
+    return _scalar(name, check_scale(name, t), what)
+
+
+def check_weight_scale(
+    name: str, t: torch.Tensor, scheme: CheckpointScheme, n: int, k: int, *, check_values: bool = True
+) -> torch.Tensor:
+    """The weight scale of an [n, k] FP8 weight stored as ``scheme`` says, as float32 in the
+    canonical shape (:meth:`CheckpointScheme.weight_scale_shape`): per-tensor [] or [1],
+    per-channel [n, 1] or [n], block [ceil(n/bn), ceil(k/bk)] (a partial last block allowed).
+    ``check_values=False`` checks the shape only (values already checked)."""
+    ws = check_scale(name, t) if check_values else t.float()
+    if scheme.weight_strategy == "tensor":
+        return _scalar(name, ws, "per-tensor")
+    if scheme.weight_strategy == "channel":
+        if tuple(ws.shape) not in ((n, 1), (n,)):
+            raise CheckpointFormatError(
+                f"{name}: expected per-channel scale shape [{n}, 1] (or [{n}]) for weight "
+                f"{[n, k]}, found {list(ws.shape)}"
+            )
+        return ws.reshape(n, 1)
+    bn, bk = scheme.block_size  # type: ignore[misc]
+    exp = scheme.weight_scale_shape(n, k)
+    if tuple(ws.shape) != exp:
+        raise CheckpointFormatError(
+            f"{name}: expected block scales of shape {list(exp)} (= [ceil({n}/{bn}), ceil({k}/{bk})]) "
+            f"for weight {[n, k]} with {bn}x{bk} blocks, found {list(ws.shape)}"
+        )
+    return ws
+
+
+def check_zero_point(name: str, t: torch.Tensor) -> None:
+    """A zero point of a symmetric FP8 scheme (older llm-compressor writes them): all zeros."""
+    if t.numel() and bool((t.float() != 0).any()):
+        raise CheckpointFormatError(
+            f"{name}: expected all zeros (symmetric FP8), found nonzero values "
+            f"{t.float().flatten()[:4].tolist()}"
+        )
 
 
 def _scalar(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -113,6 +158,28 @@ def _scalar(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
             f"{name}: expected one {what} scale (shape [] or [1]), found shape {list(t.shape)}"
         )
     return t.reshape(())
+
+
+# -- scale slots a loader fills ------------------------------------------------------------------
+
+#: Scale parameters start as this float32 NaN (a payload of its own, told apart from a NaN stored
+#: in a checkpoint, 0x7FC00000 as torch writes it) so that a slot no checkpoint tensor filled is
+#: named "missing" after loading.
+UNFILLED_SCALE_BITS = 0x7FC0BAD0
+
+
+def unfilled_scales(*shape: int) -> torch.Tensor:
+    """float32 scales of ``shape``, every slot marked unfilled."""
+    return torch.full(shape, UNFILLED_SCALE_BITS, dtype=torch.int32).view(torch.float32)
+
+
+def first_unfilled(s: torch.Tensor) -> tuple[int, ...] | None:
+    """The index of the first slot of ``s`` (made by :func:`unfilled_scales`) that no checkpoint
+    tensor filled, or None when all were."""
+    missing = s.contiguous().view(torch.int32) == UNFILLED_SCALE_BITS
+    if not bool(missing.any()):
+        return None
+    return tuple(int(i) for i in missing.nonzero()[0])
 
 
 def validate_layer_tensors(
@@ -148,9 +215,7 @@ def validate_layer_tensors(
             f"found tensors {sorted(f'{prefix}.{k}' for k in t)}"
         )
     w = check_fp8_weight(wname, t["weight"], scheme.fp8_dtype, check_values=check_weight_values)
-    if w.dim() != 2:
-        raise CheckpointFormatError(f"{wname}: expected a 2-D [N, K] weight, found shape {list(w.shape)}")
-    n, k = w.shape
+    n, k = check_weight_shape(wname, w)
 
     # -- weight scale ---------------------------------------------------------------------------
     sname = names["weight_scale"]
@@ -167,24 +232,7 @@ def validate_layer_tensors(
             f"{sname}: missing; expected the {scheme.weight_strategy} weight scale of shape "
             f"{list(scheme.weight_scale_shape(n, k))} for weight {list(w.shape)}{hint}"
         )
-    ws = _scale_fp32(sname, t[scheme.weight_scale_name])
-    if scheme.weight_strategy == "tensor":
-        ws = _scalar(sname, ws, "per-tensor")
-    elif scheme.weight_strategy == "channel":
-        if tuple(ws.shape) not in ((n, 1), (n,)):
-            raise CheckpointFormatError(
-                f"{sname}: expected per-channel scale shape [{n}, 1] (or [{n}]) for weight "
-                f"{list(w.shape)}, found {list(ws.shape)}"
-            )
-        ws = ws.reshape(n, 1)
-    else:
-        bn, bk = scheme.block_size  # type: ignore[misc]
-        exp = (math.ceil(n / bn), math.ceil(k / bk))
-        if tuple(ws.shape) != exp:
-            raise CheckpointFormatError(
-                f"{sname}: expected block scale shape {list(exp)} (= [ceil({n}/{bn}), ceil({k}/{bk})]) "
-                f"for weight {list(w.shape)} with {bn}x{bk} blocks, found {list(ws.shape)}"
-            )
+    ws = check_weight_scale(sname, t[scheme.weight_scale_name], scheme, n, k)
 
     # -- input scale ----------------------------------------------------------------------------
     xs = None
@@ -195,18 +243,13 @@ def validate_layer_tensors(
                 f"{iname}: missing; expected a scalar per-tensor input scale (the config declares "
                 f"static activations)"
             )
-        xs = _scalar(iname, _scale_fp32(iname, t[scheme.input_scale_name]), "per-tensor input")
+        xs = check_scalar_scale(iname, t[scheme.input_scale_name], "per-tensor input")
         used.add(scheme.input_scale_name)
 
     # -- zero points and anything else ---------------------------------------------------------
-    for zp in _ZERO_POINTS:
+    for zp in ZERO_POINTS:
         if zp in t:
-            z = t[zp]
-            if z.numel() and bool((z.float() != 0).any()):
-                raise CheckpointFormatError(
-                    f"{prefix}.{zp}: expected all zeros (symmetric FP8), found nonzero values "
-                    f"{z.float().flatten()[:4].tolist()}"
-                )
+            check_zero_point(f"{prefix}.{zp}", t[zp])
     unused = tuple(sorted(f"{prefix}.{k}" for k in t if k not in used))
     return LayerTensors(prefix, w, ws, xs, unused)
 
@@ -219,7 +262,7 @@ def validate_layer_tensors(
 #   self_attn.k_scale / v_scale         (compressed-tensors, vLLM, ModelOpt)
 #   self_attn.k_proj.output_scale / ... (AutoFP8 and older llm-compressor)
 #   self_attn.kv_scale                  (deprecated: one scale for both)
-_KV_SUFFIXES = (
+KV_SCALE_SUFFIXES = (
     (".k_proj.output_scale", "k"),
     (".v_proj.output_scale", "v"),
     (".k_scale", "k"),
@@ -231,7 +274,7 @@ _KV_SUFFIXES = (
 def kv_scale_role(name: str) -> tuple[str, str] | None:
     """(attention module prefix, "k" | "v" | "kv") if tensor ``name`` is a KV-cache scale, else
     None. "model.layers.3.self_attn.k_proj.output_scale" → ("model.layers.3.self_attn", "k")."""
-    for suffix, role in _KV_SUFFIXES:
+    for suffix, role in KV_SCALE_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)], role
     return None
@@ -241,7 +284,7 @@ def validate_kv_scale(
     name: str, t: torch.Tensor, kv: KVCacheScheme | None = None, num_kv_heads: int | None = None
 ) -> torch.Tensor:
     """A KV-cache scale as float32: [] for per-tensor, [num_kv_heads] for per-head; finite, > 0."""
-    s = _scale_fp32(name, t)
+    s = check_scale(name, t)
     if kv is not None and kv.strategy == "head":
         if num_kv_heads is not None and s.numel() not in (1, num_kv_heads):
             raise CheckpointFormatError(
@@ -253,11 +296,20 @@ def validate_kv_scale(
 
 
 __all__ = [
+    "KV_SCALE_SUFFIXES",
     "LayerTensors",
-    "check_fp8_weight",
-    "check_scale",
     "SCALE_DTYPES",
+    "UNFILLED_SCALE_BITS",
+    "ZERO_POINTS",
+    "check_fp8_weight",
+    "check_scalar_scale",
+    "check_scale",
+    "check_weight_scale",
+    "check_weight_shape",
+    "check_zero_point",
+    "first_unfilled",
     "kv_scale_role",
+    "unfilled_scales",
     "validate_kv_scale",
     "validate_layer_tensors",
 ]

@@ -66,12 +66,20 @@ def _match_one(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def match_ignore(prefix: str, patterns: list[str], fused: dict[str, list[str]] | None = None) -> bool:
-    """True if layer ``prefix`` is to stay unquantized.
+def match_ignore(
+    prefix: str,
+    patterns: list[str],
+    fused: dict[str, list[str]] | None = None,
+    *,
+    field: str = "ignore",
+    verb: str = "ignored",
+) -> bool:
+    """True if layer ``prefix`` matches ``patterns`` (an ignore list: it stays unquantized; or
+    config-group targets).
 
-    A fused layer (e.g. ``qkv_proj`` made of q/k/v_proj) is ignored if its own name matches or
-    all of its shards do; some but not all shards matching is an error, since one fused weight
-    cannot be half quantized.
+    A fused layer (e.g. ``qkv_proj`` made of q/k/v_proj) matches if its own name does or all of
+    its shards do; some but not all shards matching is an error (ValueError naming ``field``),
+    since one fused weight cannot be half quantized.
     """
     if any(_match_one(prefix, p) for p in patterns):
         return True
@@ -85,8 +93,9 @@ def match_ignore(prefix: str, patterns: list[str], fused: dict[str, list[str]] |
         return True
     if any(hits):
         raise ValueError(
-            f"ignore: the shards {fused[proj]} of fused layer {prefix} must all be ignored or all "
-            f"quantized; found ignored: {[s for s, h in zip(fused[proj], hits) if h]}"
+            f"{field}: expected the shards {list(fused[proj])} of fused layer {prefix} all {verb} or "
+            f"none (one fused weight cannot be half quantized), found {verb}: "
+            f"{[s for s, h in zip(fused[proj], hits) if h]}"
         )
     return False
 

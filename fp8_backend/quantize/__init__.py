@@ -3,8 +3,9 @@
 No vLLM import. Modules: options (validated user choices), weights (numerics.py quantization and
 the MSE scale search), calibration + corpus (activation ranges via transformers hooks), layers
 (which modules are linear / attention), experts (mixture-of-experts layers stored per expert,
-their routers), config (quantization_config per format), shards
+their routers), shards
 (streaming safetensors I/O), output (all-or-nothing output directory), api (the pipeline).
+Tensor names, scale shapes and the quantization_config come from fp8_backend.formats.writer.
 """
 
 from .api import QuantizeReport, quantize

@@ -21,7 +21,7 @@ from .. import numerics
 from ..formats.checkpoint import CheckpointFormatError
 from ..formats.safetensors_files import check_safetensors_files
 from ..formats.scheme import match_ignore
-from .config import quantization_config
+from ..formats.writer import quantization_config
 from .experts import find_moe_layers, ignore_entries, routers, split_ignored
 from .layers import model_layers, quantized_layers
 from .options import QuantizeError, QuantizeOptions
@@ -66,9 +66,9 @@ class QuantizeReport:
         return self.sse / self.sse_amax if self.sse_amax else 1.0
 
 
-def _scalar(v: float, ct: bool) -> torch.Tensor:
-    s = numerics.compute_scale(torch.tensor(v, dtype=torch.float32))
-    return s.reshape(1) if ct else s.reshape(())
+def _scalar(v: float, scheme) -> torch.Tensor:
+    """The scale for amax ``v`` in the scalar shape of ``scheme``'s format."""
+    return numerics.compute_scale(torch.tensor(v, dtype=torch.float32)).reshape(scheme.scalar_shape)
 
 
 def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8", per_channel: bool = False,
@@ -137,7 +137,8 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
     ct = opts.format == "compressed-tensors"
     for n in moe_ignored + [n for n, _ in fused_16bit]:
         ignored += ignore_entries(n, ct)
-    qcfg = quantization_config(opts, ignored)
+    scheme = opts.checkpoint_scheme(ignored)
+    qcfg = quantization_config(scheme)
     report = QuantizeReport(out_dir, qcfg, quant, ignored, [], input_amax=input_amax, kv_amax=kv_amax,
                             moe=[(n, m.num_experts) for n, m in moe_quant.items()],
                             moe_16bit=[(n, moe[n].num_experts) for n in moe_ignored] + fused_16bit,
@@ -149,10 +150,10 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
         with tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress) as bar:
             for shard, names in keys.items():
                 with ShardReader(shard) as reader:
-                    _convert_shard(reader, names, quant_set, opts, input_amax, ct, writer, report, bar)
+                    _convert_shard(reader, names, quant_set, opts, input_amax, scheme, writer, report, bar)
         for attn in layers.attention if opts.kv_cache else ():
-            for proj, short in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
-                writer.add(f"{attn}.{short}", _scalar(kv_amax[f"{attn}.{proj}"], ct))
+            for role, name in scheme.kv_scale_names(attn).items():
+                writer.add(name, _scalar(kv_amax[f"{attn}.{role}_proj"], scheme))
         report.shards = writer.finish()
         _copy_other_files(model_dir, tmp)
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -188,7 +189,7 @@ def _fill_expert_input_amax(moe, input_amax: dict[str, float]) -> dict[str, int]
     return filled
 
 
-def _convert_shard(reader, names, quant_set, opts, input_amax, ct, writer, report, bar) -> None:
+def _convert_shard(reader, names, quant_set, opts, input_amax, scheme, writer, report, bar) -> None:
     """Quantize the linear weights among ``names`` (one input shard), pass the rest through."""
     for name in names:
         t = reader.get(name)
@@ -199,8 +200,8 @@ def _convert_shard(reader, names, quant_set, opts, input_amax, ct, writer, repor
             report.sse_amax += sse_amax
             for n, v in tensors.items():
                 writer.add(n, v)
-            if opts.scheme == "static":
-                writer.add(f"{layer}.input_scale", _scalar(input_amax[layer], ct))
+            if scheme.input_scale_name is not None:
+                writer.add(scheme.tensor_names(layer)["input_scale"], _scalar(input_amax[layer], scheme))
         else:
             writer.add(name, t)
         del t

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats.checkpoint import unmatched_ignores
 from ..formats.scheme import match_ignore
 
 
@@ -65,5 +66,4 @@ def quantized_layers(layers: ModelLayers, ignore: list[str]) -> tuple[list[str],
     quant, ignored = [], []
     for n in layers.linear:
         (ignored if match_ignore(n, ignore) else quant).append(n)
-    unmatched = [p for p in ignore if not any(match_ignore(n, [p]) for n in layers.linear)]
-    return quant, ignored, unmatched
+    return quant, ignored, unmatched_ignores(ignore, layers.linear)

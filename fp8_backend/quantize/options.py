@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..formats.scheme import check_ignore_patterns
+from ..formats.writer import producer_scheme
 
 SCHEMES = ("dynamic", "static", "block")
 FORMATS = ("autofp8", "compressed-tensors")
@@ -66,6 +67,13 @@ class QuantizeOptions:
         if self.scheme == "block":
             return "block"
         return "channel" if self.per_channel else "tensor"
+
+    def checkpoint_scheme(self, ignored=()):
+        """The formats.CheckpointScheme of the checkpoint these options write (names, shapes and
+        quantization_config all come from it); ``ignored``: the layers left 16-bit."""
+        act = "static" if self.scheme == "static" else "dynamic"
+        return producer_scheme(self.format, self.weight_strategy, act, block_size=self.block_size,
+                               kv_cache=self.kv_cache, ignore=tuple(ignored))
 
     @property
     def all_ignores(self) -> list[str]:

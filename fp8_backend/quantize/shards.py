@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..formats.safetensors_files import INDEX
 from .options import QuantizeError
 
-INDEX = "model.safetensors.index.json"
+__all__ = ["INDEX", "ShardReader", "ShardWriter", "input_shards", "shard_keys"]
 
 
 def input_shards(model_dir: Path) -> list[Path]:

@@ -76,7 +76,7 @@ def quantize_weight(w: torch.Tensor, layer: str, opts: QuantizeOptions) -> tuple
 
     Raises ValueError naming the tensor if ``w`` holds NaN or Inf."""
     name = f"{layer}.weight"
-    numerics.check_finite(w, name)
+    numerics.check_finite(w, name)  # 16-bit input: NaN / Inf named before quantizing
     if w.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [N, K] linear weight, found shape {tuple(w.shape)}")
     strategy = opts.weight_strategy
@@ -86,11 +86,8 @@ def quantize_weight(w: torch.Tensor, layer: str, opts: QuantizeOptions) -> tuple
     else:
         base_err = float(err.sum())
     q = numerics.quantize_with_scale(w, _expand(scale, w.float(), strategy, opts.block_size))
-    ct = opts.format == "compressed-tensors"
-    if strategy == "block":
-        scale_name = "weight_scale" if ct else "weight_scale_inv"
-    else:
-        scale_name = "weight_scale"
+    scheme = opts.checkpoint_scheme()
+    names = scheme.tensor_names(layer)
     if strategy == "tensor":
-        scale = scale.reshape(1) if ct else scale.reshape(())
-    return {name: q, f"{layer}.{scale_name}": scale.float().contiguous()}, float(err.sum()), base_err
+        scale = scale.reshape(scheme.scalar_shape)
+    return {names["weight"]: q, names["weight_scale"]: scale.float().contiguous()}, float(err.sum()), base_err

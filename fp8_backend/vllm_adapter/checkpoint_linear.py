@@ -23,41 +23,89 @@ from vllm.model_executor.parameter import (
 
 from .. import kernels
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
+from ..formats.layer_tensors import (
+    check_fp8_weight,
+    check_scalar_scale,
+    check_scale,
+    check_weight_scale,
+    check_weight_shape,
+    check_zero_point,
+    first_unfilled,
+    unfilled_scales,
+)
 from .layer_owner import check_activation_dtype
 from .linear_paths import apply_linear, path_for_device, prepare_layer
-from ..formats.layer_tensors import check_fp8_weight
 
 logger = logging.getLogger("vllm.fp8_backend")
 
 _NAN_CODE = 0x7F  # e4m3fn NaN: weights start as NaN so a tensor the checkpoint lacks is caught
-# Scales start as a NaN with a payload of our own, told apart from a NaN stored in a checkpoint
-# (0x7FC00000 as torch writes it) so the error can say "missing" rather than "nan".
-_MISSING_BITS = 0x7FC0BAD0
-
-
-def _missing(shape) -> torch.Tensor:
-    return torch.full(shape, _MISSING_BITS, dtype=torch.int32).view(torch.float32)
 _static_logged = False
 
 
-def _checked_loader(loader, name: str, expect: str, layer_shape: str):
-    """Wrap vLLM's weight loader: a copy into our parameter would silently convert any dtype,
-    and a tensor of the wrong shape fails inside vLLM's loader without its name."""
+def _shard_index(args, kwargs) -> int | None:
+    """The shard a fused layer's loader is called for (q/k/v or 0, 1, ...), None for a whole layer."""
+    shard_id = args[0] if args else kwargs.get("loaded_shard_id")
+    if shard_id is None:
+        return None
+    return _QKV[shard_id] if isinstance(shard_id, str) else int(shard_id)
+
+
+class _Tensors:
+    """What one layer's loaders check each checkpoint tensor against (formats' rules): the
+    scheme, and each shard's full [N, K] in the checkpoint (before tensor-parallel slicing)."""
+
+    def __init__(self, prefix: str, scheme: CheckpointScheme, shard_rows: tuple[int, ...], k_full: int):
+        self.prefix, self.scheme = prefix, scheme
+        self.shard_rows, self.k_full = shard_rows, k_full
+
+    def scale_name(self, name: str, shard: int | None) -> str:
+        """"<prefix>.<name>", with "(shard i of n)" for a fused layer."""
+        full = f"{self.prefix}.{name}"
+        n = len(self.shard_rows)
+        return f"{full} (shard {shard} of {n})" if n > 1 and shard is not None else full
+
+    def check(self, role: str, t: torch.Tensor, shard: int | None, *, values: bool) -> None:
+        """Before vLLM's loader (``values``): dtype, values, a weight's rank; after it, the
+        scale's shape by strategy: formats' rule decides whatever vLLM's loader lets through
+        (its own shape errors come first, wrapped with the layer's sizes)."""
+        if role == "weight":
+            if values:
+                name = f"{self.prefix}.weight"
+                check_weight_shape(name, check_fp8_weight(name, t, self.scheme.fp8_dtype))
+            return
+        name = self.scale_name(self.scheme.weight_scale_name if role == "weight_scale" else role, shard)
+        if values:
+            check_scale(name, t)
+        elif role == "weight_scale":
+            n = self.shard_rows[shard or 0]
+            check_weight_scale(name, t, self.scheme, n, self.k_full, check_values=False)
+        else:
+            check_scalar_scale(name, t, "per-tensor input")
+
+
+def _checked_loader(loader, role: str, tensors: _Tensors, layer_shape: str):
+    """Wrap vLLM's weight loader with formats' checks: a copy into our parameter would silently
+    convert any dtype, and a tensor of the wrong shape fails inside vLLM's loader without its
+    name (or, for a scale, may be broadcast)."""
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
-        if expect == "fp8":
-            check_fp8_weight(name, loaded_weight, torch.float8_e4m3fn)
-        elif not loaded_weight.is_floating_point():
-            raise CheckpointFormatError(f"{name}: expected a float32/bf16/fp16 scale, found {loaded_weight.dtype}")
+        shard = _shard_index(args, kwargs)
+        tensors.check(role, loaded_weight, shard, values=True)
+        if role == "weight_scale" and tensors.scheme.weight_strategy == "channel" and loaded_weight.dim() == 1:
+            loaded_weight = loaded_weight.reshape(-1, 1)  # [N] is the same per-channel scale as [N, 1]
         try:
-            return loader(param, loaded_weight, *args, **kwargs)
+            out = loader(param, loaded_weight, *args, **kwargs)
         except (AssertionError, RuntimeError, ValueError, IndexError) as e:
-            shard = f" (shard {args[0] if args else kwargs.get('loaded_shard_id')})" if args or "loaded_shard_id" in kwargs else ""
+            name = f"{tensors.prefix}.{role if role != 'weight_scale' else tensors.scheme.weight_scale_name}"
+            sid = args[0] if args else kwargs.get("loaded_shard_id")
+            where = f" (shard {sid})" if sid is not None else ""
             raise CheckpointFormatError(
-                f"{name}{shard}: expected a tensor that fits this layer's parameter "
+                f"{name}{where}: expected a tensor that fits this layer's parameter "
                 f"{list(param.shape)} ({layer_shape}), found shape {list(loaded_weight.shape)}"
                 + (f"; vLLM's loader said: {e}" if str(e) else "")
             ) from e
+        tensors.check(role, loaded_weight, shard, values=False)
+        return out
 
     return load
 
@@ -66,20 +114,14 @@ def _checked_loader(loader, name: str, expect: str, layer_shape: str):
 class Fp8CheckpointLinearMethod(LinearMethodBase):
     """FP8 weights stored in the checkpoint; per-tensor, per-channel or block weight scales."""
 
-    def __init__(self, scheme: CheckpointScheme, prefix: str = "") -> None:
+    def __init__(self, scheme: CheckpointScheme, prefix: str = "", zero_points: tuple[str, ...] = ()) -> None:
         self.scheme = scheme
         self.prefix = prefix
+        self.zero_points = zero_points  # zero-point tensor names the checkpoint stores (checked, dropped)
 
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs,
-    ) -> None:
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         check_activation_dtype(self.prefix, params_dtype)
         loader = extra_weight_attrs.get("weight_loader")
         n, k = sum(output_partition_sizes), input_size_per_partition
@@ -87,42 +129,46 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         shapes = f"{what} scales, output widths {list(output_partition_sizes)}, input size {k} per rank, from config.json"
         layer.logical_widths = list(output_partition_sizes)
         layer.orig_dtype = params_dtype
+        rows = _block_tp_layout(layer, output_partition_sizes, output_size, k, input_size, 1, 1)
+        tensors = _Tensors(self.prefix, self.scheme, rows.full_rows, input_size)
         weight = ModelWeightParameter(
             data=torch.full((n, k), _NAN_CODE, dtype=torch.uint8).view(torch.float8_e4m3fn),
             input_dim=1,
             output_dim=0,
-            weight_loader=_checked_loader(loader, f"{self.prefix}.weight", "fp8", shapes),
+            weight_loader=_checked_loader(loader, "weight", tensors, shapes),
         )
         layer.register_parameter("weight", weight)
-        scale_name = f"{self.prefix}.{self.scheme.weight_scale_name}"
         if self.scheme.weight_strategy == "tensor":
             scale = PerTensorScaleParameter(
-                data=_missing((len(output_partition_sizes),)),
-                weight_loader=_checked_loader(loader, scale_name, "scale", shapes),
+                data=unfilled_scales(len(output_partition_sizes)),
+                weight_loader=_checked_loader(loader, "weight_scale", tensors, shapes),
             )
         elif self.scheme.weight_strategy == "channel":
             scale = ChannelQuantScaleParameter(
-                data=_missing((n, 1)),
+                data=unfilled_scales(n, 1),
                 output_dim=0,
-                weight_loader=_checked_loader(loader, scale_name, "scale", shapes),
+                weight_loader=_checked_loader(loader, "weight_scale", tensors, shapes),
             )
         else:
             bn, bk = self.scheme.block_size  # type: ignore[misc]
             tp = _block_tp_layout(layer, output_partition_sizes, output_size, k, input_size, bn, bk)
             layer.block_tp = tp
             scale = BlockQuantScaleParameter(
-                data=_missing((sum(tp.rows), tp.k_blocks)),
+                data=unfilled_scales(sum(tp.rows), tp.k_blocks),
                 input_dim=1,
                 output_dim=0,
-                weight_loader=_block_scale_loader(scale_name, tp),
+                weight_loader=_block_scale_loader(tensors, tp),
             )
         layer.register_parameter(self.scheme.weight_scale_name, scale)
         if self.scheme.activation_scheme == "static":
             input_scale = PerTensorScaleParameter(
-                data=_missing((len(output_partition_sizes),)),
-                weight_loader=_checked_loader(loader, f"{self.prefix}.input_scale", "scale", shapes),
+                data=unfilled_scales(len(output_partition_sizes)),
+                weight_loader=_checked_loader(loader, "input_scale", tensors, shapes),
             )
             layer.register_parameter("input_scale", input_scale)
+        for zp in self.zero_points:
+            layer.register_parameter(zp, torch.nn.Parameter(torch.empty(0), requires_grad=False))
+            getattr(layer, zp).weight_loader = _zero_point_loader(zp, tensors)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "_fp8_backend_ready", False):
@@ -137,7 +183,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             )
         w = kernels.w8a16_prepack(w, f"{self.prefix}.weight")
         raw = getattr(layer, self.scheme.weight_scale_name).data  # fp32: created so, loaded by copy
-        scale = self._checked_scale(raw, f"{self.prefix}.{self.scheme.weight_scale_name}", layer)
+        scale = self._check_filled(raw, self.scheme.weight_scale_name, layer)
         if self.scheme.weight_strategy == "tensor" and len(layer.logical_widths) > 1:
             # One exact scale per shard, expanded to one per output row.
             scale = torch.cat([s.expand(width) for s, width in zip(scale, layer.logical_widths)])
@@ -148,8 +194,10 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             scale = scale.reshape(-1).contiguous()
         layer.block_size = block
         delattr(layer, self.scheme.weight_scale_name)
+        for zp in self.zero_points:
+            delattr(layer, zp)
         if self.scheme.activation_scheme == "static":
-            self._checked_scale(layer.input_scale.data, f"{self.prefix}.input_scale", layer)
+            self._check_filled(layer.input_scale.data, "input_scale", layer)
             _log_static_once()
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
@@ -196,16 +244,15 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             start += rows
         return scale[torch.tensor(index)].contiguous(), [1, k_out]
 
-    def _checked_scale(self, s: torch.Tensor, name: str, layer) -> torch.Tensor:
-        bad = ~(torch.isfinite(s) & (s > 0))
-        if bool(bad.any()):
-            i = int(bad.flatten().nonzero()[0])
-            value = float(s.flatten()[i])
-            missing = int(s.flatten()[i : i + 1].view(torch.int32)) == _MISSING_BITS
-            what = "missing from the checkpoint" if missing else f"{value!r}"
+    def _check_filled(self, s: torch.Tensor, name: str, layer) -> torch.Tensor:
+        """Every slot of a scale parameter came from the checkpoint (the loaders checked each
+        tensor's values as it arrived)."""
+        idx = first_unfilled(s)
+        if idx is not None:
+            i = idx[0]
             where = f" (shard {i} of {len(layer.logical_widths)})" if s.numel() == len(layer.logical_widths) > 1 else ""
             raise CheckpointFormatError(
-                f"{name}{where}: expected a finite scale > 0, found {what}"
+                f"{self.prefix}.{name}{where}: expected a finite scale > 0, found missing from the checkpoint"
             )
         return s
 
@@ -273,22 +320,24 @@ def _block_tp_layout(layer, widths: list[int], output_size: int, k: int, input_s
                     -(-(k_offset + k) // bk) - k_first, input_size, -(-input_size // bk))
 
 
-def _block_scale_loader(name: str, tp: _BlockTp):
+def _zero_point_loader(name: str, tensors: _Tensors):
+    """A symmetric scheme's zero point: checked to be all zeros, then dropped."""
+
+    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        check_zero_point(tensors.scale_name(name, _shard_index(args, kwargs)), loaded_weight)
+
+    return load
+
+
+def _block_scale_loader(tensors: _Tensors, tp: _BlockTp):
     """Copy this rank's block rows / columns of one shard's checkpoint grid (the full
     [ceil(rows / bn), ceil(K / bk)] grid of that shard) to rows [sum(rows[:i]), +rows[i])."""
 
     def load(param, loaded_weight: torch.Tensor, shard_id=None, *args, **kwargs):
-        if not loaded_weight.is_floating_point():
-            raise CheckpointFormatError(f"{name}: expected a float32/bf16/fp16 scale, found {loaded_weight.dtype}")
-        i = 0 if shard_id is None else (_QKV[shard_id] if isinstance(shard_id, str) else int(shard_id))
+        i = _shard_index((shard_id,), {}) or 0
+        tensors.check("weight_scale", loaded_weight, i, values=True)
+        tensors.check("weight_scale", loaded_weight, i, values=False)
         start = sum(tp.rows[:i])
-        expected = (tp.full_rows[i], tp.full_k_blocks)
-        if tuple(loaded_weight.shape) != expected:
-            raise CheckpointFormatError(
-                f"{name}" + (f" (shard {shard_id})" if shard_id is not None else "")
-                + f": expected block scales of shape {list(expected)} (ceil(rows / block_n), "
-                f"ceil(K / block_k)), found {list(loaded_weight.shape)}"
-            )
         part = loaded_weight[tp.first_rows[i] : tp.first_rows[i] + tp.rows[i], tp.k_first : tp.k_first + tp.k_blocks]
         param.data[start : start + tp.rows[i]].copy_(part)
 

@@ -141,7 +141,7 @@ class Fp8Config(QuantizationConfig):
                 self._logged = True
             if rule.owner == "vllm":
                 return self._vllm_linear_method(layer, prefix, rule.reason)
-            return Fp8CheckpointLinearMethod(self.checkpoint, prefix)
+            return Fp8CheckpointLinearMethod(self.checkpoint, prefix, self._stored_zero_points())
         if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
         rule = self._linear_rule(prefix, "online")
@@ -199,6 +199,33 @@ class Fp8Config(QuantizationConfig):
         if model and os.path.isdir(model) and getattr(model_config, "quantization", None):
             # Kept: the KV-scale method tells a deprecated kv_scale from a lost v_scale by it.
             self.tensor_names = frozenset(check_safetensors_files(model))
+            self._warn_unmatched_ignores()
+
+    def _stored_zero_points(self) -> tuple[str, ...]:
+        """The zero-point tensor names ("weight_zero_point", ...) the checkpoint stores (older
+        llm-compressor writes them for symmetric schemes): the linear method takes and checks them."""
+        from ..formats.layer_tensors import ZERO_POINTS
+
+        stored = self.tensor_names or ()
+        return tuple(z for z in ZERO_POINTS if any(n.endswith("." + z) for n in stored))
+
+    def _warn_unmatched_ignores(self) -> None:
+        """Ignore patterns of the checkpoint that name no layer it stores: harmless to serving
+        (nothing to leave unquantized) but usually a config written for another model. lm_head
+        is left out: checkpoints with tied embeddings do not store it."""
+        from ..formats.checkpoint import module_names, unmatched_ignores
+
+        if self.checkpoint is None or not self.tensor_names:
+            return
+        patterns = [p for p in self.checkpoint.ignore if p != "lm_head"]
+        names = module_names(self.tensor_names)
+        unmatched = unmatched_ignores(patterns, names, self.packed_modules_mapping)
+        if unmatched:
+            logger.warning(
+                "fp8-backend: quantization_config ignore patterns %s match none of the checkpoint's "
+                "%d layers (e.g. %s): expected each to name a layer it stores",
+                unmatched, len(names), names[:2],
+            )
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase:
         """FusedMoE layers, as layer_owner decides: fp8-backend's FP8 MoE method (checkpoints
@@ -318,9 +345,10 @@ class Fp8Config(QuantizationConfig):
         (self_attn.k_scale, deprecated kv_scale, ...)."""
         from vllm.model_executor.models.utils import WeightsMapper
 
+        from ..formats.layer_tensors import KV_SCALE_SUFFIXES
+
         own = WeightsMapper(orig_to_new_suffix={
-            ".k_proj.output_scale": ".attn.k_scale",
-            ".v_proj.output_scale": ".attn.v_scale",
+            suffix: f".attn.{role}_scale" for suffix, role in KV_SCALE_SUFFIXES if suffix.endswith(".output_scale")
         })
         return own | QuantizationConfig.get_cache_scale_mapper()
 

@@ -20,7 +20,8 @@ from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
 from ..formats.checkpoint import CheckpointFormatError, KVCacheScheme
 from ..formats.kv_scales import find_kv_scales_file, load_kv_scales_json
-from ..formats.layer_tensors import validate_kv_scale
+from ..formats.layer_tensors import kv_scale_role, validate_kv_scale
+from ..numerics import KV_CACHE_FP8_DTYPES
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -58,6 +59,16 @@ def _scale_name(layer: torch.nn.Module, name: str) -> str:
     if name in ("k_scale", "v_scale"):
         return f"{parent}.{name} (or {parent}.{name[0]}_proj.output_scale; loaded into {param})"
     return param
+
+
+def _stores_kv_scale(quant_config, attention: str) -> bool:
+    """True if the checkpoint stores the deprecated one-for-both ``kv_scale`` of attention module
+    ``attention`` (formats.kv_scale_role over the stored tensor names; True when they are not
+    known)."""
+    stored = getattr(quant_config, "tensor_names", None)
+    if stored is None:
+        return True
+    return any(kv_scale_role(n) == (attention, "kv") for n in stored)
 
 
 class Fp8KVCacheMethod(BaseKVCacheMethod):
@@ -105,15 +116,14 @@ class Fp8KVCacheMethod(BaseKVCacheMethod):
             # k_scale, so a lone k_scale is fine when the checkpoint stores a kv_scale; anything
             # else lost its partner (served, v would silently take k's scale, or vLLM asserts).
             lost = ({"k_scale", "v_scale"} - loaded).pop()
-            stored = getattr(self.quant_config, "tensor_names", None)
             parent = getattr(layer, "layer_name", "?").rsplit(".", 1)[0]
-            if lost == "k_scale" or (stored is not None and f"{parent}.kv_scale" not in stored):
+            if lost == "k_scale" or not _stores_kv_scale(self.quant_config, parent):
                 raise CheckpointFormatError(
                     f"{_scale_name(layer, lost)}: expected in the checkpoint with its partner, found "
                     f"only {(loaded & {'k_scale', 'v_scale'}).pop()} (and no deprecated {parent}.kv_scale)"
                 )
         json_scale = self._json_scale(layer)
-        fp8 = str(getattr(layer, "kv_cache_dtype", "auto")).startswith("fp8")
+        fp8 = str(getattr(layer, "kv_cache_dtype", "auto")) in KV_CACHE_FP8_DTYPES
         k_heads = getattr(layer, "_fp8b_k_heads_loaded", None)
         v_heads = getattr(layer, "_fp8b_v_heads_loaded", None)
         if json_scale is not None:

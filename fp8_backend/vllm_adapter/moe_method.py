@@ -44,6 +44,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from .. import kernels
 from ..kernels.huge_pages import huge_page_empty
 from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
+from ..formats.layer_tensors import first_unfilled, unfilled_scales
 from .linear import quantize_linear_weight
 from .layer_owner import check_activation_dtype
 from .moe import checkpoint_tensor_name
@@ -51,13 +52,9 @@ from .moe import checkpoint_tensor_name
 logger = logging.getLogger("vllm.fp8_backend")
 
 _E4M3 = torch.float8_e4m3fn
-# Scales start as a NaN with a payload of our own, so a slot no checkpoint tensor filled can
-# never pass for a scale (the completeness check names it first).
-_MISSING_BITS = 0x7FC0BAD0
-
-
-def _missing(*shape: int) -> torch.Tensor:
-    return torch.full(shape, _MISSING_BITS, dtype=torch.int32).view(torch.float32)
+# Scales start unfilled (formats.layer_tensors.unfilled_scales), so a slot no checkpoint tensor
+# filled can never pass for a scale (the completeness check names it first).
+_missing = unfilled_scales
 
 
 class Fp8FusedMoEMethod(FusedMoEMethodBase):
@@ -305,14 +302,12 @@ def _expert_weights(*shape: int) -> torch.Tensor:
 
 
 def _check_loaded_scale(name: str, s: torch.Tensor) -> None:
-    """Every slot of a loaded scale parameter finite and > 0 (the loader checked each checkpoint
-    tensor; this catches a slot no tensor filled that the completeness check cannot see)."""
-    bad = ~(torch.isfinite(s) & (s > 0))
-    if bool(bad.any()):
-        idx = [int(v) for v in bad.nonzero()[0]]
-        flat = s[tuple(idx)].reshape(1)
-        missing = int(flat.view(torch.int32)) == _MISSING_BITS
+    """Every slot of a loaded scale parameter filled (the loader checked each checkpoint tensor's
+    values with formats' check_scale; this catches a slot no tensor filled that the completeness
+    check cannot see)."""
+    idx = first_unfilled(s)
+    if idx is not None:
         raise CheckpointFormatError(
-            f"{name}{idx} (expert {idx[0]}): expected a finite scale > 0, found "
-            + ("nothing: no checkpoint tensor filled it" if missing else repr(float(flat)))
+            f"{name}{list(idx)} (expert {idx[0]}): expected a finite scale > 0, found nothing: no "
+            f"checkpoint tensor filled it"
         )

@@ -24,8 +24,9 @@ class Case:
     id: str
     base: str  # key of BASES
     edit: Callable[[Path], None]
-    expect: str | None  # substring the error must contain; None: harmless, must load
+    expect: str | tuple[str, ...] | None  # substring(s) the error must contain; None: harmless, must load
     kwargs: dict = field(default_factory=dict)  # engine arguments (e.g. an FP8 KV cache)
+    warn: str | None = None  # harmless cases: a substring of a warning the plugin must log
 
 
 #: Intact checkpoints: producer options (fp8_backend.quantize.quantize keyword arguments).
@@ -89,6 +90,23 @@ def to_dtype(name: str, dtype: torch.dtype):
         def fn(t):
             t[name] = t[name].float().to(dtype)
         _tensors(d, fn)
+    return edit
+
+
+def retensor(name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Replace tensor ``name`` by ``fn(tensor)``."""
+    def edit(d):
+        def f(t):
+            t[name] = fn(t[name]).contiguous()
+        _tensors(d, f)
+    return edit
+
+
+def add_tensor(name: str, value: torch.Tensor):
+    def edit(d):
+        def f(t):
+            t[name] = value
+        _tensors(d, f)
     return edit
 
 
@@ -213,6 +231,20 @@ def all_cases() -> list[Case]:
         Case("weight-nan-encodings", "autofp8-block", nan_weight(w), w),
         Case("weight-rows", "ct-block", truncate_rows(w, 200), w),
         Case("weight-missing", "autofp8-static-kv", drop(w), w),
+        Case("weight-3d", "autofp8-static-kv", retensor(w, lambda x: x.reshape(x.shape[0], -1, 2)), (w, "2-D")),
+    ]
+    # Scale shapes vLLM's loaders would accept by broadcasting, the empty scale, zero points.
+    ws, xs = f"{L0}.mlp.down_proj.weight_scale", f"{L0}.self_attn.o_proj.input_scale"
+    cs, zp = f"{L1}.mlp.down_proj.weight_scale", f"{L0}.mlp.down_proj.weight_zero_point"
+    cases += [
+        Case("weight-scale-1x1", "autofp8-static-kv", retensor(ws, lambda x: x.reshape(1, 1)), (ws, "[1, 1]")),
+        Case("input-scale-1x1", "autofp8-static-kv", retensor(xs, lambda x: x.reshape(1, 1)), (xs, "[1, 1]")),
+        Case("channel-scale-1x1", "ct-dynamic-channel", retensor(cs, lambda x: x[:1]),
+             (cs, "[256, 1]", "[1, 1]")),
+        Case("weight-scale-empty", "autofp8-static-kv", retensor(ws, lambda x: x.reshape(-1)[:0]), (ws, "empty")),
+        Case("channel-scale-1d", "ct-dynamic-channel", retensor(cs, lambda x: x.reshape(-1)), None),
+        Case("zero-point-zero", "ct-dynamic-channel", add_tensor(zp, torch.zeros(256, 1, dtype=torch.int8)), None),
+        Case("zero-point-nonzero", "ct-dynamic-channel", add_tensor(zp, torch.ones(256, 1, dtype=torch.int8)), (zp, "zeros")),
     ]
     # Files.
     cases += [
@@ -237,7 +269,12 @@ def all_cases() -> list[Case]:
         Case("cfg-ct-block-structure", "ct-block",
              config(lambda q: q["config_groups"]["group_0"]["weights"].update(block_structure=[64, 64])), "block_structure"),
         Case("cfg-ignore-matches-nothing", "autofp8-static-kv",
-             config(lambda q: q.update(ignored_layers=["model.layers.7.mlp.nothing"])), None),
+             config(lambda q: q.update(ignored_layers=["model.layers.7.mlp.nothing"])), None,
+             warn="['model.layers.7.mlp.nothing'] match none"),
+        Case("cfg-ignore-half-fused", "autofp8-static-kv",
+             config(lambda q: q["ignored_layers"].append(f"{L0}.self_attn.q_proj")), ("quantization_config.ignore", "q_proj")),
+        Case("cfg-ignore-bad-regex", "autofp8-static-kv",
+             config(lambda q: q["ignored_layers"].append("re:(")), ("quantization_config.ignored_layers", "'re:('")),
     ]
     # kv_cache_scales.json.
     cases += [

@@ -51,10 +51,13 @@ def test_hostile_checkpoint(results, case):
     if case.expect is None:
         assert r["ok"], r.get("traceback")
         assert r["digest"] == intact["digest"], "a harmless change must serve the intact model"
+        if case.warn is not None:
+            assert any(case.warn in w for w in r["warnings"]), r["warnings"]
         return
     assert not r["ok"], f"{case.id}: loaded, expected a refusal naming {case.expect!r}"
     err = r["error"]
-    assert case.expect in err, err
+    for part in (case.expect,) if isinstance(case.expect, str) else case.expect:
+        assert part in err, err
     if case.id not in VLLM_OWN:
         low = err.lower()
         assert "expected" in low and "found" in low, err
