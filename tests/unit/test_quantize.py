@@ -1,8 +1,8 @@
 """The FP8 checkpoint producer (fp8_backend.quantize): numerics, formats, calibration, streaming,
-all-or-nothing output, bad input, and round trips through vLLM with the plugin.
+all-or-nothing output, bad input (round trips through vLLM: tests/engine/test_quantize_roundtrip.py).
 
 Independent references: numerics.py for the tensors, the small writers of test_checkpoints.py
-(plain torch) for the checkpoint layouts, transformers modules called directly for calibration.
+(plain torch, tests/support/checkpoint_writers.py) for the checkpoint layouts, transformers modules called directly for calibration.
 """
 
 import json
@@ -12,32 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_engine
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_checkpoints import CKPT, lp, write_autofp8, write_block, write_llm_compressor
-from fp8_backend.testing.tiny_model import LINEAR_SUFFIXES, build_tiny_llama
+from quantize_cases import CALIB, CASES, q, tensors
+from fp8_backend.testing.tiny_model import build_tiny_llama
 
 from fp8_backend import numerics
 from fp8_backend.formats.checkpoint import parse_quantization_config
-from fp8_backend.quantize import QuantizeError, quantize
+from fp8_backend.quantize import QuantizeError
 from fp8_backend.quantize import api as qapi
 from fp8_backend.quantize.weights import MSE_GRID, choose_scale
-
-CALIB = dict(num_samples=4, seq_len=64)  # enough for the tiny model; keeps calibration < 1 s
-
-
-def q(model, out, **kw):
-    kw.setdefault("progress", False)
-    return quantize(model, out, **kw)
-
-
-def tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype in numerics.FP8_DTYPES:
@@ -97,27 +81,6 @@ def test_mse_search_keeps_amax_when_nothing_clips_better():
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: tensors against the independent writers, configs against both parsers
 # ---------------------------------------------------------------------------------------------
-
-# (scheme, format, per_channel) -> the test_checkpoints writer describing the same quantization
-CASES = {
-    "dynamic-autofp8": (dict(scheme="dynamic", format="autofp8"), lambda s, d: write_autofp8(s, d, "dynamic")),
-    "static-autofp8": (dict(scheme="static", format="autofp8"), lambda s, d: write_autofp8(s, d, "static")),
-    "block-autofp8": (dict(scheme="block", format="autofp8"), lambda s, d: write_block(s, d, "fp8")),
-    "dynamic-ct-channel": (dict(scheme="dynamic", format="compressed-tensors", per_channel=True),
-                           lambda s, d: write_llm_compressor(s, d, "FP8_DYNAMIC")),
-    "static-ct": (dict(scheme="static", format="compressed-tensors"),
-                  lambda s, d: write_llm_compressor(s, d, "FP8")),
-    "block-ct": (dict(scheme="block", format="compressed-tensors"),
-                 lambda s, d: write_block(s, d, "compressed-tensors")),
-}
-
-
-@pytest.fixture(scope="module")
-def produced(tiny_model, tmp_path_factory):
-    """Every CASES checkpoint, produced once for the module."""
-    root = tmp_path_factory.mktemp("produced")
-    return {name: q(tiny_model, root / name, **kw, **CALIB) for name, (kw, _) in CASES.items()}
-
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_producer_tensors_equal_the_independent_writer(tiny_model, tmp_path, produced, case):
@@ -221,25 +184,6 @@ def test_kv_cache_scales_written(tiny_model, tmp_path, fmt):
 # ---------------------------------------------------------------------------------------------
 # Streaming, shards, copied files
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sharded_model(tiny_model, tmp_path_factory):
-    """The tiny model re-saved in 3 input shards with an index, plus an extra file to copy."""
-    d = tmp_path_factory.mktemp("sharded") / "m"
-    shutil.copytree(tiny_model, d)
-    sd = load_file(str(d / "model.safetensors"))
-    (d / "model.safetensors").unlink()
-    names = sorted(sd)
-    parts = [names[0::3], names[1::3], names[2::3]]
-    wm = {}
-    for i, p in enumerate(parts):
-        f = f"model-{i + 1:05d}-of-00003.safetensors"
-        save_file({k: sd[k] for k in p}, str(d / f), metadata={"format": "pt"})
-        wm.update({k: f for k in p})
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    (d / "README.md").write_text("model card")
-    return d
 
 
 def test_sharded_input_and_small_output_shards(tiny_model, sharded_model, tmp_path, produced):
@@ -435,74 +379,3 @@ def test_smollm2_shaped_model(tmp_path):
     assert t["model.layers.0.mlp.down_proj.weight_scale"].shape == (5, 12)
     assert r.mse_ratio <= 1.0
     parse_quantization_config(json.loads((r.out_dir / "config.json").read_text())["quantization_config"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Round trips through vLLM with the plugin
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine(prompts):
-    """run_engine(model, eager, prompts), each model run once per module (engines take ~5-12 s)."""
-    cache = {}
-
-    def run(model, **kw):
-        key = (str(model), json.dumps(kw, sort_keys=True))
-        if key not in cache:
-            cache[key] = run_engine(model, {"enforce_eager": True, **kw}, prompts)
-        return cache[key]
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def bf16_run(tiny_model, engine):
-    return engine(tiny_model)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.slow
-def test_round_trip_through_vllm(tiny_model, tmp_path, engine, produced, bf16_run, case):
-    r = engine(produced[case].out_dir)
-    layers = r["report"]["linear"]
-    assert len(layers) == 8 and all(v["quant_method"] == CKPT for v in layers.values())
-    # Bound as test_vllm_plugin.test_fp8_logprobs_close_to_bf16 (measured there: mean 0.089,
-    # max 0.39 nats for per-tensor FP8 on this model): fails on a wrong scale, not on rounding.
-    d = (lp(r) - lp(bf16_run)).abs()
-    assert 0 < d.mean().item() < 0.2 and d.max().item() < 1.0, (d.mean(), d.max())
-    if case == "block-ct":
-        # The independent writer's checkpoint of the same quantization serves the same numbers
-        # (every case stores bitwise the writer's tensors, test_producer_tensors_equal_..., and
-        # test_checkpoints serves the writers' checkpoints; one engine pair here keeps it short).
-        ref = engine(CASES[case][1](tiny_model, tmp_path / "ref"))
-        assert torch.allclose(lp(r), lp(ref), atol=1e-4) and r["token_ids"] == ref["token_ids"]
-
-
-@pytest.mark.slow
-def test_round_trip_multi_shard_output(sharded_model, tmp_path, engine, produced):
-    out = q(sharded_model, tmp_path / "out", scheme="dynamic", max_shard_bytes=256 << 10).out_dir
-    r = engine(out)
-    assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
-    ref = engine(produced["dynamic-autofp8"].out_dir)
-    assert torch.allclose(lp(r), lp(ref), atol=1e-4)
-
-
-@pytest.mark.parametrize("fmt", ["autofp8", "compressed-tensors"])
-@pytest.mark.slow
-def test_round_trip_kv_cache(tiny_model, tmp_path, engine, bf16_run, fmt):
-    """Calibrated k/v scales written by the producer end in the attention layers of the engine
-    (read back from the worker), and FP8 KV with them stays close to bf16."""
-    out = q(tiny_model, tmp_path / "kv", scheme="static", format=fmt, kv_cache=True, **CALIB).out_dir
-    r = engine(out, kv_cache_dtype="fp8")
-    written = tensors(out)
-    attn = r["report"]["attention"]
-    assert len(attn) == 2
-    for name, a in attn.items():
-        layer = name.rsplit(".attn", 1)[0]  # model.layers.N.self_attn
-        assert a["kv_cache_dtype"] == "fp8"  # whose kernels read it is the attention rule's choice
-        assert a["k_scale"] == pytest.approx(float(written[layer + ".k_scale"]), rel=1e-6), name
-        assert a["v_scale"] == pytest.approx(float(written[layer + ".v_scale"]), rel=1e-6), name
-        assert a["k_scale"] != 1.0 and a["v_scale"] != 1.0
-    d = (lp(r) - lp(bf16_run)).abs()
-    assert 0 < d.mean().item() < 0.3 and d.max().item() < 1.5, (d.mean(), d.max())

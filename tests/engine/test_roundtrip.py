@@ -5,7 +5,7 @@ loads it with the plugin -> the FP8 weights and scales it serves equal the tenso
 Dense per-tensor, per-channel, 128x128 blocks (both formats), static activation scales and
 static KV-cache scales. Every checkpoint loads through vLLM's own model loader (the plugin's
 config, get_quant_method, the weight loaders and process_weights_after_loading: everything an
-engine does before serving) in one process, tests/hostile/load_worker.py, which saves what each
+engine does before serving) in one process, tests/engine/hostile/load_worker.py, which saves what each
 layer holds: one process instead of an engine start per checkpoint, and the tensors themselves
 rather than what generation shows of them.
 """

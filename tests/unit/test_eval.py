@@ -2,11 +2,9 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from eval_cli import run_eval_cli
 
 from fp8_backend.eval import linear_summary, logprob_agreement, make_windows, perplexity
 from fp8_backend.eval import report
@@ -60,39 +58,16 @@ def test_markdown_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _cli(*args, timeout=900):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "fp8_backend.cli", "eval", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def test_eval_cli_refuses_bad_input(tmp_path, tiny_model):
-    r = _cli(tmp_path / "nope", "--text", tmp_path / "t.txt")
+    r = run_eval_cli(tmp_path / "nope", "--text", tmp_path / "t.txt")
     assert r.returncode == 2 and "model: expected a directory with config.json" in r.stderr
-    r = _cli(tiny_model, "--text", tmp_path / "missing.txt")
+    r = run_eval_cli(tiny_model, "--text", tmp_path / "missing.txt")
     assert r.returncode == 2 and "--text: file not found" in r.stderr
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
     (tmp_path / "t.txt").write_text("a b c")
-    r = _cli(ckpt, "--text", tmp_path / "t.txt")
+    r = run_eval_cli(ckpt, "--text", tmp_path / "t.txt")
     assert r.returncode == 2 and "--reference" in r.stderr and "quantized checkpoint" in r.stderr
-    r = _cli(tiny_model, "--text", tmp_path / "t.txt", "--windows", "2", "--window-len", "64")
+    r = run_eval_cli(tiny_model, "--text", tmp_path / "t.txt", "--windows", "2", "--window-len", "64")
     assert r.returncode == 2 and "only 0 windows of 64 tokens" in r.stderr
-
-
-@pytest.mark.slow
-def test_eval_cli_online_fp8_end_to_end(tmp_path, tiny_model):
-    text = tmp_path / "t.txt"
-    text.write_text("\n\n".join(" ".join(f"word{(i * 7 + j) % 50}" for j in range(80)) for i in range(3)))
-    out = tmp_path / "out"
-    r = _cli(tiny_model, "--text", text, "--windows", "2", "--window-len", "32", "--kv-cache-dtype", "auto",
-             "--out", out)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rows = json.loads((out / "eval.json").read_text())["rows"]
-    assert rows[0]["linear"]["n_fp8"] == 0
-    assert rows[1]["linear"]["n_fp8"] == rows[1]["linear"]["n_linear"] > 0
-    a = rows[1]["agreement"]
-    assert a["tokens"] == 2 * 31 and 0 < a["mean_abs"] < 0.1  # FP8 weights move log-probs a little
-    assert "| tiny-llama" in (out / "eval.md").read_text() or "(reference)" in (out / "eval.md").read_text()
-    assert (out / "eval_logprob_delta.png").stat().st_size > 1000

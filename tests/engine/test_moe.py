@@ -96,7 +96,7 @@ def _engines(root: Path, model: str) -> dict:
     spec = root / f"{model}-engines.json"
     spec.write_text(json.dumps({"engines": engines, "prompts": PROMPTS}))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", FP8_BACKEND_MOE="plugin")
-    p = subprocess.run([sys.executable, str(HERE / "tiny_moe.py"), str(spec)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, str(HERE.parent / "support" / "tiny_moe.py"), str(spec)], capture_output=True, text=True,
                        timeout=900, env=env)
     out = p.stdout + "\n" + p.stderr
     results = {}
@@ -238,7 +238,7 @@ def test_bf16_moe_still_runs_with_the_plugin_installed(runs):
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM's CPU FP8 MoE runs on AMX CPUs only")
 def test_amx_default_for_128x128_blocks_is_vllms_cpu_fp8_moe(runs):
     # Both could serve it on AMX; vLLM's CPUExpertsFp8 stays the default until measured there.
-    from conftest import run_engine
+    from engine_runner import run_engine
 
     r = run_engine(Path(runs["qwen3"]["fp8-block"]["model"]), {"enforce_eager": True}, PROMPTS,
                    env={"FP8_BACKEND_MOE": ""})
@@ -285,7 +285,7 @@ def test_default_mode_compile_multiprocess(runs):
     """vLLM's default mode: engine-core + worker processes and torch.compile, which on CPU traces
     the MoE layer's forward (vLLM calls it directly there, not through its opaque moe_forward op):
     the method must call the kernel as a registered op."""
-    from conftest import run_engine
+    from engine_runner import run_engine
 
     model = MODELS["mixtral"][1][0]
     r = run_engine(Path(runs["mixtral"][model]["model"]), {}, PROMPTS, multiprocess=True, timeout=900,

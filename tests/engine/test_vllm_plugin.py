@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import EngineError, run_engine
+from engine_runner import EngineError, run_engine
 from safetensors.torch import load_file, save_file
 from fp8_backend.testing.tiny_model import fake_quant_copy
 

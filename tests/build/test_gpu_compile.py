@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time (triton.compile, CUDA GPUTarget) for sm_80, sm_89
 and sm_90 without a GPU, and uses the tensor-core instructions it is meant to. Compilation runs
-in a subprocess (tests/triton_aot.py) because test_triton_kernels.py turns on the interpreter,
+in a subprocess (tests/support/triton_aot.py) because test_triton_kernels.py turns on the interpreter,
 under which kernels cannot be compiled. Nothing is run on hardware."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # compiles every Triton kernel for three GPU targets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CAPS = (80, 89, 90)
 
 
@@ -22,7 +22,7 @@ def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # really compile
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_aot.py"), *map(str, CAPS)],
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "triton_aot.py"), *map(str, CAPS)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -58,5 +58,5 @@ def test_w8a8_gemm_compiled_to_fp8_mma(compiled, kernel, cap):
 
 def test_w8a8_gemm_not_built_for_sm80(compiled):
     # sm_80 has no FP8 MMA: the W8A8 kernel is not a target there; linear_paths.py refuses it
-    # (tests/test_linear_paths.py) and sends Ampere to the W8A16 kernel.
+    # (tests/unit/test_dispatch.py) and sends Ampere to the W8A16 kernel.
     assert not any(k[0] in W8A8 and k[1] == 80 for k in compiled)

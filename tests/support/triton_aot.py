@@ -1,7 +1,7 @@
 """Compile every Triton kernel of fp8_backend ahead of time for CUDA targets (no GPU needed).
 
 Run as a script in a process WITHOUT TRITON_INTERPRET (kernels decorated under the interpreter
-cannot be compiled): ``python tests/triton_aot.py 80 89 90`` prints one JSON line per
+cannot be compiled): ``python tests/support/triton_aot.py 80 89 90`` prints one JSON line per
 (kernel, capability) with the sizes of the PTX / cubin and the tensor-core instructions found.
 """
 
