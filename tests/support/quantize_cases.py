@@ -11,6 +11,7 @@ import torch
 from checkpoint_writers import write_autofp8, write_block, write_llm_compressor
 from safetensors.torch import load_file, save_file
 
+from fp8_backend import numerics
 from fp8_backend.quantize import quantize
 
 CALIB = dict(num_samples=4, seq_len=64)  # enough for the tiny model; keeps calibration < 1 s
@@ -26,6 +27,12 @@ def tensors(d: Path) -> dict[str, torch.Tensor]:
     for f in sorted(d.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype in numerics.FP8_DTYPES:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 # (scheme, format, per_channel) -> the checkpoint_writers writer describing the same quantization

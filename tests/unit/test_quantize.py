@@ -1,7 +1,7 @@
 """The FP8 checkpoint producer (fp8_backend.quantize): numerics, formats, calibration, streaming,
 all-or-nothing output, bad input (round trips through vLLM: tests/engine/test_quantize_roundtrip.py).
 
-Independent references: numerics.py for the tensors, the small writers of test_checkpoints.py
+Independent references: numerics.py for the tensors, the small writers of tests/support/checkpoint_writers.py
 (plain torch, tests/support/checkpoint_writers.py) for the checkpoint layouts, transformers modules called directly for calibration.
 """
 
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from quantize_cases import CALIB, CASES, q, tensors
+from quantize_cases import CALIB, CASES, q, same, tensors
 from fp8_backend.testing.tiny_model import build_tiny_llama
 
 from fp8_backend import numerics
@@ -22,12 +21,6 @@ from fp8_backend.formats.checkpoint import parse_quantization_config
 from fp8_backend.quantize import QuantizeError
 from fp8_backend.quantize import api as qapi
 from fp8_backend.quantize.weights import MSE_GRID, choose_scale
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype in numerics.FP8_DTYPES:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-
 
 # ---------------------------------------------------------------------------------------------
 # Weight quantization against numerics.py, and the MSE scale search

@@ -19,36 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from quantize_cases import CALIB, q, same, tensors
 from tiny_moe import MOE_SHAPE, build_tiny_qwen3_moe
 
 from fp8_backend import numerics
 from fp8_backend.formats.checkpoint import parse_quantization_config
 from fp8_backend.formats.layer_tensors import validate_layer_tensors
-from fp8_backend.quantize import QuantizeError, quantize
+from fp8_backend.quantize import QuantizeError
 
 E = MOE_SHAPE["num_experts"]
 LAYERS = 2
-CALIB = dict(num_samples=4, seq_len=64)
 FEW = dict(num_samples=1, seq_len=4)  # 4 tokens x top-2: some experts get no token
 PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-def q(model, out, **kw):
-    kw.setdefault("progress", False)
-    return quantize(model, out, **kw)
-
-
-def tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype in numerics.FP8_DTYPES:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def experts(layer: int):
