@@ -2,8 +2,9 @@
 """Layer by layer: compressed-tensors' activation fake-quant vs this plugin's W8A8 emulation on the
 SAME inputs, to tell a semantic difference (bias) from rounding noise.
 
-Runs in the llm-compressor venv (scripts/setup_llmcompressor.sh; it loads the checkpoint with transformers + compressed-tensors)
-and imports only fp8_backend/numerics.py from this repository (torch only, no vLLM):
+Runs in the llm-compressor venv (scripts/setup_llmcompressor.sh; it loads the checkpoint with
+transformers + compressed-tensors) and imports only fp8_backend/numerics.py from this repository
+(torch only, no vLLM):
 
     .venv-llmc/bin/python scripts/w8a8_fakequant_diff.py --ckpt DIR --windows windows.json \\
         [--window 0] [--dtype bfloat16] [--json out.json]
