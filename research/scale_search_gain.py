@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the MSE scale search gains over amax scales, on a model's linear weights (no model run).
 
-    python scripts/scale_search_gain.py MODEL_DIR [--strategies tensor channel block]
+    .venv/bin/python research/scale_search_gain.py MODEL_DIR [--strategies tensor channel block]
 
 For each strategy prints sum over all quantized linear weights of the squared FP8 quantization
 error with MSE-searched scales, divided by the same with amax scales (< 1 = the search helps;
