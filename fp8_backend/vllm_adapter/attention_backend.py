@@ -33,11 +33,13 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, CrossAttentionSpec, EncoderOnlyAttentionSpec
 
+from ..numerics import KV_CACHE_FP8_DTYPES
+
 logger = logging.getLogger("vllm.fp8_backend")
 
 MODE_ENV = "FP8_BACKEND_ATTENTION"
 MODES = ("auto", "all", "vllm")
-FP8_KV_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
+FP8_KV_DTYPES = tuple(KV_CACHE_FP8_DTYPES)  # the FP8 cache dtypes (numerics owns the list)
 
 
 def attention_mode(vllm_config: VllmConfig | None = None) -> str:
