@@ -29,7 +29,7 @@ CpuIsa fp32_isa(CpuIsa isa) { return isa > CpuIsa::avx512_vbmi ? CpuIsa::avx512_
 // Largest M for the GEMV on the avx2 and portable paths: crossovers with decode + torch's fp32
 // GEMM measured with benchmarks/bench_w8a16.py's method (numbers in RESULTS.md, w8a16_avx2).
 // The scalar GEMV loses to decode + GEMM from M = 1, so the portable path always decodes.
-constexpr int64_t kAvx2SmallMMax = 16;
+constexpr int64_t kAvx2SmallMMax = 32;
 constexpr int64_t kPortableSmallMMax = 0;
 
 constexpr int64_t kBlock = 64;  // GEMV k-block; activations are zero-padded to a multiple
@@ -304,7 +304,7 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // Measured crossovers (benchmarks/bench_w8a16.py and RESULTS.md, 1 thread):
 //  * amx_min_m: the AMX tile GEMM beats the VBMI GEMV from 7-8 rows (4096x4096, Sapphire Rapids).
 //  * small_m_max: the register-blocked GEMV beats decode + torch's fp32 GEMM up to this M:
-//    64 on AVX-512 (2-core Ice Lake-class Xeon, N=K=4096); avx2 16, portable 0 (see above).
+//    64 on AVX-512 (2-core Ice Lake-class Xeon, N=K=4096); avx2 32, portable 0 (see above).
 W8a16Plan w8a16_plan(CpuIsa isa, int64_t M, int64_t N, int64_t K, bool bf16, int64_t block_k,
                      int64_t small_m_max_override, int64_t amx_min_m_override) {
   (void)N;

@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libc10 before the extension)
 from fp8_backend import _C, kernels
 
 # Largest M served by each path's GEMV (measured crossovers with decode + torch's fp32 GEMM).
-SMALL_M_MAX = {"amx": 64, "avx512_vbmi": 64, "avx512": 64, "avx2": 16, "portable": 0}
+SMALL_M_MAX = {"amx": 64, "avx512_vbmi": 64, "avx512": 64, "avx2": 32, "portable": 0}
 AMX_MIN_M = 8  # bf16 activations on amx: the tile GEMM from here
 
 
