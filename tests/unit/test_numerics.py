@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from moe_experts import experts
+
 from fp8_backend import numerics as nx
 
 E4M3, E5M2, FNUZ = nx.E4M3, nx.E5M2, nx.E4M3FNUZ
@@ -202,29 +204,10 @@ class TestLinearReference:
 class TestFusedMoe:
     """fused_moe_w8a16 against a plain per-token loop over dequantized fp32 experts."""
 
-    @staticmethod
-    def _experts(e, i, h, block_size, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        w13 = torch.randn(e, 2 * i, h, generator=g) * 0.1
-        w2 = torch.randn(e, h, i, generator=g) * 0.1
-        q13, s13, q2, s2 = [], [], [], []
-        for ex in range(e):
-            if block_size is None:
-                a, sa = nx.quantize_per_channel(w13[ex])
-                b, sb = nx.quantize_per_channel(w2[ex])
-                sa, sb = sa.reshape(-1), sb.reshape(-1)
-            else:
-                ga, gs = nx.quantize_block(w13[ex, :i], block_size=block_size)
-                ua, us = nx.quantize_block(w13[ex, i:], block_size=block_size)
-                a, sa = torch.cat([ga, ua]), torch.cat([gs, us])
-                b, sb = nx.quantize_block(w2[ex], block_size=block_size)
-            q13.append(a), s13.append(sa), q2.append(b), s2.append(sb)
-        return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
-
     @pytest.mark.parametrize("block_size", [None, (16, 16)])
     def test_matches_token_loop(self, block_size):
         e, i, h, t, k = 5, 24, 40, 7, 2  # I = 24 leaves a partial 16-row block in gate and up
-        q13, s13, q2, s2 = self._experts(e, i, h, block_size)
+        q13, s13, q2, s2 = experts(e, i, h, block_size)
         x = torch.randn(t, h, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
         ids = torch.tensor([[0, 1], [1, 1], [4, 0], [0, 4], [1, 0], [4, 4], [0, 1]])  # expert 2, 3 idle
         wts = torch.rand(t, k, generator=torch.Generator().manual_seed(4))
@@ -248,14 +231,14 @@ class TestFusedMoe:
             assert torch.allclose(out[tok].float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3), tok
 
     def test_token_routed_twice_counts_twice(self):
-        q13, s13, q2, s2 = self._experts(2, 8, 16, None)
+        q13, s13, q2, s2 = experts(2, 8, 16, None)
         x = torch.randn(1, 16).to(torch.bfloat16)
         once = nx.fused_moe_w8a16(x, q13, s13, q2, s2, f([[1.0]]), torch.tensor([[1]]))
         twice = nx.fused_moe_w8a16(x, q13, s13, q2, s2, f([[0.5, 0.5]]), torch.tensor([[1, 1]]))
         assert torch.equal(once, twice)
 
     def test_bad_shapes_and_ids(self):
-        q13, s13, q2, s2 = self._experts(2, 8, 16, None)
+        q13, s13, q2, s2 = experts(2, 8, 16, None)
         x = torch.zeros(1, 16, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match=r"w13_scale \(2, 16\)"):
             nx.fused_moe_w8a16(x, q13, s13[:, :8], q2, s2, f([[1.0]]), torch.tensor([[0]]))
