@@ -25,6 +25,12 @@ namespace fp8_backend {
 // largest product is < 2^-10 and sums stay far from overflow. out_scale[m] = 2^(120 - s), by
 // which the GEMV multiplies row m's sums: powers of two, so the results equal unscaled fp32
 // arithmetic whenever that stays normal, whatever the other rows hold.
+// avx2_prescale's headroom for block scales s[0, n): the largest |s|, at least 1.
+inline float block_scale_headroom(const float* s, int64_t n, float headroom = 1.f) {
+  for (int64_t i = 0; i < n; ++i) headroom = std::max(headroom, std::fabs(s[i]));
+  return headroom;
+}
+
 inline void avx2_prescale(float* x, int64_t M, int64_t ld, float headroom, float* out_scale) {
   for (int64_t m = 0; m < M; ++m) {
     float* r = x + m * ld;

@@ -88,8 +88,8 @@ std::vector<float> prepare_staged(const W8a16Plan& plan, float* xs, int64_t M, i
   float headroom = 1.f;
   for (int q = 0; q < nparts; ++q)
     if (parts[q].blocked())
-      for (int64_t i = 0, n = (parts[q].N + parts[q].bn - 1) / parts[q].bn * parts[q].kb(); i < n; ++i)
-        headroom = std::max(headroom, std::fabs(parts[q].s[i]));
+      headroom = block_scale_headroom(parts[q].s, (parts[q].N + parts[q].bn - 1) / parts[q].bn * parts[q].kb(),
+                                      headroom);
   avx2_prescale(xs, M, ld, headroom, out_scale.data());
   return out_scale;
 }

@@ -279,9 +279,7 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
     std::vector<float> out_scale(static_cast<size_t>(M), 1.f);
     if (plan.fp32_isa == CpuIsa::avx2) {
       // Block scales multiply the staged activations later (gemv_block_dispatch): headroom.
-      float headroom = 1.f;
-      for (int64_t i = 0, n = blk ? (N + blk.bn - 1) / blk.bn * blk.kb : 0; i < n; ++i)
-        headroom = std::max(headroom, std::fabs(blk.s[i]));
+      const float headroom = blk ? block_scale_headroom(blk.s, (N + blk.bn - 1) / blk.bn * blk.kb) : 1.f;
       avx2_prescale(xs.data_ptr<float>(), M, Kp, headroom, out_scale.data());
     }
     if (!blk)
