@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 if [ $# -eq 0 ]; then
-    # Order independence, checked once per full run: the unit tests in reverse order first.
-    python -m pytest tests/unit -q --reverse -p no:cacheprovider
+    # Order independence, checked once per full run: the unit tests in file order first, then
+    # the whole suite in reverse order.
+    python -m pytest tests/unit -q -p no:cacheprovider
+    exec python -m pytest tests -q --durations=25 --reverse
 fi
 python -m pytest tests -q --durations=25 "$@"
