@@ -68,9 +68,9 @@ def run() -> dict:
             }
             if fp8_mma:
                 fns["w8a8"] = lambda: torch.ops.fp8_backend.triton_w8a8_linear(
-                    x, wq, ws.reshape(-1), None, None, "dynamic_token", None)
+                    x, wq, ws.reshape(-1), None, None, None)
                 fns["w8a8_block"] = lambda: torch.ops.fp8_backend.triton_w8a8_linear(
-                    x, wqb, wsb, None, None, "group", [128, 128])
+                    x, wqb, wsb, None, None, [128, 128])
             ref = fns["bf16"]().float()
             for name, fn in fns.items():
                 err = float((fn().float() - ref).norm() / ref.norm())

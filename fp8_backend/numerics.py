@@ -140,13 +140,22 @@ def _pad_to_blocks(t: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, pk, 0, pn)) if (pn or pk) else t
 
 
-def block_amax(w: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE) -> torch.Tensor:
-    """amax of each [bn, bk] block of a 2-D tensor; a partial last block covers what is left."""
+def _blocks(t: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """A 2-D tensor zero-padded to whole blocks, as [row blocks, bn, col blocks, bk]."""
     bn, bk = block_size
-    n, k = w.shape
-    p = _pad_to_blocks(w.float().abs(), bn, bk)  # zero padding never raises an amax
-    nb, kb = p.shape[0] // bn, p.shape[1] // bk
-    return p.reshape(nb, bn, kb, bk).amax(dim=(1, 3))
+    p = _pad_to_blocks(t, bn, bk)
+    return p.reshape(p.shape[0] // bn, bn, p.shape[1] // bk, bk)
+
+
+def block_amax(w: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE) -> torch.Tensor:
+    """amax of each [bn, bk] block of a 2-D tensor; a partial last block covers what is left.
+    [N, K] blocks give one amax (per tensor), [1, K] one per row (per channel / token)."""
+    return _blocks(w.float().abs(), block_size).amax(dim=(1, 3))  # zero padding never raises an amax
+
+
+def block_sum(t: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """Sum of each [bn, bk] block of a 2-D tensor (zero padding adds nothing)."""
+    return _blocks(t, block_size).sum(dim=(1, 3))
 
 
 def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:

@@ -18,13 +18,16 @@ from safetensors import safe_open
 
 from fp8_backend.quantize.layers import model_layers, quantized_layers
 from fp8_backend.quantize.shards import input_shards
+from fp8_backend.formats.scheme import PER_ROW, PER_TENSOR, blocks
 from fp8_backend.quantize.weights import choose_scale
+
+GRANULARITIES = {"tensor": PER_TENSOR, "channel": PER_ROW, "block": blocks(128, 128)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--strategies", nargs="+", default=["tensor", "channel", "block"])
+    ap.add_argument("--strategies", nargs="+", choices=list(GRANULARITIES), default=list(GRANULARITIES))
     args = ap.parse_args()
     quant, _, _ = quantized_layers(model_layers(args.model_dir), ["lm_head"])
     wanted = {f"{n}.weight" for n in quant}
@@ -37,8 +40,8 @@ def main() -> None:
                     if name not in wanted:
                         continue
                     w = f.get_tensor(name).float()
-                    e = float(choose_scale(w, strategy, "mse")[1].sum())
-                    e0 = float(choose_scale(w, strategy, "none")[1].sum())
+                    e = float(choose_scale(w, GRANULARITIES[strategy], "mse")[1].sum())
+                    e0 = float(choose_scale(w, GRANULARITIES[strategy], "none")[1].sum())
                     tot, tot_amax = tot + e, tot_amax + e0
                     ratios.append(e / e0 if e0 else 1.0)
         print(f"{strategy:8s} MSE(search)/MSE(amax) = {tot / tot_amax:.4f} over {len(ratios)} weights "

@@ -1,4 +1,4 @@
-"""FP8 checkpoint formats: ``quantization_config`` → one normalized :class:`CheckpointScheme`.
+"""FP8 checkpoint formats: ``quantization_config`` → one normalized :class:`CheckpointFormat`.
 
 Two on-disk conventions are understood (no vLLM import here):
 
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from ..numerics import E4M3
-from .scheme import check_ignore_patterns, match_ignore
+from .scheme import PER_ROW, PER_TENSOR, ActivationQuant, Fp8Scheme, Granularity, blocks, check_ignore_patterns, match_ignore
 
 #: Block shapes fp8-backend serves for block-quantized weights ([N block, K block]).
 SUPPORTED_BLOCK_SIZES: tuple[tuple[int, int], ...] = ((128, 128),)
@@ -76,18 +76,14 @@ class KVCacheScheme:
 
 
 @dataclass(frozen=True)
-class CheckpointScheme:
+class CheckpointFormat:
     """How the linear layers of an FP8 checkpoint are stored, normalized over formats.
 
     source: "fp8" (AutoFP8 / vLLM / HF fine-grained FP8) or "compressed-tensors".
     storage_format: "fp8", or the compressed-tensors format ("float-quantized" | "naive-quantized").
-    weight_strategy: "tensor" (one scale per checkpoint tensor: [] or [1]), "channel" (one per
-        output row: [N, 1] or [N]) or "block" (``block_size`` = (bn, bk); scale grid
-        [ceil(N/bn), ceil(K/bk)], a partial last block covers what is left).
-    activation_scheme: "none" (weight-only), "static" (calibrated per-tensor ``input_scale``) or
-        "dynamic" (computed at run time; nothing stored).
-    activation_strategy: None for "none"; "tensor" for static; "token", "tensor" or "group"
-        (``activation_group_size`` along K, equal to the weight's K block) for dynamic.
+    scheme: the FP8 scheme of its layers (weight scale granularity: per-tensor scales stored as []
+        or [1], per-channel as [N, 1] or [N], blocks as the grid [ceil(N/bn), ceil(K/bk)];
+        activations: None for weight-only, static per-tensor ``input_scale``, or dynamic).
     ignore: layer names or patterns (exact / dotted suffix, "re:<regex>", globs) left unquantized.
     targets: compressed-tensors' config-group targets ("Linear" = every linear layer, names,
         "re:" patterns); ("Linear",) for the "fp8" format.
@@ -99,12 +95,7 @@ class CheckpointScheme:
 
     source: str
     storage_format: str
-    weight_strategy: str
-    block_size: tuple[int, int] | None = None
-    activation_scheme: str = "dynamic"
-    activation_strategy: str | None = "token"
-    activation_group_size: int | None = None
-    fp8_dtype: torch.dtype = E4M3
+    scheme: Fp8Scheme
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] = ("Linear",)
     kv_cache: KVCacheScheme | None = None
@@ -114,24 +105,22 @@ class CheckpointScheme:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> CheckpointFormatError:
-            return CheckpointFormatError(
-                f"CheckpointScheme.{name}: expected {expected}, found {getattr(self, name)!r}"
+        w = self.scheme.weight
+        if w.cols and (w.rows, w.cols) not in SUPPORTED_BLOCK_SIZES:
+            raise CheckpointFormatError(
+                f"CheckpointFormat.scheme.weight: expected per-tensor, per-channel or blocks "
+                f"{[list(b) for b in SUPPORTED_BLOCK_SIZES]}, found {w}"
+            )
+        static = self.scheme.activation is not None and self.scheme.activation.static
+        if (self.input_scale_name is not None) != static:
+            raise CheckpointFormatError(
+                f"CheckpointFormat.input_scale_name: expected a name exactly when activations are "
+                f"static, found {self.input_scale_name!r}"
             )
 
-        if self.weight_strategy not in ("tensor", "channel", "block"):
-            raise bad("weight_strategy", "'tensor', 'channel' or 'block'")
-        if (self.block_size is not None) != (self.weight_strategy == "block"):
-            raise bad("block_size", "(bn, bk) exactly when weight_strategy is 'block'")
-        if self.activation_scheme not in ("none", "static", "dynamic"):
-            raise bad("activation_scheme", "'none', 'static' or 'dynamic'")
-        allowed = {"none": (None,), "static": ("tensor",), "dynamic": ("tensor", "token", "group")}
-        if self.activation_strategy not in allowed[self.activation_scheme]:
-            raise bad("activation_strategy", f"one of {allowed[self.activation_scheme]}")
-        if (self.activation_group_size is not None) != (self.activation_strategy == "group"):
-            raise bad("activation_group_size", "a size exactly when activation_strategy is 'group'")
-        if (self.input_scale_name is not None) != (self.activation_scheme == "static"):
-            raise bad("input_scale_name", "a name exactly when activations are static")
+    @property
+    def fp8_dtype(self) -> torch.dtype:
+        return self.scheme.dtype
 
     def tensor_names(self, prefix: str) -> dict[str, str]:
         """Full names of the tensors a quantized linear layer ``prefix`` must have, by role
@@ -154,13 +143,10 @@ class CheckpointScheme:
         return {"k": f"{attention}.k_scale", "v": f"{attention}.v_scale"}
 
     def weight_scale_shape(self, n: int, k: int) -> tuple[int, ...]:
-        """Canonical fp32 weight-scale shape for an [n, k] weight: (), (n, 1) or the block grid."""
-        if self.weight_strategy == "tensor":
-            return ()
-        if self.weight_strategy == "channel":
-            return (n, 1)
-        bn, bk = self.block_size  # type: ignore[misc]
-        return (math.ceil(n / bn), math.ceil(k / bk))
+        """Shape a writer gives the fp32 weight scale of an [n, k] weight: the granularity's grid,
+        one per-tensor scale as the format's scalar shape."""
+        grid = self.scheme.weight.grid((n, k))
+        return self.scalar_shape if self.scheme.weight == PER_TENSOR else grid
 
     def is_ignored(self, prefix: str, fused: Mapping[str, list[str]] | None = None) -> bool:
         """True if layer ``prefix`` stays unquantized by the ignore list. ``fused`` maps a fused
@@ -190,18 +176,11 @@ class CheckpointScheme:
         return self.is_targeted(prefix, fused, module_classes) and not self.is_ignored(prefix, fused)
 
     def describe(self) -> str:
-        if self.weight_strategy == "block":
-            w = f"{self.block_size[0]}x{self.block_size[1]} block scales"  # type: ignore[index]
-        else:
-            w = f"per-{self.weight_strategy} scales"
-        if self.activation_scheme == "none":
-            a = "weight-only"
-        elif self.activation_strategy == "group":
-            a = f"{self.activation_scheme} per-token 1x{self.activation_group_size} activation groups"
-        else:
-            a = f"{self.activation_scheme} per-{self.activation_strategy} activation scales"
+        a = self.scheme.activation
+        act = "weight-only" if a is None else f"{a.words()} activation scales"
         kv = f", static FP8 KV-cache scales (per-{self.kv_cache.strategy})" if self.kv_cache else ""
-        return f"FP8 e4m3 checkpoint ({self.source}, {self.storage_format}): {w}, {a}{kv}"
+        return (f"FP8 e4m3 checkpoint ({self.source}, {self.storage_format}): "
+                f"{self.scheme.weight.words()} scales, {act}{kv}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +188,7 @@ class CheckpointScheme:
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_quantization_config(cfg: Mapping[str, Any]) -> CheckpointScheme:
+def parse_quantization_config(cfg: Mapping[str, Any]) -> CheckpointFormat:
     """Parse a checkpoint's ``quantization_config`` (the dict under that key in config.json).
 
     Raises :class:`CheckpointFormatError` for configs that are malformed or that no FP8 path of
@@ -280,7 +259,7 @@ def _block_size(field_name: str, value: Any) -> tuple[int, int]:
     return bs
 
 
-def _parse_fp8(cfg: Mapping[str, Any]) -> CheckpointScheme:
+def _parse_fp8(cfg: Mapping[str, Any]) -> CheckpointFormat:
     if "activation_scheme" not in cfg:
         raise CheckpointFormatError(
             f"quantization_config.activation_scheme: required for quant_method 'fp8', expected one "
@@ -330,28 +309,16 @@ def _parse_fp8(cfg: Mapping[str, Any]) -> CheckpointScheme:
         )
 
     if block is not None:
-        return CheckpointScheme(
-            source="fp8",
-            storage_format="fp8",
-            weight_strategy="block",
-            block_size=block,
-            activation_scheme="dynamic",
-            activation_strategy="group",
-            activation_group_size=block[1],
-            ignore=tuple(ignore),
-            kv_cache=kv_scheme,
-            weight_scale_name="weight_scale_inv",
-            scale_fmt=scale_fmt,
-        )
-    return CheckpointScheme(
+        scheme = Fp8Scheme(blocks(*block), ActivationQuant(Granularity(1, block[1])))
+    else:
+        scheme = Fp8Scheme(PER_TENSOR, ActivationQuant(PER_TENSOR if act == "static" else PER_ROW, act == "static"))
+    return CheckpointFormat(
         source="fp8",
         storage_format="fp8",
-        weight_strategy="tensor",
-        activation_scheme=act,
-        activation_strategy="tensor" if act == "static" else "token",
+        scheme=scheme,
         ignore=tuple(ignore),
         kv_cache=kv_scheme,
-        weight_scale_name="weight_scale",
+        weight_scale_name="weight_scale_inv" if block is not None else "weight_scale",
         input_scale_name="input_scale" if act == "static" else None,
         scale_fmt=scale_fmt,
     )
@@ -456,17 +423,7 @@ def _is_mx(args) -> bool:
     return args.strategy == "group" and args.group_size == 32 and args.scale_dtype == torch.uint8
 
 
-@dataclass(frozen=True)
-class _Fp8Group:
-    weight_strategy: str
-    block_size: tuple[int, int] | None
-    activation_scheme: str
-    activation_strategy: str | None
-    activation_group_size: int | None
-    storage_format: str = field(compare=False)  # both store float8_e4m3fn "weight" tensors
-
-
-def _fp8_group(where: str, scheme, fmt: str | None) -> _Fp8Group:
+def _fp8_group(where: str, scheme, fmt: str | None) -> Fp8Scheme:
     """Map one FP8 compressed-tensors QuantizationScheme onto what this plugin serves."""
     w, a = scheme.weights, scheme.input_activations
     if fmt not in CT_FP8_FORMATS:
@@ -499,12 +456,13 @@ def _fp8_group(where: str, scheme, fmt: str | None) -> _Fp8Group:
             f"found {_args_text(scheme.output_activations)}"
         )
 
+    weight = {"tensor": PER_TENSOR, "channel": PER_ROW}.get(w.strategy) or blocks(*block)
     if a is None:
-        return _Fp8Group(w.strategy, block, "none", None, None, fmt)
+        return Fp8Scheme(weight)
     _check_symmetric_fp8(f"{where}.input_activations", a, "with FP8 weights")
     if a.dynamic is True:
         if a.strategy in ("token", "tensor"):
-            act = _Fp8Group(w.strategy, block, "dynamic", a.strategy, None, fmt)
+            act = ActivationQuant(PER_TENSOR if a.strategy == "tensor" else PER_ROW)
         elif a.strategy == "group":
             if block is None or a.group_size != block[1]:
                 raise CheckpointFormatError(
@@ -513,7 +471,7 @@ def _fp8_group(where: str, scheme, fmt: str | None) -> _Fp8Group:
                     f"dynamic activation groups, found group_size {a.group_size} with weights.strategy "
                     f"{w.strategy!r}"
                 )
-            act = _Fp8Group(w.strategy, block, "dynamic", "group", a.group_size, fmt)
+            act = ActivationQuant(Granularity(1, a.group_size))
         else:
             raise CheckpointFormatError(
                 f"{where}.input_activations.strategy: expected 'token', 'tensor' or 'group' for dynamic "
@@ -525,24 +483,24 @@ def _fp8_group(where: str, scheme, fmt: str | None) -> _Fp8Group:
                 f"{where}.input_activations.strategy: expected 'tensor' for static activations, "
                 f"found {a.strategy!r}"
             )
-        act = _Fp8Group(w.strategy, block, "static", "tensor", None, fmt)
+        act = ActivationQuant(PER_TENSOR, static=True)
     else:
         raise CheckpointFormatError(
             f"{where}.input_activations.dynamic: expected true or false, found {a.dynamic!r}"
         )
-    if block is not None and act.activation_scheme == "static":
+    if block is not None and act.static:
         raise CheckpointFormatError(
             f"{where}.input_activations.dynamic: expected true (block-quantized weights take dynamic "
             f"activations), found false"
         )
-    return act
+    return Fp8Scheme(weight, act)
 
 
 def _args_text(args) -> str:
     return f"{args.type}{args.num_bits} {args.strategy}"
 
 
-def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
+def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointFormat:
     from compressed_tensors.quantization import (
         QuantizationConfig,
         QuantizationScheme,
@@ -614,7 +572,8 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
 
     global_fmt = cfg.get("format")
     notes: list[str] = []
-    fp8: dict[str, _Fp8Group] = {}
+    fp8: dict[str, Fp8Scheme] = {}
+    formats: dict[str, str] = {}
     other: list[str] = []
     kinds: list[str] = []
     targets: list[str] = []
@@ -643,6 +602,7 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
             kinds.append("MXFP8")
             continue
         fp8[name] = _fp8_group(where, s, fmt)
+        formats[name] = fmt
         targets += [t for t in s.targets if t not in targets]
 
     if other:
@@ -656,28 +616,23 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointScheme:
 
     distinct = set(fp8.values())
     if len(distinct) > 1:
-        found = ", ".join(
-            f"{n}: {g.weight_strategy} weights / "
-            + " ".join(x for x in (g.activation_scheme, g.activation_strategy) if x)
-            + " activations"
-            for n, g in fp8.items()
-        )
+        found = ", ".join(f"{n}: {g.describe()}" for n, g in fp8.items())
         raise CheckpointFormatError(
             f"{top}.config_groups: expected one FP8 scheme for all groups (fp8-backend serves one "
             f"per checkpoint), found {found}"
         )
     g = next(iter(distinct))
     kv_scheme = _parse_ct_kv_cache(kv_raw) if kv_raw is not None else None
-    # _Fp8Group's fields are CheckpointScheme's, by name.
-    group = {f.name: getattr(g, f.name) for f in fields(_Fp8Group)}
-    return CheckpointScheme(
+    static = g.activation is not None and g.activation.static
+    return CheckpointFormat(
         source="compressed-tensors",
-        **group,
+        storage_format=next(iter(formats.values())),  # both store float8_e4m3fn "weight" tensors
+        scheme=g,
         ignore=tuple(ignore),
         targets=tuple(targets),
         kv_cache=kv_scheme,
         weight_scale_name="weight_scale",
-        input_scale_name="input_scale" if g.activation_scheme == "static" else None,
+        input_scale_name="input_scale" if static else None,
         notes=tuple(notes),
     )
 
@@ -695,7 +650,7 @@ def module_names(tensor_names) -> list[str]:
 def unmatched_ignores(
     patterns, names, fused: Mapping[str, list[str]] | None = None
 ) -> list[str]:
-    """The ignore patterns (same syntax as :meth:`CheckpointScheme.is_ignored`) that match none of
+    """The ignore patterns (same syntax as :meth:`CheckpointFormat.is_ignored`) that match none of
     the module ``names``. A pattern matching one shard of a fused name (``fused`` maps e.g.
     "qkv_proj" to ["q_proj", "k_proj", "v_proj"]) counts as matching.
 

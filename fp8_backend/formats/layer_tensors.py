@@ -1,5 +1,5 @@
 """The tensors of one FP8 linear layer (and KV-cache scale names), checked against a
-:class:`~fp8_backend.formats.checkpoint.CheckpointScheme` before anything is served.
+:class:`~fp8_backend.formats.checkpoint.CheckpointFormat` before anything is served.
 
 No vLLM import. Every error names the full tensor name, what was expected and what was found.
 """
@@ -11,7 +11,8 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import CheckpointFormatError, CheckpointScheme, KVCacheScheme
+from .checkpoint import CheckpointFormat, CheckpointFormatError, KVCacheScheme
+from .scheme import Granularity
 
 #: Scale tensors may be stored in these dtypes; they are returned as float32 (exactly).
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -116,31 +117,34 @@ def check_scalar_scale(name: str, t: torch.Tensor, what: str = "per-tensor") -> 
     return _scalar(name, check_scale(name, t), what)
 
 
+def stored_scale_shapes(granularity: Granularity, shape) -> tuple[tuple[int, ...], ...]:
+    """Shapes a checkpoint may store the scale of a tensor of ``shape`` in, canonical first: the
+    granularity's grid (leading dims kept); scales of whole rows may drop trailing 1s ([N, 1] as
+    [N], one scale as [1] or [])."""
+    canonical = granularity.scale_shape(shape)
+    shapes = [canonical]
+    while granularity.whole_rows and shapes[-1] and shapes[-1][-1] == 1:
+        shapes.append(shapes[-1][:-1])
+    return tuple(shapes)
+
+
 def check_weight_scale(
-    name: str, t: torch.Tensor, scheme: CheckpointScheme, n: int, k: int, *, check_values: bool = True
+    name: str, t: torch.Tensor, scheme: CheckpointFormat, n: int, k: int, *, check_values: bool = True
 ) -> torch.Tensor:
     """The weight scale of an [n, k] FP8 weight stored as ``scheme`` says, as float32 in the
-    canonical shape (:meth:`CheckpointScheme.weight_scale_shape`): per-tensor [] or [1],
-    per-channel [n, 1] or [n], block [ceil(n/bn), ceil(k/bk)] (a partial last block allowed).
+    granularity's grid (:func:`stored_scale_shapes`: per-tensor [] or [1] -> [1, 1], per-channel
+    [n, 1] or [n], block [ceil(n/bn), ceil(k/bk)], a partial last block allowed).
     ``check_values=False`` checks the shape only (values already checked)."""
     ws = check_scale(name, t) if check_values else t.float()
-    if scheme.weight_strategy == "tensor":
-        return _scalar(name, ws, "per-tensor")
-    if scheme.weight_strategy == "channel":
-        if tuple(ws.shape) not in ((n, 1), (n,)):
-            raise CheckpointFormatError(
-                f"{name}: expected per-channel scale shape [{n}, 1] (or [{n}]) for weight "
-                f"{[n, k]}, found {list(ws.shape)}"
-            )
-        return ws.reshape(n, 1)
-    bn, bk = scheme.block_size  # type: ignore[misc]
-    exp = scheme.weight_scale_shape(n, k)
-    if tuple(ws.shape) != exp:
+    g = scheme.scheme.weight
+    accepted = stored_scale_shapes(g, (n, k))
+    if tuple(ws.shape) not in accepted:
+        alts = "".join(f" or {list(a)}" for a in accepted[1:])
         raise CheckpointFormatError(
-            f"{name}: expected block scales of shape {list(exp)} (= [ceil({n}/{bn}), ceil({k}/{bk})]) "
-            f"for weight {[n, k]} with {bn}x{bk} blocks, found {list(ws.shape)}"
+            f"{name}: expected {g.words()} scales of shape {list(accepted[0])}{alts} for weight "
+            f"{[n, k]}, found {list(ws.shape)}"
         )
-    return ws
+    return ws.reshape(accepted[0])
 
 
 def check_zero_point(name: str, t: torch.Tensor) -> None:
@@ -185,7 +189,7 @@ def first_unfilled(s: torch.Tensor) -> tuple[int, ...] | None:
 def validate_layer_tensors(
     prefix: str,
     tensors: Mapping[str, torch.Tensor],
-    scheme: CheckpointScheme,
+    scheme: CheckpointFormat,
     *,
     check_weight_values: bool = True,
 ) -> LayerTensors:
@@ -225,11 +229,11 @@ def validate_layer_tensors(
         hint = ""
         if other is not None:
             hint = (
-                f" (found {prefix}.{other}: the config says {scheme.weight_strategy} scales, "
+                f" (found {prefix}.{other}: the config says {scheme.scheme.weight.words()} scales, "
                 f"stored as {scheme.weight_scale_name} in the {scheme.source} format)"
             )
         raise CheckpointFormatError(
-            f"{sname}: missing; expected the {scheme.weight_strategy} weight scale of shape "
+            f"{sname}: missing; expected the {scheme.scheme.weight.words()} weight scale of shape "
             f"{list(scheme.weight_scale_shape(n, k))} for weight {list(w.shape)}{hint}"
         )
     ws = check_weight_scale(sname, t[scheme.weight_scale_name], scheme, n, k)

@@ -1,48 +1,143 @@
-"""One normalized description of what to quantize and how (no vLLM import)."""
+"""The one scheme model (scale granularity as a block shape) and ignore-pattern matching (no
+vLLM import)."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-WEIGHT_STRATEGIES = ("tensor", "channel")
-ACTIVATION_SCHEMES = ("none", "dynamic", "static")
+import torch
+
+from ..numerics import E4M3
 
 
-@dataclass
-class Fp8Scheme:
-    """What the plugin does to each linear layer.
+@dataclass(frozen=True)
+class Granularity:
+    """Which elements share one FP8 scale, as a block shape (torchao's Float8Tensor idea).
 
-    weight_strategy: "tensor" (one scale per tensor; for fused q/k/v or gate/up layers one per
-        shard, kept exact as a per-output-channel vector) or "channel" (one per output row).
-    activation_scheme: "none" for online weight-only quantization; "dynamic" / "static" as
-        declared by a checkpoint. On CPU activations stay 16-bit in every case (W8A16).
-    online: True when weights arrive in 16-bit and are quantized while loading.
-    ignore: layer names or patterns ("re:<regex>", fnmatch globs, exact or dotted-suffix names)
-        that stay unquantized. lm_head is never quantized.
+    A tensor [..., R, C] gets one scale per ``rows`` x ``cols`` block of its last two dims; 0
+    stands for the whole dimension, and a partial last block covers what is left. Leading dims
+    (the experts of a mixture-of-experts weight, the batch dims of activations) each get their
+    own grid. So per-tensor, per-channel (weights [N, K]), per-token (activations [M, K]),
+    128x128 blocks and 1x128 activation groups are five shapes of one rule, not five cases.
     """
 
-    weight_strategy: str = "tensor"
-    activation_scheme: str = "none"
-    online: bool = True
-    ignore: list[str] = field(default_factory=list)
+    rows: int = 0
+    cols: int = 0
 
     def __post_init__(self) -> None:
-        if self.weight_strategy not in WEIGHT_STRATEGIES:
+        for name in ("rows", "cols"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"Granularity.{name}: expected an integer >= 0 (0: the whole dim), found {v!r}")
+
+    def block(self, shape) -> tuple[int, int]:
+        """The concrete [rows, cols] block for a tensor of ``shape`` (0 resolved to the dim)."""
+        r, c = int(shape[-2]), int(shape[-1])
+        return (self.rows or max(r, 1), self.cols or max(c, 1))
+
+    def grid(self, shape) -> tuple[int, int]:
+        """Scales along the last two dims: [ceil(R / rows), ceil(C / cols)]."""
+        (br, bc), r, c = self.block(shape), int(shape[-2]), int(shape[-1])
+        return (max(-(-r // br), 1), max(-(-c // bc), 1))
+
+    def scale_shape(self, shape) -> tuple[int, ...]:
+        """Shape of the scale tensor of a tensor of ``shape``: leading dims, then the grid."""
+        return (*(int(d) for d in shape[:-2]), *self.grid(shape))
+
+    @property
+    def whole_rows(self) -> bool:
+        """One scale per row or coarser along C: the scale factors out of each row's dot product."""
+        return self.cols == 0
+
+    def words(self, role: str = "weight") -> str:
+        """"per-tensor", "per-channel" (weights) / "per-token" (activations), "128x128 block",
+        "1x128 group"."""
+        if self == PER_TENSOR:
+            return "per-tensor"
+        if self == PER_ROW:
+            return "per-channel" if role == "weight" else "per-token"
+        if self.rows == 1 and role != "weight":
+            return f"1x{self.cols} group"
+        return f"{self.rows or 'all'}x{self.cols or 'all'} block"
+
+
+#: One scale for the whole tensor.
+PER_TENSOR = Granularity(0, 0)
+#: One scale per row: per output channel of a weight [N, K], per token of activations [M, K].
+PER_ROW = Granularity(1, 0)
+
+
+def blocks(rows: int, cols: int) -> Granularity:
+    """Block scales of ``rows`` x ``cols`` (DeepSeek-style 128x128 weights, 1x128 activation groups)."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"blocks: expected two sizes >= 1, found {rows}x{cols}")
+    return Granularity(rows, cols)
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How a linear layer's input is quantized to FP8: ``granularity`` over [tokens, K]
+    (PER_TENSOR, PER_ROW = per token, or 1 x k groups) and ``static`` (a calibrated scale stored
+    in the checkpoint, per tensor) or dynamic (computed from each input)."""
+
+    granularity: Granularity = PER_ROW
+    static: bool = False
+
+    def __post_init__(self) -> None:
+        if self.granularity.rows not in (0, 1) or (self.granularity.rows == 0 and self.granularity.cols):
             raise ValueError(
-                f"weight_strategy: expected one of {WEIGHT_STRATEGIES}, found {self.weight_strategy!r}"
+                f"ActivationQuant.granularity: expected per-tensor, per-token or 1 x k groups, "
+                f"found {self.granularity}"
             )
-        if self.activation_scheme not in ACTIVATION_SCHEMES:
+        if self.static and self.granularity != PER_TENSOR:
             raise ValueError(
-                f"activation_scheme: expected one of {ACTIVATION_SCHEMES}, found {self.activation_scheme!r}"
+                f"ActivationQuant: static activation scales are per tensor, found "
+                f"{self.granularity.words('activation')}"
             )
-        check_ignore_patterns(self.ignore)
+
+    def words(self) -> str:
+        return f"{'static' if self.static else 'dynamic'} {self.granularity.words('activation')}"
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """What FP8 means for a linear layer (or a mixture-of-experts layer's experts): the weights'
+    scale granularity, the activations' quantization (None: weights only, activations stay
+    16-bit) and the FP8 format. One model for the checkpoint parser and writer, the producer,
+    online quantization and kernel choice. On CPU activations stay 16-bit in every case (W8A16);
+    ``activation`` says what a W8A8 path does with them.
+    """
+
+    weight: Granularity = PER_TENSOR
+    activation: ActivationQuant | None = None
+    dtype: torch.dtype = E4M3
+
+    def __post_init__(self) -> None:
+        w, a = self.weight, self.activation
+        if w.rows == 0 and w.cols:
+            raise ValueError(f"Fp8Scheme.weight: expected per-tensor, per-channel or blocks, found {w}")
+        if a is not None and a.granularity.cols and a.granularity.cols != w.cols:
+            raise ValueError(
+                f"Fp8Scheme.activation: 1x{a.granularity.cols} activation groups need weight blocks "
+                f"with the same K size, found weights {w.words()}"
+            )
+        if a is not None and a.static and w.cols:
+            raise ValueError(f"Fp8Scheme.activation: block weights take dynamic activations, found {a.words()}")
+
+    def w8a8_activation(self) -> ActivationQuant:
+        """How a W8A8 kernel quantizes this layer's input: block weights take 1 x (K block)
+        groups, static checkpoints their stored per-tensor scale, the rest per-token scales."""
+        if self.weight.cols:
+            return ActivationQuant(Granularity(1, self.weight.cols))
+        if self.activation is not None and self.activation.static:
+            return self.activation
+        return ActivationQuant(PER_ROW)
 
     def describe(self) -> str:
-        act = "16-bit activations" if self.activation_scheme == "none" else f"{self.activation_scheme} activation scales"
-        src = "online from 16-bit weights" if self.online else "from an FP8 checkpoint"
-        return f"FP8 e4m3 weights, per-{self.weight_strategy} scales, {act}, {src}"
+        act = "16-bit activations" if self.activation is None else f"{self.activation.words()} activation scales"
+        return f"FP8 e4m3 weights, {self.weight.words()} scales, {act}"
 
 
 def check_ignore_patterns(patterns, field: str = "ignore") -> None:

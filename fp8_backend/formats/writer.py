@@ -1,5 +1,5 @@
 """Writing FP8 checkpoints: the ``quantization_config`` and tensor names a
-:class:`~fp8_backend.formats.checkpoint.CheckpointScheme` stands for, the inverse of
+:class:`~fp8_backend.formats.checkpoint.CheckpointFormat` stands for, the inverse of
 :func:`~fp8_backend.formats.checkpoint.parse_quantization_config` (``parse(write(s)) == s``).
 
 The producer (fp8_backend.quantize) writes through here, so what it writes is what the loader
@@ -12,107 +12,95 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .checkpoint import CheckpointFormatError, CheckpointScheme, KVCacheScheme
+from .checkpoint import CheckpointFormat, CheckpointFormatError, KVCacheScheme
+from .scheme import PER_ROW, PER_TENSOR, Fp8Scheme
 
-#: Producer format names -> CheckpointScheme.source.
+#: Producer format names -> CheckpointFormat.source.
 WRITER_FORMATS = {"autofp8": "fp8", "compressed-tensors": "compressed-tensors"}
 
 
-def producer_scheme(
-    fmt: str,
-    weight_strategy: str,
-    activation_scheme: str,
-    *,
-    block_size: Sequence[int] = (128, 128),
-    kv_cache: bool = False,
-    ignore: Sequence[str] = (),
-) -> CheckpointScheme:
-    """The scheme of a checkpoint the producer writes: ``fmt`` "autofp8" (AutoFP8 / vLLM "fp8")
-    or "compressed-tensors"; ``weight_strategy`` "tensor" | "channel" | "block";
-    ``activation_scheme`` "static" (per-tensor input scales) or "dynamic" (per token; 1 x K-block
-    groups with block weights). Equal to what the parser returns for the written config."""
+def producer_format(fmt: str, scheme: Fp8Scheme, *, kv_cache: bool = False,
+                    ignore: Sequence[str] = ()) -> CheckpointFormat:
+    """How the producer stores a checkpoint of ``scheme``: ``fmt`` "autofp8" (AutoFP8 / vLLM
+    "fp8") or "compressed-tensors". Equal to what the parser returns for the written config."""
     if fmt not in WRITER_FORMATS:
         raise CheckpointFormatError(f"format: expected one of {list(WRITER_FORMATS)}, found {fmt!r}")
     source = WRITER_FORMATS[fmt]
-    if source == "fp8" and weight_strategy == "channel":
+    if source == "fp8" and scheme.weight == PER_ROW:
         raise CheckpointFormatError(
-            "weight_strategy: the 'fp8' format stores one weight scale per tensor or 128x128 "
-            "blocks; expected 'tensor' or 'block', found 'channel' (use compressed-tensors)"
+            "weight scales: the 'fp8' format stores one weight scale per tensor or 128x128 "
+            "blocks; expected per-tensor or blocks, found per-channel (use compressed-tensors)"
         )
-    block = tuple(block_size) if weight_strategy == "block" else None
-    static = activation_scheme == "static"
-    if block is not None:
-        act_strategy, group = "group", block[1]
-    else:
-        act_strategy, group = ("tensor" if static else "token"), None
-    return CheckpointScheme(
+    static = scheme.activation is not None and scheme.activation.static
+    return CheckpointFormat(
         source=source,
         storage_format="fp8" if source == "fp8" else "float-quantized",
-        weight_strategy=weight_strategy,
-        block_size=block,  # type: ignore[arg-type]
-        activation_scheme=activation_scheme,
-        activation_strategy=act_strategy,
-        activation_group_size=group,
+        scheme=scheme,
         ignore=tuple(ignore),
         kv_cache=KVCacheScheme("tensor") if kv_cache else None,
-        weight_scale_name="weight_scale_inv" if source == "fp8" and block else "weight_scale",
+        weight_scale_name="weight_scale_inv" if source == "fp8" and scheme.weight.cols else "weight_scale",
         input_scale_name="input_scale" if static else None,
     )
 
 
-def quantization_config(scheme: CheckpointScheme) -> dict[str, Any]:
-    """The ``quantization_config`` dict (for config.json) that parses back to ``scheme``."""
-    if scheme.source == "fp8":
-        return _fp8_config(scheme)
-    return _compressed_tensors_config(scheme)
+def quantization_config(fmt: CheckpointFormat) -> dict[str, Any]:
+    """The ``quantization_config`` dict (for config.json) that parses back to ``fmt``."""
+    if fmt.source == "fp8":
+        return _fp8_config(fmt)
+    return _compressed_tensors_config(fmt)
 
 
-def _fp8_config(s: CheckpointScheme) -> dict[str, Any]:
-    if s.weight_strategy == "channel" or s.activation_scheme == "none":
+def _fp8_config(f: CheckpointFormat) -> dict[str, Any]:
+    w, a = f.scheme.weight, f.scheme.activation
+    if w == PER_ROW or a is None:
         raise CheckpointFormatError(
             f"the 'fp8' format: expected per-tensor or block weights with static or dynamic "
-            f"activations, found {s.weight_strategy} weights, {s.activation_scheme} activations"
+            f"activations, found {f.scheme.describe()}"
         )
     cfg: dict[str, Any] = {
         "quant_method": "fp8",
-        "activation_scheme": s.activation_scheme,
-        "ignored_layers": list(s.ignore),
+        "activation_scheme": "static" if a.static else "dynamic",
+        "ignored_layers": list(f.ignore),
     }
-    if s.block_size is not None:
-        cfg["weight_block_size"] = list(s.block_size)
-    if s.kv_cache is not None:
+    if w.cols:
+        cfg["weight_block_size"] = [w.rows, w.cols]
+    if f.kv_cache is not None:
         cfg["kv_cache_scheme"] = "static"  # AutoFP8's marker; tensors self_attn.k_scale / v_scale
     return cfg
 
 
-def _compressed_tensors_config(s: CheckpointScheme) -> dict[str, Any]:
+def _ct_strategy(g, role: str) -> dict[str, Any]:
+    """compressed-tensors' name for a granularity: strategy (+ block_structure / group_size)."""
+    if g == PER_TENSOR:
+        return {"strategy": "tensor"}
+    if g.cols == 0:
+        return {"strategy": "channel" if role == "weight" else "token"}
+    if role == "weight":
+        return {"strategy": "block", "block_structure": [g.rows, g.cols]}
+    return {"strategy": "group", "group_size": g.cols}
+
+
+def _compressed_tensors_config(f: CheckpointFormat) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     def fp8(**kw) -> QuantizationArgs:
         return QuantizationArgs(num_bits=8, type="float", symmetric=True, **kw)
 
-    if s.block_size is not None:
-        weights = fp8(strategy="block", block_structure=list(s.block_size), dynamic=False)
-    else:
-        weights = fp8(strategy=s.weight_strategy, dynamic=False)
-    if s.activation_scheme == "none":
-        inputs = None
-    elif s.activation_strategy == "group":
-        inputs = fp8(strategy="group", group_size=s.activation_group_size, dynamic=True)
-    else:
-        inputs = fp8(strategy=s.activation_strategy, dynamic=s.activation_scheme == "dynamic")
+    a = f.scheme.activation
+    weights = fp8(dynamic=False, **_ct_strategy(f.scheme.weight, "weight"))
+    inputs = None if a is None else fp8(dynamic=not a.static, **_ct_strategy(a.granularity, "activation"))
     kv = None
-    if s.kv_cache is not None:
-        kv = fp8(strategy="attn_head" if s.kv_cache.strategy == "head" else "tensor", dynamic=False)
+    if f.kv_cache is not None:
+        kv = fp8(strategy="attn_head" if f.kv_cache.strategy == "head" else "tensor", dynamic=False)
     qc = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=list(s.targets), weights=weights,
+        config_groups={"group_0": QuantizationScheme(targets=list(f.targets), weights=weights,
                                                      input_activations=inputs)},
-        format=s.storage_format,
+        format=f.storage_format,
         quantization_status="compressed",
-        ignore=list(s.ignore),
+        ignore=list(f.ignore),
         kv_cache_scheme=kv,
     )
     return qc.model_dump(mode="json")
 
 
-__all__ = ["WRITER_FORMATS", "producer_scheme", "quantization_config"]
+__all__ = ["WRITER_FORMATS", "producer_format", "quantization_config"]

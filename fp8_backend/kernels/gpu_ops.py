@@ -14,27 +14,26 @@ import torch
 
 @torch.library.custom_op("fp8_backend::triton_w8a8_linear", mutates_args=())
 def triton_w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                       input_scale: torch.Tensor | None, act: str, block_size: list[int] | None) -> torch.Tensor:
-    """y = dequant(quant(x)) @ dequant(w, w_scale)^T + bias in x.dtype; act in
-    {"static", "dynamic_token", "group"} ("group" needs block_size = [bn, bk], groups of bk)."""
+                       input_scale: torch.Tensor | None, block_size: list[int] | None) -> torch.Tensor:
+    """y = dequant(quant(x)) @ dequant(w, w_scale)^T + bias in x.dtype. Activations: static
+    per-tensor with ``input_scale``; else 1 x bk groups with block weights (``block_size`` =
+    [bn, bk]); else dynamic per token."""
     from .triton import gemm_w8a8, quant
 
     k = w.shape[1]
     x2 = x.reshape(-1, k)
-    if act == "static":
+    if input_scale is not None:
         xq, xs = quant.quantize_per_tensor(x2, input_scale)
-    elif act == "dynamic_token":
-        xq, xs = quant.quantize_per_token(x2)
-    elif act == "group":
+    elif block_size is not None:
         xq, xs = quant.quantize_group(x2, block_size[1])
     else:
-        raise ValueError(f"triton_w8a8_linear: unknown act {act!r}")
-    y = gemm_w8a8.w8a8_gemm(xq, xs, w, w_scale, bias, x.dtype, tuple(block_size) if act == "group" else None)
+        xq, xs = quant.quantize_per_token(x2)
+    y = gemm_w8a8.w8a8_gemm(xq, xs, w, w_scale, bias, x.dtype, tuple(block_size) if block_size is not None else None)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 @triton_w8a8_linear.register_fake
-def _(x, w, w_scale, bias, input_scale, act, block_size):
+def _(x, w, w_scale, bias, input_scale, block_size):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 

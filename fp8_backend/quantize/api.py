@@ -137,7 +137,7 @@ def quantize(model_dir, out_dir, scheme: str = "dynamic", format: str = "autofp8
     ct = opts.format == "compressed-tensors"
     for n in moe_ignored + [n for n, _ in fused_16bit]:
         ignored += ignore_entries(n, ct)
-    scheme = opts.checkpoint_scheme(ignored)
+    scheme = opts.checkpoint_format(ignored)
     qcfg = quantization_config(scheme)
     report = QuantizeReport(out_dir, qcfg, quant, ignored, [], input_amax=input_amax, kv_amax=kv_amax,
                             moe=[(n, m.num_experts) for n, m in moe_quant.items()],

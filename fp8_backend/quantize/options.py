@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..formats.scheme import check_ignore_patterns
-from ..formats.writer import producer_scheme
+from ..formats.checkpoint import CheckpointFormat
+from ..formats.scheme import PER_ROW, PER_TENSOR, ActivationQuant, Fp8Scheme, Granularity, blocks, check_ignore_patterns
+from ..formats.writer import producer_format
 
 SCHEMES = ("dynamic", "static", "block")
 FORMATS = ("autofp8", "compressed-tensors")
@@ -63,17 +64,23 @@ class QuantizeOptions:
         return self.scheme == "static" or self.kv_cache
 
     @property
-    def weight_strategy(self) -> str:
+    def fp8_scheme(self) -> Fp8Scheme:
+        """The scheme these options name (the producer's presets, as compressed-tensors' FP8,
+        FP8_DYNAMIC and FP8_BLOCK): "dynamic" -> per-tensor (or per-channel) weights and
+        per-token activations, "static" -> a calibrated per-tensor input scale, "block" ->
+        block weights and 1 x (K block) activation groups."""
         if self.scheme == "block":
-            return "block"
-        return "channel" if self.per_channel else "tensor"
+            bn, bk = self.block_size
+            return Fp8Scheme(blocks(bn, bk), ActivationQuant(Granularity(1, bk)))
+        weight = PER_ROW if self.per_channel else PER_TENSOR
+        if self.scheme == "static":
+            return Fp8Scheme(weight, ActivationQuant(PER_TENSOR, static=True))
+        return Fp8Scheme(weight, ActivationQuant(PER_ROW))
 
-    def checkpoint_scheme(self, ignored=()):
-        """The formats.CheckpointScheme of the checkpoint these options write (names, shapes and
+    def checkpoint_format(self, ignored=()) -> CheckpointFormat:
+        """How the checkpoint these options write is stored (names, shapes and
         quantization_config all come from it); ``ignored``: the layers left 16-bit."""
-        act = "static" if self.scheme == "static" else "dynamic"
-        return producer_scheme(self.format, self.weight_strategy, act, block_size=self.block_size,
-                               kv_cache=self.kv_cache, ignore=tuple(ignored))
+        return producer_format(self.format, self.fp8_scheme, kv_cache=self.kv_cache, ignore=tuple(ignored))
 
     @property
     def all_ignores(self) -> list[str]:

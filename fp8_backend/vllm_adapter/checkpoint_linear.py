@@ -22,7 +22,8 @@ from vllm.model_executor.parameter import (
 )
 
 from .. import kernels
-from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
+from ..formats.checkpoint import CheckpointFormat, CheckpointFormatError
+from ..formats.scheme import PER_ROW, PER_TENSOR
 from ..formats.layer_tensors import (
     check_fp8_weight,
     check_scalar_scale,
@@ -54,8 +55,8 @@ class _Tensors:
     """What one layer's loaders check each checkpoint tensor against (formats' rules): the
     scheme, and each shard's full [N, K] in the checkpoint (before tensor-parallel slicing)."""
 
-    def __init__(self, prefix: str, scheme: CheckpointScheme, shard_rows: tuple[int, ...], k_full: int):
-        self.prefix, self.scheme = prefix, scheme
+    def __init__(self, prefix: str, checkpoint: CheckpointFormat, shard_rows: tuple[int, ...], k_full: int):
+        self.prefix, self.checkpoint = prefix, checkpoint
         self.shard_rows, self.k_full = shard_rows, k_full
 
     def scale_name(self, name: str, shard: int | None) -> str:
@@ -71,14 +72,14 @@ class _Tensors:
         if role == "weight":
             if values:
                 name = f"{self.prefix}.weight"
-                check_weight_shape(name, check_fp8_weight(name, t, self.scheme.fp8_dtype))
+                check_weight_shape(name, check_fp8_weight(name, t, self.checkpoint.fp8_dtype))
             return
-        name = self.scale_name(self.scheme.weight_scale_name if role == "weight_scale" else role, shard)
+        name = self.scale_name(self.checkpoint.weight_scale_name if role == "weight_scale" else role, shard)
         if values:
             check_scale(name, t)
         elif role == "weight_scale":
             n = self.shard_rows[shard or 0]
-            check_weight_scale(name, t, self.scheme, n, self.k_full, check_values=False)
+            check_weight_scale(name, t, self.checkpoint, n, self.k_full, check_values=False)
         else:
             check_scalar_scale(name, t, "per-tensor input")
 
@@ -91,12 +92,12 @@ def _checked_loader(loader, role: str, tensors: _Tensors, layer_shape: str):
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
         shard = _shard_index(args, kwargs)
         tensors.check(role, loaded_weight, shard, values=True)
-        if role == "weight_scale" and tensors.scheme.weight_strategy == "channel" and loaded_weight.dim() == 1:
+        if role == "weight_scale" and tensors.checkpoint.scheme.weight == PER_ROW and loaded_weight.dim() == 1:
             loaded_weight = loaded_weight.reshape(-1, 1)  # [N] is the same per-channel scale as [N, 1]
         try:
             out = loader(param, loaded_weight, *args, **kwargs)
         except (AssertionError, RuntimeError, ValueError, IndexError) as e:
-            name = f"{tensors.prefix}.{role if role != 'weight_scale' else tensors.scheme.weight_scale_name}"
+            name = f"{tensors.prefix}.{role if role != 'weight_scale' else tensors.checkpoint.weight_scale_name}"
             sid = args[0] if args else kwargs.get("loaded_shard_id")
             where = f" (shard {sid})" if sid is not None else ""
             raise CheckpointFormatError(
@@ -114,8 +115,8 @@ def _checked_loader(loader, role: str, tensors: _Tensors, layer_shape: str):
 class Fp8CheckpointLinearMethod(LinearMethodBase):
     """FP8 weights stored in the checkpoint; per-tensor, per-channel or block weight scales."""
 
-    def __init__(self, scheme: CheckpointScheme, prefix: str = "", zero_points: tuple[str, ...] = ()) -> None:
-        self.scheme = scheme
+    def __init__(self, checkpoint: CheckpointFormat, prefix: str = "", zero_points: tuple[str, ...] = ()) -> None:
+        self.checkpoint = checkpoint
         self.prefix = prefix
         self.zero_points = zero_points  # zero-point tensor names the checkpoint stores (checked, dropped)
 
@@ -125,12 +126,12 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         check_activation_dtype(self.prefix, params_dtype)
         loader = extra_weight_attrs.get("weight_loader")
         n, k = sum(output_partition_sizes), input_size_per_partition
-        what = self.scheme.weight_strategy
+        what = self.checkpoint.scheme.weight.words()
         shapes = f"{what} scales, output widths {list(output_partition_sizes)}, input size {k} per rank, from config.json"
         layer.logical_widths = list(output_partition_sizes)
         layer.orig_dtype = params_dtype
         rows = _block_tp_layout(layer, output_partition_sizes, output_size, k, input_size, 1, 1)
-        tensors = _Tensors(self.prefix, self.scheme, rows.full_rows, input_size)
+        tensors = _Tensors(self.prefix, self.checkpoint, rows.full_rows, input_size)
         weight = ModelWeightParameter(
             data=torch.full((n, k), _NAN_CODE, dtype=torch.uint8).view(torch.float8_e4m3fn),
             input_dim=1,
@@ -138,19 +139,21 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             weight_loader=_checked_loader(loader, "weight", tensors, shapes),
         )
         layer.register_parameter("weight", weight)
-        if self.scheme.weight_strategy == "tensor":
+        g = self.checkpoint.scheme.weight
+        # vLLM's own parameter classes (their loaders know how each granularity is sharded)
+        if g == PER_TENSOR:
             scale = PerTensorScaleParameter(
                 data=unfilled_scales(len(output_partition_sizes)),
                 weight_loader=_checked_loader(loader, "weight_scale", tensors, shapes),
             )
-        elif self.scheme.weight_strategy == "channel":
+        elif g == PER_ROW:
             scale = ChannelQuantScaleParameter(
                 data=unfilled_scales(n, 1),
                 output_dim=0,
                 weight_loader=_checked_loader(loader, "weight_scale", tensors, shapes),
             )
         else:
-            bn, bk = self.scheme.block_size  # type: ignore[misc]
+            bn, bk = g.rows, g.cols
             tp = _block_tp_layout(layer, output_partition_sizes, output_size, k, input_size, bn, bk)
             layer.block_tp = tp
             scale = BlockQuantScaleParameter(
@@ -159,8 +162,8 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
                 output_dim=0,
                 weight_loader=_block_scale_loader(tensors, tp),
             )
-        layer.register_parameter(self.scheme.weight_scale_name, scale)
-        if self.scheme.activation_scheme == "static":
+        layer.register_parameter(self.checkpoint.weight_scale_name, scale)
+        if self.checkpoint.input_scale_name is not None:
             input_scale = PerTensorScaleParameter(
                 data=unfilled_scales(len(output_partition_sizes)),
                 weight_loader=_checked_loader(loader, "input_scale", tensors, shapes),
@@ -182,27 +185,28 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
                 f"missing from the checkpoint"
             )
         w = kernels.w8a16_prepack(w, f"{self.prefix}.weight")
-        raw = getattr(layer, self.scheme.weight_scale_name).data  # fp32: created so, loaded by copy
-        scale = self._check_filled(raw, self.scheme.weight_scale_name, layer)
-        if self.scheme.weight_strategy == "tensor" and len(layer.logical_widths) > 1:
+        raw = getattr(layer, self.checkpoint.weight_scale_name).data  # fp32: created so, loaded by copy
+        scale = self._check_filled(raw, self.checkpoint.weight_scale_name, layer)
+        g = self.checkpoint.scheme.weight
+        if g == PER_TENSOR and len(layer.logical_widths) > 1:
             # One exact scale per shard, expanded to one per output row.
             scale = torch.cat([s.expand(width) for s, width in zip(scale, layer.logical_widths)])
         block = None
-        if self.scheme.weight_strategy == "block":
+        if g.cols:
             scale, block = self._block_layout(scale, layer)
         else:
             scale = scale.reshape(-1).contiguous()
         layer.block_size = block
-        delattr(layer, self.scheme.weight_scale_name)
+        delattr(layer, self.checkpoint.weight_scale_name)
         for zp in self.zero_points:
             delattr(layer, zp)
-        if self.scheme.activation_scheme == "static":
+        if self.checkpoint.input_scale_name is not None:
             self._check_filled(layer.input_scale.data, "input_scale", layer)
             _log_static_once()
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         layer._fp8_backend_ready = True
-        path = path_for_device(w.device, self.scheme.weight_strategy, self.scheme.activation_scheme)
+        path = path_for_device(w.device, self.checkpoint.scheme)
         prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def _block_layout(self, scale: torch.Tensor, layer) -> tuple[torch.Tensor, list[int]]:
@@ -217,7 +221,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
         start inside a block (row-parallel K split at an offset off_k that is not a multiple of
         bk), columns in blocks of g = gcd(off_k, bk), each of which lies inside one checkpoint
         block."""
-        bn, bk = self.scheme.block_size  # type: ignore[misc]
+        bn, bk = self.checkpoint.scheme.weight.block(layer.weight.shape)
         tp: _BlockTp = layer.block_tp
         widths = layer.logical_widths
         k_local = layer.weight.shape[1]
@@ -226,7 +230,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
             k_out = math.gcd(tp.k_offset, bk)
             if layer.weight.device.type != "cpu":
                 raise CheckpointFormatError(
-                    f"{self.prefix}.{self.scheme.weight_scale_name}: this tensor-parallel rank holds input "
+                    f"{self.prefix}.{self.checkpoint.weight_scale_name}: this tensor-parallel rank holds input "
                     f"columns [{tp.k_offset}, {tp.k_offset + k_local}) of K={tp.k_full}, which splits "
                     f"{bn}x{bk} scale block {tp.k_offset // bk}; fp8-backend serves such shards exactly on "
                     f"CPU only (GPU kernels need shard boundaries on multiples of {bk}: choose a "

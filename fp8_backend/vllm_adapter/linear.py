@@ -11,7 +11,7 @@ from vllm.model_executor.model_loader.reload.layerwise import initialize_online_
 from vllm.model_executor.parameter import ModelWeightParameter
 
 from .. import kernels, numerics
-from ..formats.scheme import Fp8Scheme
+from ..formats.scheme import PER_TENSOR, Fp8Scheme, Granularity
 from .layer_owner import check_activation_dtype
 from .linear_paths import apply_linear, path_for_device, prepare_layer
 
@@ -23,39 +23,39 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def quantize_linear_weight(
-    weight: torch.Tensor, strategy: str, logical_widths: list[int], name: str,
+    weight: torch.Tensor, granularity: Granularity, logical_widths: list[int], name: str,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 weight [N, K] and its fp32 scale: shape [1] (one tensor scale) or [N].
 
-    Per-tensor quantization of a fused layer (q/k/v, gate/up) gives each shard its own scale,
-    as separate layers would have, and keeps all of them exactly as a per-channel vector,
-    instead of forcing the whole fused weight onto one scale. The same values as numerics'
-    quantize_per_tensor / quantize_per_channel (amax over the whole shard or row, then the
-    elementwise quantization), computed a block of rows at a time.
+    ``granularity`` must span whole rows (per-tensor, per-channel). A fused layer (q/k/v,
+    gate/up) is quantized shard by shard, as separate layers would be: per-tensor gives each
+    shard its own scale, kept exactly as a per-channel vector, instead of forcing the whole fused
+    weight onto one scale. The same values as numerics' block quantization (amax per block, then
+    the elementwise quantization), computed a chunk of rows at a time.
     """
     numerics.check_finite(weight, name)
-    if strategy not in ("tensor", "channel"):
-        raise ValueError(f"{name}: unsupported weight strategy {strategy!r}")
-    widths = logical_widths if strategy == "tensor" and len(logical_widths) > 1 else [weight.shape[0]]
-    if sum(widths) != weight.shape[0]:
-        raise ValueError(
-            f"{name}: shard widths {logical_widths} do not add up to the weight's {weight.shape[0]} rows"
-        )
-    if strategy == "channel":
-        amax = weight.abs().amax(dim=-1, keepdim=True)
-        scale = numerics.compute_scale(amax)  # [N, 1]
-    else:
-        scale = torch.cat([
-            numerics.per_tensor_scale(shard).expand(shard.shape[0])
-            for shard in torch.split(weight, widths, dim=0)
-        ]).reshape(-1, 1)
+    if not granularity.whole_rows:
+        raise ValueError(f"{name}: online FP8 quantizes per tensor or per channel, found {granularity.words()} scales")
+    n, k = weight.shape
+    widths = logical_widths if len(logical_widths) > 1 else [n]
+    if sum(widths) != n:
+        raise ValueError(f"{name}: shard widths {logical_widths} do not add up to the weight's {n} rows")
+    rows = max(1, chunk_elements // max(1, k))
+    # a block of whole rows has the amax of its rows' amaxes
+    row_amax = torch.cat([weight[r0:r0 + rows].abs().amax(dim=-1, keepdim=True)
+                          for r0 in range(0, n, rows)]).float() if n else weight.new_zeros((0, 1), dtype=torch.float32)
+    scales = []
+    for shard in torch.split(row_amax, widths, dim=0):
+        bn = granularity.block((shard.shape[0], k))[0]
+        grid = numerics.compute_scale(numerics.block_amax(shard, (bn, 1)))
+        scales.append(grid.repeat_interleave(bn, 0)[: shard.shape[0]])
+    scale = torch.cat(scales)  # [N, 1]
     q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
-    rows = max(1, chunk_elements // max(1, weight.shape[1]))
-    for r0 in range(0, weight.shape[0], rows):
+    for r0 in range(0, n, rows):
         q[r0:r0 + rows] = numerics.quantize_with_scale(weight[r0:r0 + rows], scale[r0:r0 + rows])
     scale = scale.reshape(-1)
-    if strategy == "tensor" and len(widths) == 1:
+    if granularity == PER_TENSOR and len(widths) == 1:
         scale = scale[:1].clone()
     return q, scale.contiguous()
 
@@ -106,13 +106,13 @@ class Fp8OnlineLinearMethod(LinearMethodBase):
             return  # already quantized (processing can be requested twice on reload)
         q, scale = quantize_linear_weight(
             layer.weight.data,
-            self.scheme.weight_strategy,
+            self.scheme.weight,
             layer.logical_widths,
             f"{self.prefix}.weight",
         )
         layer.weight = torch.nn.Parameter(kernels.w8a16_prepack(q), requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-        path = path_for_device(layer.weight.device, self.scheme.weight_strategy, "none")
+        path = path_for_device(layer.weight.device, self.scheme)
         prepare_layer(layer, path, self.prefix)  # CPU: unchanged; GPU: W8A8 or repacked W8A16
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

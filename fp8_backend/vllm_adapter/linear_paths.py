@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels  # noqa: F401  (registers torch.ops.fp8_backend)
+from ..formats.scheme import ActivationQuant, Fp8Scheme
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -44,32 +45,24 @@ def emulate_w8a8_requested() -> bool:
     return value in ("1", "true")
 
 
-def _w8a8_activations(weight_strategy: str, activation_scheme: str) -> str:
-    """How the W8A8 path quantizes activations for a layer of this scheme."""
-    if weight_strategy == "block":
-        return "group"
-    if activation_scheme == "static":
-        return "static"
-    return "dynamic_token"
-
-
 @dataclass(frozen=True)
 class LinearPath:
     kernel: str  # CPU_W8A16 | GPU_W8A8 | GPU_MARLIN_W8A16
-    act: str | None  # W8A8 activation quantization: "static" | "dynamic_token" | "group"
+    act: ActivationQuant | None  # how activations are quantized (W8A8, or its CPU emulation)
     reason: str
 
 
-def choose_linear_path(device_type: str, capability: tuple[int, int] | None, weight_strategy: str,
-                       activation_scheme: str, emulate_w8a8: bool = False) -> LinearPath:
-    """The kernel for a layer on ``device_type`` ("cpu" / "cuda") with CUDA ``capability``.
+def choose_linear_path(device_type: str, capability: tuple[int, int] | None, scheme: Fp8Scheme,
+                       emulate_w8a8: bool = False) -> LinearPath:
+    """The kernel for a layer of ``scheme`` on ``device_type`` ("cpu" / "cuda") with CUDA
+    ``capability``.
 
     ``emulate_w8a8`` (CPU only): fake-quantize activations as the W8A8 GPU path would."""
     if device_type == "cpu":
         if emulate_w8a8:
-            act = _w8a8_activations(weight_strategy, activation_scheme)
+            act = scheme.w8a8_activation()
             return LinearPath(CPU_W8A16, act, f"CPU: W8A16 kernels of csrc/cpu with activations "
-                              f"fake-quantized to FP8 ({act}), emulating the numerics of W8A8")
+                              f"fake-quantized to FP8 ({act.words()}), emulating the numerics of W8A8")
         return LinearPath(CPU_W8A16, None, "CPU: W8A16 kernels of csrc/cpu (no FP8 arithmetic on CPU)")
     if device_type != "cuda":
         raise ValueError(f"fp8-backend: device type: expected 'cpu' or 'cuda', found {device_type!r}")
@@ -77,8 +70,8 @@ def choose_linear_path(device_type: str, capability: tuple[int, int] | None, wei
         raise ValueError(f"fp8-backend: CUDA capability: expected (major, minor), found {capability!r}")
     cap = tuple(int(c) for c in capability)
     if cap >= (8, 9):
-        act = _w8a8_activations(weight_strategy, activation_scheme)
-        return LinearPath(GPU_W8A8, act, f"sm_{cap[0]}{cap[1]}: FP8 tensor cores, W8A8 ({act} activations)")
+        act = scheme.w8a8_activation()
+        return LinearPath(GPU_W8A8, act, f"sm_{cap[0]}{cap[1]}: FP8 tensor cores, W8A8 ({act.words()} activations)")
     if cap >= (8, 0):
         return LinearPath(GPU_MARLIN_W8A16, None,
                           f"sm_{cap[0]}{cap[1]}: no FP8 tensor cores, Marlin-style W8A16 (bit-decoded weights)")
@@ -88,10 +81,10 @@ def choose_linear_path(device_type: str, capability: tuple[int, int] | None, wei
     )
 
 
-def path_for_device(device: torch.device, weight_strategy: str, activation_scheme: str) -> LinearPath:
+def path_for_device(device: torch.device, scheme: Fp8Scheme) -> LinearPath:
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     emulate = device.type == "cpu" and emulate_w8a8_requested()
-    path = choose_linear_path(device.type, cap, weight_strategy, activation_scheme, emulate)
+    path = choose_linear_path(device.type, cap, scheme, emulate)
     if path.reason not in _logged:
         _logged.add(path.reason)
         logger.info("fp8-backend linear kernel: %s", path.reason)
@@ -102,8 +95,9 @@ def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None
     """Bring a layer whose ``weight`` (e4m3 [N, K]), ``weight_scale`` (1 / N / block grid) and
     ``block_size`` are set into the form ``path`` reads; CPU layers are left untouched."""
     layer.fp8_path = path
+    static = path.act is not None and path.act.static
     if path.kernel == CPU_W8A16:
-        if path.act == "static":
+        if static:
             _set_static_input_scale(layer, prefix)
         return
     block = getattr(layer, "block_size", None)
@@ -120,7 +114,7 @@ def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None
         layer.fp8_shape = (packed.n, packed.k, packed.group_size)
         return
     n, k = w.shape
-    if path.act == "group":
+    if path.act.granularity.cols:
         bn, bk = block
         if bk < 16 or bk & (bk - 1):
             raise ValueError(f"{prefix}.weight_scale: W8A8 block K size must be a power of two >= 16, found {bk}")
@@ -129,7 +123,7 @@ def prepare_layer(layer: torch.nn.Module, path: LinearPath, prefix: str) -> None
             raise ValueError(f"{prefix}.weight_scale: expected block scales {want}, found {tuple(scale.shape)}")
     elif scale.numel() not in (1, n):
         raise ValueError(f"{prefix}.weight_scale: expected 1 or N={n} scales, found shape {tuple(scale.shape)}")
-    if path.act == "static":
+    if static:
         _set_static_input_scale(layer, prefix)
 
 
@@ -141,32 +135,24 @@ def _set_static_input_scale(layer: torch.nn.Module, prefix: str) -> None:
     layer.fp8_input_scale = s.data.float().max().reshape(1)
 
 
-def fake_quant_activations(x: torch.Tensor, act: str, input_scale: torch.Tensor | None,
-                           group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fake_quant_activations(x: torch.Tensor, act: ActivationQuant,
+                           input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x rounded to the FP8 grid as the W8A8 path quantizes it (numerics.py), for emulation.
 
     Static: returns the FP8 values themselves (exact in bf16/fp16) and the scale to fold into the
-    weight scale, so the result is W8A8's up to fp32 summation order. Per-token and group scales
-    differ per row / group and cannot be folded: the dequantized activations are returned in
-    x.dtype, which adds one rounding (at most 2^-9 relative for bf16) per activation.
+    weight scale, so the result is W8A8's up to fp32 summation order. Dynamic scales (per token,
+    per 1 x k group) differ per row / group and cannot be folded: the dequantized activations are
+    returned in x.dtype, which adds one rounding (at most 2^-9 relative for bf16) per activation.
     """
     from .. import numerics
 
-    if act == "static":
+    if act.static:
         q, s = numerics.quantize_per_tensor(x, scale=input_scale)
         return q.to(x.dtype), s.reshape(1)
-    if act == "dynamic_token":
-        q, s = numerics.quantize_per_token(x)
-        return (q.float() * s).to(x.dtype), None
-    if act == "group":
-        q, s = numerics.quantize_group(x, group_size)
-        k = x.shape[-1]
-        deq = q.float().reshape(*x.shape[:-1], -1, group_size) if k % group_size == 0 else None
-        if deq is None:
-            pad = torch.nn.functional.pad(q.float(), (0, (-k) % group_size))
-            deq = pad.reshape(*x.shape[:-1], -1, group_size)
-        return (deq * s.unsqueeze(-1)).reshape(*x.shape[:-1], -1)[..., :k].to(x.dtype), None
-    raise ValueError(f"fake_quant_activations: unknown activation scheme {act!r}")
+    x2 = x.reshape(-1, x.shape[-1])
+    block = act.granularity.block(x2.shape)
+    full = numerics.expand_block_scale(numerics.compute_scale(numerics.block_amax(x2, block)), tuple(x2.shape), block)
+    return numerics.dequantize(numerics.quantize_with_scale(x2, full), full).to(x.dtype).reshape(x.shape), None
 
 
 def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -183,8 +169,7 @@ def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | N
         block = d.get("block_size")
         scale = params["weight_scale"]
         if path.act is not None:  # W8A8 emulation
-            x, x_scale = fake_quant_activations(x, path.act, d.get("fp8_input_scale"),
-                                                block[1] if block else 128)
+            x, x_scale = fake_quant_activations(x, path.act, d.get("fp8_input_scale"))
             if x_scale is not None:
                 scale = scale * x_scale
         return _cpu_w8a16_linear(x, params["weight"], scale, bias, block)
@@ -194,5 +179,5 @@ def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | N
         n, k, group = layer.fp8_shape
         return torch.ops.fp8_backend.triton_w8a16_linear(x, layer.weight, layer.weight_scale, bias, n, k, group)
     return torch.ops.fp8_backend.triton_w8a8_linear(x, layer.weight, layer.weight_scale, bias,
-                                                    getattr(layer, "fp8_input_scale", None), path.act,
+                                                    getattr(layer, "fp8_input_scale", None),
                                                     getattr(layer, "block_size", None))

@@ -33,7 +33,6 @@ layer: peak memory stays near the FP8 model's.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
@@ -43,8 +42,9 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .. import kernels
 from ..kernels.huge_pages import huge_page_empty
-from ..formats.checkpoint import CheckpointFormatError, CheckpointScheme
-from ..formats.layer_tensors import first_unfilled, unfilled_scales
+from ..formats.checkpoint import CheckpointFormat, CheckpointFormatError
+from ..formats.layer_tensors import first_unfilled, stored_scale_shapes, unfilled_scales
+from ..formats.scheme import PER_ROW, PER_TENSOR, Granularity
 from .linear import quantize_linear_weight
 from .layer_owner import check_activation_dtype
 from .moe import checkpoint_tensor_name
@@ -59,34 +59,34 @@ _missing = unfilled_scales
 
 class Fp8FusedMoEMethod(FusedMoEMethodBase):
     """FP8 experts (SiLU-and-mul, no biases) on CPU: from an FP8 checkpoint (``checkpoint``) or
-    quantized online from 16-bit weights (``online_strategy`` "tensor" or "channel")."""
+    quantized online from 16-bit weights (``online_weight`` per-tensor or per-channel)."""
 
     def __init__(
         self,
         moe_config,
         prefix: str,
         *,
-        checkpoint: CheckpointScheme | None = None,
-        online_strategy: str | None = None,
+        checkpoint: CheckpointFormat | None = None,
+        online_weight: Granularity | None = None,
     ) -> None:
         super().__init__(moe_config)
-        if (checkpoint is None) == (online_strategy is None):
-            raise ValueError("Fp8FusedMoEMethod: give exactly one of checkpoint and online_strategy")
-        if online_strategy not in (None, "tensor", "channel"):
-            raise ValueError(f"{prefix}: online FP8 MoE: unsupported weight strategy {online_strategy!r}")
+        if (checkpoint is None) == (online_weight is None):
+            raise ValueError("Fp8FusedMoEMethod: give exactly one of checkpoint and online_weight")
+        if online_weight is not None and not online_weight.whole_rows:
+            raise ValueError(f"{prefix}: online FP8 MoE: expected per-tensor or per-channel weights, "
+                             f"found {online_weight.words()}")
         self.prefix = prefix
         self.checkpoint = checkpoint
-        self.online_strategy = online_strategy
+        self.online_weight = online_weight
         if checkpoint is not None:
-            self.strategy = checkpoint.weight_strategy
-            self.block_size = tuple(checkpoint.block_size) if checkpoint.block_size else None
+            self.weight = checkpoint.scheme.weight
             self.scale_name = checkpoint.weight_scale_name
-            self.static_inputs = checkpoint.activation_scheme == "static"
+            self.static_inputs = checkpoint.input_scale_name is not None
         else:
-            self.strategy = "channel"  # online per-tensor scales are stored as equal rows
-            self.block_size = None
+            self.weight = PER_ROW  # online per-tensor scales are stored as equal rows
             self.scale_name = "weight_scale"
             self.static_inputs = False
+        self.block_size = (self.weight.rows, self.weight.cols) if self.weight.cols else None
         self._seen: dict[int, dict[tuple[int, str], str]] = {}  # online: what each expert brought
 
     # -- vLLM's FusedMoEMethodBase interface ---------------------------------------------------
@@ -125,7 +125,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         hidden = getattr(moe, "hidden_dim_unpadded", None) or h
         layer.fp8_moe_sizes = dict(hidden=hidden, intermediate=moe.intermediate_size, experts=e, tp=tp)
         loader = extra_weight_attrs["weight_loader"]
-        loader = self._online_loader(layer, loader) if self.online_strategy else self._shape_checked_loader(layer, loader)
+        loader = self._online_loader(layer, loader) if self.online_weight else self._shape_checked_loader(layer, loader)
         attrs = {"weight_loader": loader}
 
         def add(name: str, data: torch.Tensor, quant_method: str | None = None) -> None:
@@ -146,16 +146,14 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
             layer.w2_input_scale = None
 
     def _loaded_scale_shapes(self, e: int, h: int, i: int):
-        if self.strategy == "tensor":
+        """The scale parameters vLLM's expert loader fills: per expert, gate and up each keep
+        their own grid (stacked along rows), down its grid; per-tensor in vLLM's [E, 2] / [E]."""
+        g = self.weight
+        if g == PER_TENSOR:
             return (e, 2), (e,), FusedMoeWeightScaleSupported.TENSOR.value
-        if self.strategy == "channel":
-            return (e, 2 * i, 1), (e, h, 1), FusedMoeWeightScaleSupported.CHANNEL.value
-        bn, bk = self.block_size  # type: ignore[misc]
-        return (
-            (e, 2 * math.ceil(i / bn), math.ceil(h / bk)),
-            (e, math.ceil(h / bn), math.ceil(i / bk)),
-            FusedMoeWeightScaleSupported.BLOCK.value,
-        )
+        (gi, gh), (gh2, gi2) = g.grid((i, h)), g.grid((h, i))
+        how = FusedMoeWeightScaleSupported.BLOCK if g.cols else FusedMoeWeightScaleSupported.CHANNEL
+        return (e, 2 * gi, gh), (e, gh2, gi2), how.value
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -168,12 +166,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         if weight_name.endswith("input_scale"):
             return ((), (1,))
         if weight_name.endswith(("weight_scale", "weight_scale_inv")):
-            if self.strategy == "tensor":
-                return ((), (1,))
-            if self.strategy == "channel":
-                return ((n, 1), (n,))
-            bn, bk = self.block_size  # type: ignore[misc]
-            return ((math.ceil(n / bn), math.ceil(k / bk)),)
+            return stored_scale_shapes(self.weight, (n, k))
         if weight_name.endswith("weight"):
             return ((n, k),)
         return None
@@ -191,9 +184,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         )
 
     def _scheme_words(self) -> str:
-        if self.strategy == "block":
-            return f", {self.block_size[0]}x{self.block_size[1]} block scales"  # type: ignore[index]
-        return f", per-{self.strategy} scales"
+        return f", {self.weight.words()} scales"
 
     def _shape_checked_loader(self, layer, loader):
         """vLLM's loader copies an expert tensor into its slot with broadcasting, so a tensor of
@@ -201,7 +192,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
 
         def load(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs):
             self._check_shape(layer, loaded_weight, weight_name, shard_id, expert_id)
-            if self.strategy == "channel" and "weight_scale" in weight_name and loaded_weight.dim() == 1:
+            if self.weight == PER_ROW and "weight_scale" in weight_name and loaded_weight.dim() == 1:
                 loaded_weight = loaded_weight.reshape(-1, 1)
             return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
 
@@ -228,7 +219,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
             if to_local is not None and to_local(int(expert_id)) == -1:
                 # Expert parallelism: another rank's expert. vLLM's loader skips it untouched.
                 return loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
-            q, s = quantize_linear_weight(loaded_weight, self.online_strategy, [loaded_weight.shape[0]], name)
+            q, s = quantize_linear_weight(loaded_weight, self.online_weight, [loaded_weight.shape[0]], name)
             rows = s.reshape(-1, 1).expand(loaded_weight.shape[0], 1).contiguous()
             ok = loader(param, q, weight_name, shard_id, expert_id, *args, **kwargs)
             loader(scale, rows, f"{weight_name}_scale", shard_id, expert_id, *args, **kwargs)
@@ -239,7 +230,7 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         if getattr(layer, "_fp8_backend_ready", False):
             return
-        if self.online_strategy is not None:
+        if self.online_weight is not None:
             from .moe import _check_experts_complete
 
             _check_experts_complete(layer, self.prefix, self._seen)
@@ -250,11 +241,11 @@ class Fp8FusedMoEMethod(FusedMoEMethodBase):
         s2 = getattr(layer, f"w2_{self.scale_name}").data
         _check_loaded_scale(f"{self.prefix}.w13_{self.scale_name}", s13)
         _check_loaded_scale(f"{self.prefix}.w2_{self.scale_name}", s2)
-        if self.strategy == "tensor":
+        if self.weight == PER_TENSOR:
             # One exact scale per expert and projection, as per-channel rows.
             s13 = torch.cat([s13[:, 0:1].expand(e, i), s13[:, 1:2].expand(e, i)], dim=1)
             s2 = s2.reshape(e, 1).expand(e, h)
-        elif self.strategy == "channel":
+        elif self.weight == PER_ROW:
             s13, s2 = s13.reshape(e, 2 * i), s2.reshape(e, h)
         if self.static_inputs:
             from .checkpoint_linear import _log_static_once

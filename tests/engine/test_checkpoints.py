@@ -115,7 +115,7 @@ def _reshape_scale(name):
          "model.layers.0.mlp.gate_up_proj.weight: expected finite FP8 values, found 176128 NaN encodings"),
         (_rows("model.layers.1.mlp.down_proj.weight", 200),
          "model.layers.1.mlp.down_proj.weight: expected a tensor that fits this layer's parameter [256, 688] "
-         "(tensor scales, output widths [256], input size 688 per rank, from config.json), found shape [200, 688]"),
+         "(per-tensor scales, output widths [256], input size 688 per rank, from config.json), found shape [200, 688]"),
         (_reshape_scale("model.layers.0.self_attn.o_proj.weight_scale"),
          "model.layers.0.self_attn.o_proj.weight_scale: expected a tensor that fits this layer's parameter [1]"),
     ],

@@ -98,10 +98,11 @@ def test_producer_formats_vllm_round_trip(round_trip, name):
         w = torch.cat([valid[s].weight for s in shards])
         assert torch.equal(got["weight"], w.view(torch.uint8)), module
         n, k = w.shape
-        want = torch.cat([_per_element(valid[s].weight_scale, valid[s].weight.shape[0], k, scheme.block_size)
-                          for s in shards])
+        g = scheme.scheme.weight  # on disk: the granularity's grid, expanded by its block shape
+        want = torch.cat([numerics.expand_block_scale(valid[s].weight_scale, tuple(valid[s].weight.shape),
+                                                      g.block(valid[s].weight.shape)) for s in shards])
         assert torch.equal(_per_element(got["weight_scale"], n, k, got["block_size"]), want), module
-        if scheme.activation_scheme == "static":
+        if scheme.input_scale_name is not None:
             assert torch.equal(got["input_scale"].reshape(-1), torch.stack([valid[s].input_scale for s in shards])), module
         else:
             assert "input_scale" not in got, module

@@ -12,11 +12,13 @@ import sys
 
 import pytest
 import torch
+from schemes import GROUP_128, PER_TOKEN, scheme
 
 from fp8_backend import numerics as nx
+from fp8_backend.formats.scheme import Fp8Scheme, blocks
 from fp8_backend.formats.checkpoint import (
     CheckpointFormatError,
-    CheckpointScheme,
+    CheckpointFormat,
     KVCacheScheme,
     NotFp8CheckpointError,
     module_names,
@@ -132,8 +134,7 @@ def _err(fn, *args, match_all=(), exc=CheckpointFormatError, **kw) -> str:
 
 def test_autofp8_static():
     s = parse_quantization_config(AUTOFP8_STATIC)
-    assert (s.source, s.storage_format, s.weight_strategy) == ("fp8", "fp8", "tensor")
-    assert (s.activation_scheme, s.activation_strategy, s.block_size) == ("static", "tensor", None)
+    assert (s.source, s.storage_format, s.scheme) == ("fp8", "fp8", scheme("tensor", "static"))
     assert s.fp8_dtype == E4M3 and s.ignore == ("lm_head",) and s.kv_cache is None
     assert s.tensor_names("m.q_proj") == {
         "weight": "m.q_proj.weight",
@@ -144,7 +145,7 @@ def test_autofp8_static():
 
 def test_autofp8_dynamic_and_kv():
     s = parse_quantization_config(AUTOFP8_DYNAMIC)
-    assert (s.activation_scheme, s.activation_strategy, s.input_scale_name) == ("dynamic", "token", None)
+    assert (s.scheme.activation, s.input_scale_name) == (PER_TOKEN, None)
     assert "input_scale" not in s.tensor_names("x")
     s = parse_quantization_config(AUTOFP8_STATIC_KV)
     assert s.kv_cache == KVCacheScheme("tensor")
@@ -152,8 +153,8 @@ def test_autofp8_dynamic_and_kv():
 
 def test_hf_block_fp8():
     s = parse_quantization_config(HF_BLOCK)
-    assert (s.weight_strategy, s.block_size, s.weight_scale_name) == ("block", (128, 128), "weight_scale_inv")
-    assert (s.activation_scheme, s.activation_strategy, s.activation_group_size) == ("dynamic", "group", 128)
+    assert (s.scheme, s.weight_scale_name) == (scheme("block", "dynamic"), "weight_scale_inv")
+    assert s.scheme.activation == GROUP_128
     assert s.ignore == ("lm_head", "model.layers.0.mlp.gate")
     assert s.weight_scale_shape(576, 576) == (5, 5)
     assert "128x128 block" in s.describe()
@@ -211,27 +212,25 @@ def test_fp8_bad_config_messages_show_found():
 def test_ct_fp8_static():
     s = parse_quantization_config(copy.deepcopy(CT_FP8))
     assert (s.source, s.storage_format) == ("compressed-tensors", "float-quantized")
-    assert (s.weight_strategy, s.activation_scheme, s.activation_strategy) == ("tensor", "static", "tensor")
+    assert s.scheme == scheme("tensor", "static")
     assert (s.weight_scale_name, s.input_scale_name) == ("weight_scale", "input_scale")
     assert s.targets == ("Linear",) and s.ignore == ("lm_head",) and s.kv_cache is None
 
 
 def test_ct_fp8_dynamic():
     s = parse_quantization_config(copy.deepcopy(CT_FP8_DYNAMIC))
-    assert (s.weight_strategy, s.activation_scheme, s.activation_strategy) == ("channel", "dynamic", "token")
+    assert s.scheme == scheme("channel", "dynamic") and s.scheme.activation == PER_TOKEN
     assert s.input_scale_name is None and s.weight_scale_shape(7, 3) == (7, 1)
 
 
 def test_ct_fp8_block():
     s = parse_quantization_config(copy.deepcopy(CT_FP8_BLOCK))
-    assert (s.weight_strategy, s.block_size, s.weight_scale_name) == ("block", (128, 128), "weight_scale")
-    assert (s.activation_scheme, s.activation_strategy, s.activation_group_size) == ("dynamic", "group", 128)
+    assert (s.scheme, s.weight_scale_name) == (scheme("block", "dynamic"), "weight_scale")
 
 
 def test_ct_fp8_weight_only_and_kv():
     s = parse_quantization_config(copy.deepcopy(CT_FP8_W8A16))
-    assert (s.storage_format, s.weight_strategy, s.activation_scheme, s.activation_strategy) == (
-        "naive-quantized", "channel", "none", None)
+    assert (s.storage_format, s.scheme) == ("naive-quantized", scheme("channel", "none"))
     cfg = copy.deepcopy(CT_FP8)
     cfg["kv_cache_scheme"] = KV_FP8
     assert parse_quantization_config(cfg).kv_cache == KVCacheScheme("tensor")
@@ -251,12 +250,12 @@ def test_ct_configs_written_by_the_library_and_presets():
             kv_cache_scheme=KV_FP8,
         )
         s = parse_quantization_config(qc.model_dump(mode="json"))
-        assert (s.weight_strategy, s.activation_scheme) == (ws, act), preset
+        assert s.scheme == scheme(ws, act), preset
         assert s.kv_cache == KVCacheScheme("tensor")
         s2 = parse_quantization_config(
             {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {preset: ["Linear"]}}
         )
-        assert (s2.weight_strategy, s2.activation_scheme) == (ws, act), preset
+        assert s2.scheme == scheme(ws, act), preset
 
 
 def test_ct_groups_merge_attention_group_skipped():
@@ -376,7 +375,7 @@ def test_ct_mixed_fp8_schemes_refused():
     cfg["config_groups"]["group_0"]["targets"] = ["re:.*self_attn.*"]
     cfg["config_groups"]["group_1"] = {**copy.deepcopy(CT_FP8["config_groups"]["group_0"]), "targets": ["re:.*mlp.*"]}
     msg = _err(parse_quantization_config, cfg, match_all=["quantization_config.config_groups", "one FP8 scheme"])
-    assert "group_0: channel weights" in msg and "group_1: tensor weights" in msg
+    assert "group_0: FP8 e4m3 weights, per-channel scales" in msg and "group_1: FP8 e4m3 weights, per-tensor scales" in msg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,16 +419,11 @@ def test_unmatched_ignores():
 P = "model.layers.0.mlp.down_proj"
 
 
-def _layer(scheme: CheckpointScheme, n=16, k=32, full_names=True, scale_dtype=torch.float32, **override):
+def _layer(scheme: CheckpointFormat, n=16, k=32, full_names=True, scale_dtype=torch.float32, **override):
     torch.manual_seed(0)
     w = torch.randn(n, k)
-    if scheme.weight_strategy == "tensor":
-        q, s = nx.quantize_per_tensor(w)
-    elif scheme.weight_strategy == "channel":
-        q, s = nx.quantize_per_channel(w)
-    else:
-        q, s = nx.quantize_block(w, block_size=scheme.block_size)
-    t = {"weight": q, scheme.weight_scale_name: s.to(scale_dtype)}
+    q, s = nx.quantize_block(w, block_size=scheme.scheme.weight.block(w.shape))
+    t = {"weight": q, scheme.weight_scale_name: s.reshape(scheme.weight_scale_shape(n, k)).to(scale_dtype)}
     if scheme.input_scale_name:
         t[scheme.input_scale_name] = torch.tensor([0.02], dtype=scale_dtype)
     t.update(override)
@@ -456,14 +450,14 @@ def _schemes():
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_tensors_valid(name, scale_dtype):
     s = _schemes()[name]
-    n, k = (200, 300) if s.weight_strategy == "block" else (16, 32)
+    n, k = (200, 300) if s.scheme.weight.cols else (16, 32)
     t = _layer(s, n, k, scale_dtype=scale_dtype, bias=torch.zeros(n, dtype=torch.bfloat16))
     lt = validate_layer_tensors(P, t, s)
     assert lt.weight.dtype == E4M3 and tuple(lt.weight.shape) == (n, k)
     assert lt.weight_scale.dtype == torch.float32
-    assert tuple(lt.weight_scale.shape) == s.weight_scale_shape(n, k)
+    assert tuple(lt.weight_scale.shape) == s.scheme.weight.grid((n, k))
     assert torch.equal(lt.weight_scale.flatten(), t[f"{P}.{s.weight_scale_name}"].float().flatten())
-    if s.activation_scheme == "static":
+    if s.input_scale_name is not None:
         assert lt.input_scale.shape == () and lt.input_scale.dtype == torch.float32
     else:
         assert lt.input_scale is None
@@ -477,7 +471,7 @@ def test_per_tensor_scale_shapes_and_channel_vector():
     t[f"{P}.weight_scale"] = t[f"{P}.weight_scale"].reshape(1)
     t[f"{P}.input_scale"] = torch.tensor(0.5)
     lt = validate_layer_tensors(P, t, S_TENSOR_STATIC)
-    assert lt.weight_scale.shape == () and lt.input_scale.shape == ()
+    assert lt.weight_scale.shape == (1, 1) and lt.input_scale.shape == ()
     s = parse_quantization_config(copy.deepcopy(CT_FP8_DYNAMIC))
     t = _layer(s)
     t[f"{P}.weight_scale"] = t[f"{P}.weight_scale"].reshape(-1)  # [N] instead of [N, 1]
@@ -553,7 +547,7 @@ def test_wrong_scale_shapes_and_dtypes():
         _err(validate_layer_tensors, P, t, s, match_all=[f"{P}.weight_scale", "[16, 1]", str(list(shape))])
     t = _layer(S_TENSOR_STATIC)
     t[f"{P}.weight_scale"] = torch.ones(3)
-    _err(validate_layer_tensors, P, t, S_TENSOR_STATIC, match_all=[f"{P}.weight_scale", "one per-tensor", "[3]"])
+    _err(validate_layer_tensors, P, t, S_TENSOR_STATIC, match_all=[f"{P}.weight_scale", "per-tensor scales of shape [1, 1] or [1] or []", "[3]"])
     t = _layer(S_TENSOR_STATIC)
     t[f"{P}.input_scale"] = torch.ones(2, 1)
     _err(validate_layer_tensors, P, t, S_TENSOR_STATIC, match_all=[f"{P}.input_scale", "[2, 1]"])
@@ -616,26 +610,22 @@ def test_formats_import_neither_vllm_nor_kernels_nor_compressed_tensors_eagerly(
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
-def test_scheme_constructor_checks_consistency():
-    ok = dict(source="fp8", storage_format="fp8", weight_strategy="tensor")
-    assert CheckpointScheme(**ok).activation_strategy == "token"
+def test_format_constructor_checks_consistency():
+    ok = dict(source="fp8", storage_format="fp8", scheme=scheme("tensor", "dynamic"))
+    assert CheckpointFormat(**ok).input_scale_name is None
     for bad, field in [
-        ({"weight_strategy": "row"}, "weight_strategy"),
-        ({"weight_strategy": "block"}, "block_size"),
-        ({"block_size": (128, 128)}, "block_size"),
-        ({"activation_scheme": "static"}, "activation_strategy"),
-        ({"activation_scheme": "static", "activation_strategy": "tensor"}, "input_scale_name"),
-        ({"activation_strategy": "group"}, "activation_group_size"),
-        ({"activation_scheme": "none"}, "activation_strategy"),
+        ({"scheme": Fp8Scheme(blocks(64, 64))}, "scheme.weight"),
+        ({"scheme": scheme("tensor", "static")}, "input_scale_name"),
+        ({"input_scale_name": "input_scale"}, "input_scale_name"),
     ]:
-        _err(CheckpointScheme, **{**ok, **bad}, match_all=[f"CheckpointScheme.{field}", "expected", "found"])
+        _err(CheckpointFormat, **{**ok, **bad}, match_all=[f"CheckpointFormat.{field}", "expected", "found"])
 
 
 def test_describe_each_preset():
     texts = [parse_quantization_config(copy.deepcopy(c)).describe()
              for c in (AUTOFP8_STATIC_KV, HF_BLOCK, CT_FP8, CT_FP8_DYNAMIC, CT_FP8_BLOCK, CT_FP8_W8A16)]
     assert texts[0].endswith("static per-tensor activation scales, static FP8 KV-cache scales (per-tensor)")
-    assert "dynamic per-token 1x128 activation groups" in texts[1]
+    assert "128x128 block scales, dynamic 1x128 group activation scales" in texts[1]
     assert "per-channel scales, dynamic per-token activation scales" in texts[3]
     assert "weight-only" in texts[5]
 
@@ -645,31 +635,30 @@ def test_describe_each_preset():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt, strategy, act, kv", [
+@pytest.mark.parametrize("fmt, weight, act, kv", [
     ("autofp8", "tensor", "dynamic", False), ("autofp8", "tensor", "static", True),
     ("autofp8", "block", "dynamic", False), ("compressed-tensors", "tensor", "static", True),
     ("compressed-tensors", "channel", "dynamic", False), ("compressed-tensors", "channel", "static", False),
     ("compressed-tensors", "block", "dynamic", True),
 ])
-def test_writer_round_trips_through_the_parser(fmt, strategy, act, kv):
-    from fp8_backend.formats.writer import producer_scheme, quantization_config
+def test_writer_round_trips_through_the_parser(fmt, weight, act, kv):
+    from fp8_backend.formats.writer import producer_format, quantization_config
 
-    s = producer_scheme(fmt, strategy, act, kv_cache=kv, ignore=["lm_head", "re:.*gate$"])
+    s = producer_format(fmt, scheme(weight, act), kv_cache=kv, ignore=["lm_head", "re:.*gate$"])
     assert parse_quantization_config(copy.deepcopy(quantization_config(s))) == s
     names = s.tensor_names("m.l")
-    assert names["weight_scale"] == ("m.l.weight_scale_inv" if (fmt, strategy) == ("autofp8", "block") else "m.l.weight_scale")
+    assert names["weight_scale"] == ("m.l.weight_scale_inv" if (fmt, weight) == ("autofp8", "block") else "m.l.weight_scale")
     assert ("input_scale" in names) == (act == "static")
     assert s.scalar_shape == (() if fmt == "autofp8" else (1,))
 
 
 def test_writer_refuses_what_the_format_cannot_store():
-    from fp8_backend.formats.writer import producer_scheme, quantization_config
+    from fp8_backend.formats.writer import producer_format, quantization_config
 
-    _err(producer_scheme, "autofp8", "channel", "dynamic", match_all=["weight_strategy", "'channel'"])
-    _err(producer_scheme, "safetensors", "tensor", "dynamic", match_all=["format", "'safetensors'"])
-    s = CheckpointScheme(source="fp8", storage_format="fp8", weight_strategy="tensor",
-                         activation_scheme="none", activation_strategy=None)
-    _err(quantization_config, s, match_all=["'fp8' format", "none activations"])
+    _err(producer_format, "autofp8", scheme("channel", "dynamic"), match_all=["weight scales", "per-channel"])
+    _err(producer_format, "safetensors", scheme("tensor", "dynamic"), match_all=["format", "'safetensors'"])
+    s = CheckpointFormat(source="fp8", storage_format="fp8", scheme=scheme("tensor", "none"))
+    _err(quantization_config, s, match_all=["'fp8' format", "16-bit activations"])
 
 
 def test_one_scale_message_and_unfilled_slots():

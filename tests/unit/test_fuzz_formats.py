@@ -10,14 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_formats import AUTOFP8_DYNAMIC, AUTOFP8_STATIC_KV, CT_FP8, CT_FP8_BLOCK, CT_FP8_DYNAMIC
+from schemes import WEIGHTS
 
 from fp8_backend.formats.checkpoint import (
     CheckpointFormatError,
-    CheckpointScheme,
+    CheckpointFormat,
     NotFp8CheckpointError,
     parse_quantization_config,
 )
 from fp8_backend.formats.layer_tensors import check_scale, validate_kv_scale, validate_layer_tensors
+from fp8_backend.formats.scheme import Fp8Scheme
 
 VALID = [AUTOFP8_DYNAMIC, AUTOFP8_STATIC_KV, CT_FP8, CT_FP8_BLOCK, CT_FP8_DYNAMIC]
 
@@ -64,10 +66,10 @@ def test_parser_answers_every_config(cfg):
     except NotFp8CheckpointError as e:
         assert "not an FP8 checkpoint" in str(e)
     except CheckpointFormatError as e:
-        assert str(e).startswith(("quantization_config", "CheckpointScheme.")), str(e)
+        assert str(e).startswith(("quantization_config", "CheckpointFormat.")), str(e)
         assert "expected" in str(e) or "found" in str(e), str(e)
     else:
-        assert isinstance(s, CheckpointScheme)
+        assert isinstance(s, CheckpointFormat)
 
 
 scale_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64,
@@ -113,18 +115,17 @@ def test_kv_scale_shapes(numel, heads, value):
 def test_layer_tensor_shapes(n, k, strategy, scale_shape):
     import math
 
-    scheme = CheckpointScheme(source="fp8", storage_format="fp8", weight_strategy=strategy,
-                              block_size=(128, 128) if strategy == "block" else None)
+    scheme = CheckpointFormat(source="fp8", storage_format="fp8", scheme=Fp8Scheme(WEIGHTS[strategy]))
     shape = {"N": (n,), "N1": (n, 1), "grid": (math.ceil(n / 128), math.ceil(k / 128)),
              "grid+1": (math.ceil(n / 128) + 1, math.ceil(k / 128))}.get(scale_shape, scale_shape)
     tensors = {"weight": torch.zeros(n, k, dtype=torch.float8_e4m3fn), "weight_scale": torch.ones(shape)}
     if strategy == "block":
         tensors["weight_scale_inv"] = tensors.pop("weight_scale")
-        scheme = CheckpointScheme(source="fp8", storage_format="fp8", weight_strategy="block",
-                                  block_size=(128, 128), weight_scale_name="weight_scale_inv")
+        scheme = CheckpointFormat(source="fp8", storage_format="fp8", scheme=Fp8Scheme(WEIGHTS["block"]),
+                                  weight_scale_name="weight_scale_inv")
     try:
         lt = validate_layer_tensors("m.l", tensors, scheme)
     except CheckpointFormatError as e:
         assert str(e).startswith("m.l.weight_scale"), str(e)
         return
-    assert tuple(lt.weight_scale.shape) in ((), (n, 1), (math.ceil(n / 128), math.ceil(k / 128)))
+    assert tuple(lt.weight_scale.shape) in ((1, 1), (n, 1), (math.ceil(n / 128), math.ceil(k / 128)))

@@ -3,14 +3,16 @@ per branch, and the expert-tensor checks attached to layers delegated to vLLM.""
 
 import pytest
 import torch
+from schemes import WEIGHTS
 
 from fp8_backend.formats.checkpoint import CheckpointFormatError
+from fp8_backend.formats.scheme import blocks
 from fp8_backend.vllm_adapter.layer_owner import LayerOwner, describe_cpu, layer_owner
 
 AMX = frozenset({"avx2", "avx512", "avx512_bf16", "amx"})
 ZEN4 = frozenset({"avx2", "avx512", "avx512_bf16"})
 AVX2 = frozenset({"avx2"})
-BLOCK = dict(weight_strategy="block", block_size=(128, 128))
+BLOCK = dict(weight=WEIGHTS["block"])
 
 
 def test_dense_layers_are_the_plugins():
@@ -57,7 +59,7 @@ def test_moe_choice_forces_the_owner_where_both_exist():
 def test_moe_choice_vllm_where_vllm_cannot_run_is_refused_naming_why(features):
     r = layer_owner("moe", "fp8", cpu_features=features, activation="silu", moe_choice="vllm", **BLOCK)
     assert r.owner == "refuse" and "FP8_BACKEND_MOE=vllm" in r.reason and "AMX only" in r.reason
-    r = layer_owner("moe", "fp8", weight_strategy="tensor", cpu_features=AMX, moe_choice="vllm")
+    r = layer_owner("moe", "fp8", weight=WEIGHTS["tensor"], cpu_features=AMX, moe_choice="vllm")
     assert r.owner == "refuse" and "block-FP8 experts only" in r.reason
 
 
@@ -71,13 +73,13 @@ def test_block_fp8_moe_without_amx_is_the_plugins_saying_why(features, cpu):
 @pytest.mark.parametrize("strategy", ["tensor", "channel"])
 @pytest.mark.parametrize("features", [AMX, AVX2])
 def test_non_block_fp8_moe_on_cpu_is_the_plugins(fmt, strategy, features):
-    r = layer_owner("moe", fmt, weight_strategy=strategy, platform="cpu", cpu_features=features, activation="silu")
+    r = layer_owner("moe", fmt, weight=WEIGHTS[strategy], platform="cpu", cpu_features=features, activation="silu")
     assert r.owner == "plugin"
     assert ("per-channel" if strategy == "channel" else "per-tensor") in r.reason
 
 
 def test_other_block_size_on_cpu_is_the_plugins():
-    r = layer_owner("moe", "fp8", weight_strategy="block", block_size=(64, 64), platform="cpu", cpu_features=AMX)
+    r = layer_owner("moe", "fp8", weight=blocks(64, 64), platform="cpu", cpu_features=AMX)
     assert r.owner == "plugin" and "64x64" in r.reason
 
 
@@ -99,7 +101,7 @@ def test_unsupported_expert_features_on_cpu_are_refused_naming_them(fmt, feature
 def test_fp8_moe_on_cuda_goes_to_vllms_fp8_moe_method(strategy):
     # Any scheme, any activation: vLLM's own Fp8MoEMethod / compressed-tensors MoE method picks
     # its kernel (and refuses what it cannot run; the adapter wraps that error with the layer).
-    r = layer_owner("moe", "fp8", weight_strategy=strategy, block_size=(128, 128) if strategy == "block" else None,
+    r = layer_owner("moe", "fp8", weight=WEIGHTS[strategy],
                     platform="cuda", activation="gelu", moe_choice="plugin")
     assert r.owner == "vllm" and "cuda" in r.reason
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from quantize_cases import CALIB, CASES, q, same, tensors
+from schemes import WEIGHTS, scheme
 from fp8_backend.testing.tiny_model import build_tiny_llama
 
 from fp8_backend import numerics
@@ -34,7 +35,7 @@ def test_amax_scales_are_numerics(shape):
     w[0, 0] = 0.0
     for strategy, ref in (("tensor", numerics.quantize_per_tensor), ("channel", numerics.quantize_per_channel),
                           ("block", numerics.quantize_block)):
-        scale, _ = choose_scale(w, strategy)
+        scale, _ = choose_scale(w, WEIGHTS[strategy])
         rq, rs = ref(w)
         assert torch.equal(scale.reshape(rs.shape), rs), strategy
 
@@ -42,7 +43,7 @@ def test_amax_scales_are_numerics(shape):
 def test_all_zero_rows_get_the_scale_floor():
     w = torch.zeros(4, 8)
     w[1] = 1.0
-    scale, err = choose_scale(w, "channel", "mse")
+    scale, err = choose_scale(w, WEIGHTS["channel"], "mse")
     assert scale[0, 0].item() == pytest.approx(numerics.scale_floor(), rel=1e-6) and scale[1, 0].item() == pytest.approx(1 / 448)
     assert err.sum().item() == 0.0
 
@@ -52,8 +53,8 @@ def test_mse_search_never_worse_and_helps_heavy_tails(strategy):
     torch.manual_seed(1)
     # Student-t-like weights (a few outliers per row), as real LLM weights have.
     w = torch.distributions.StudentT(3.0).sample((256, 320)) * 0.02
-    s_amax, e_amax = choose_scale(w, strategy, "none")
-    s_mse, e_mse = choose_scale(w, strategy, "mse")
+    s_amax, e_amax = choose_scale(w, WEIGHTS[strategy], "none")
+    s_mse, e_mse = choose_scale(w, WEIGHTS[strategy], "mse")
     assert 1.0 in MSE_GRID and min(MSE_GRID) == 0.7
     assert bool((e_mse <= e_amax).all())  # per scale group, not just in total
     assert e_mse.sum() < e_amax.sum()  # and it does find something on heavy tails
@@ -66,8 +67,8 @@ def test_mse_search_never_worse_and_helps_heavy_tails(strategy):
 def test_mse_search_keeps_amax_when_nothing_clips_better():
     w = torch.full((3, 16), 0.5)
     w[:, 0] = -0.5
-    s_amax, _ = choose_scale(w, "channel", "none")
-    s_mse, e = choose_scale(w, "channel", "mse")
+    s_amax, _ = choose_scale(w, WEIGHTS["channel"], "none")
+    s_mse, e = choose_scale(w, WEIGHTS["channel"], "mse")
     assert torch.equal(s_amax, s_mse) and e.sum() == 0
 
 
@@ -91,12 +92,12 @@ def test_producer_tensors_equal_the_independent_writer(tiny_model, tmp_path, pro
 
 
 EXPECTED = {  # parse_quantization_config(...) fields per case
-    "dynamic-autofp8": ("fp8", "tensor", "dynamic", "token", "weight_scale"),
-    "static-autofp8": ("fp8", "tensor", "static", "tensor", "weight_scale"),
-    "block-autofp8": ("fp8", "block", "dynamic", "group", "weight_scale_inv"),
-    "dynamic-ct-channel": ("compressed-tensors", "channel", "dynamic", "token", "weight_scale"),
-    "static-ct": ("compressed-tensors", "tensor", "static", "tensor", "weight_scale"),
-    "block-ct": ("compressed-tensors", "block", "dynamic", "group", "weight_scale"),
+    "dynamic-autofp8": ("fp8", scheme("tensor", "dynamic"), "weight_scale"),
+    "static-autofp8": ("fp8", scheme("tensor", "static"), "weight_scale"),
+    "block-autofp8": ("fp8", scheme("block", "dynamic"), "weight_scale_inv"),
+    "dynamic-ct-channel": ("compressed-tensors", scheme("channel", "dynamic"), "weight_scale"),
+    "static-ct": ("compressed-tensors", scheme("tensor", "static"), "weight_scale"),
+    "block-ct": ("compressed-tensors", scheme("block", "dynamic"), "weight_scale"),
 }
 
 
@@ -104,12 +105,9 @@ EXPECTED = {  # parse_quantization_config(...) fields per case
 def test_written_config_parses_back(produced, case):
     cfg = json.loads((produced[case].out_dir / "config.json").read_text())["quantization_config"]
     s = parse_quantization_config(cfg)
-    assert (s.source, s.weight_strategy, s.activation_scheme, s.activation_strategy,
-            s.weight_scale_name) == EXPECTED[case]
+    assert (s.source, s.scheme, s.weight_scale_name) == EXPECTED[case]
     assert s.is_ignored("lm_head") and not s.is_ignored("model.layers.0.mlp.down_proj")
     assert s.kv_cache is None
-    if s.weight_strategy == "block":
-        assert s.block_size == (128, 128)
     if cfg["quant_method"] == "compressed-tensors":
         from compressed_tensors.quantization import QuantizationConfig
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from quantize_cases import CALIB, q, same, tensors
+from schemes import WEIGHTS
 from tiny_moe import MOE_SHAPE, build_tiny_qwen3_moe
 
 from fp8_backend import numerics
@@ -112,8 +113,8 @@ def test_config_parses_and_every_expert_validates(produced, case):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     routers = [f"model.layers.{i}.mlp.gate" for i in range(LAYERS)]
     s = parse_quantization_config(cfg)  # the project's parser
-    assert s.weight_strategy == strategy and s.weight_scale_name == scale_name
-    assert s.activation_scheme == ("static" if kw["scheme"] == "static" else "dynamic")
+    assert s.scheme.weight == WEIGHTS[strategy] and s.weight_scale_name == scale_name
+    assert (s.scheme.activation is not None and s.scheme.activation.static) == (kw["scheme"] == "static")
     for r in routers + ["lm_head"]:
         assert s.is_ignored(r), r
     assert not s.is_ignored("model.layers.0.mlp.experts")

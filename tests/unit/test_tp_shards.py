@@ -9,18 +9,18 @@ import math
 
 import pytest
 import torch
+from schemes import scheme
 
 from fp8_backend import kernels, numerics
-from fp8_backend.formats.checkpoint import CheckpointScheme
+from fp8_backend.formats.checkpoint import CheckpointFormat
 from fp8_backend.vllm_adapter import checkpoint_linear as cl
 
 BLOCK = (128, 128)
 
 
-def _scheme(fmt: str) -> CheckpointScheme:
-    return CheckpointScheme(source=fmt, storage_format="fp8" if fmt == "fp8" else "float-quantized",
-                            weight_strategy="block", block_size=BLOCK, activation_scheme="dynamic",
-                            activation_strategy="group", activation_group_size=128,
+def _scheme(fmt: str) -> CheckpointFormat:
+    return CheckpointFormat(source=fmt, storage_format="fp8" if fmt == "fp8" else "float-quantized",
+                            scheme=scheme("block", "dynamic"),
                             weight_scale_name="weight_scale_inv" if fmt == "fp8" else "weight_scale")
 
 
@@ -71,7 +71,7 @@ def _serve_rank(monkeypatch, fmt, kind, full, k, rank, size, replicas=1):
                           input_size=k, output_size=sum(full), params_dtype=torch.bfloat16,
                           weight_loader=None)
     layer.weight.data.copy_(torch.cat(local_w))
-    param = getattr(layer, method.scheme.weight_scale_name)
+    param = getattr(layer, method.checkpoint.weight_scale_name)
     ids = [None] if len(full) == 1 else (["q", "k", "v"] if len(full) == 3 else [0, 1])
     for shard_id, (_, s) in zip(ids, shards):
         param.weight_loader(param, s, shard_id)
@@ -142,7 +142,7 @@ def test_wrong_grid_shape_named(monkeypatch):
         layer, 344, [256], 688, 256, torch.bfloat16, weight_loader=None)
     p = layer.weight_scale_inv
     with pytest.raises(cl.CheckpointFormatError,
-                       match=r"model.layers.0.mlp.down_proj.weight_scale_inv: expected block scales of shape "
+                       match=r"model.layers.0.mlp.down_proj.weight_scale_inv: expected 128x128 block scales of shape "
                              r"\[2, 6\] .*found \[2, 3\]"):
         p.weight_loader(p, torch.ones(2, 3))
 
