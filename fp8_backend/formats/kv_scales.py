@@ -20,19 +20,17 @@ import torch
 from .checkpoint import CheckpointFormatError
 from .layer_tensors import check_scale
 
-#: Environment variable naming a kv_cache_scales.json (vLLM 0.32 has no quantization_param_path).
-KV_SCALES_ENV = "FP8_BACKEND_KV_CACHE_SCALES"
 KV_SCALES_FILE = "kv_cache_scales.json"
 
 
-def find_kv_scales_file(model_dir: str | os.PathLike | None) -> Path | None:
-    """``$FP8_BACKEND_KV_CACHE_SCALES`` if set (must exist), else ``<model_dir>/kv_cache_scales.json``
-    if present, else None."""
-    env = os.environ.get(KV_SCALES_ENV, "").strip()
-    if env:
-        p = Path(env)
+def find_kv_scales_file(model_dir: str | os.PathLike | None, named: str | None = None,
+                        field: str = "kv_cache_scales") -> Path | None:
+    """``named`` if given (must exist; ``field`` says where the name came from, e.g. the
+    environment variable), else ``<model_dir>/kv_cache_scales.json`` if present, else None."""
+    if named:
+        p = Path(named)
         if not p.is_file():
-            raise CheckpointFormatError(f"{KV_SCALES_ENV}={env!r}: no such file")
+            raise CheckpointFormatError(f"{field}={named!r}: no such file")
         return p
     if model_dir is not None:
         p = Path(model_dir) / KV_SCALES_FILE

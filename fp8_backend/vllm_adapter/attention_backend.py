@@ -19,7 +19,6 @@ refused at engine start when this project's kernels are in use.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +33,16 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec, CrossAttentionSpec, EncoderOnlyAttentionSpec
 
 from ..numerics import KV_CACHE_FP8_DTYPES
+from . import settings
 
 logger = logging.getLogger("vllm.fp8_backend")
 
-MODE_ENV = "FP8_BACKEND_ATTENTION"
-MODES = ("auto", "all", "vllm")
+MODE_ENV = settings.ATTENTION_ENV
 FP8_KV_DTYPES = tuple(KV_CACHE_FP8_DTYPES)  # the FP8 cache dtypes (numerics owns the list)
 
 
 def attention_mode(vllm_config: VllmConfig | None = None) -> str:
-    mode = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    mode = settings.attention_mode()
     if mode == "auto" and vllm_config is not None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

@@ -15,6 +15,7 @@ from ..formats.checkpoint import (
     parse_quantization_config,
 )
 from ..formats.scheme import PER_ROW, PER_TENSOR, Fp8Scheme, Granularity, check_ignore_patterns, match_ignore
+from . import settings
 from .layer_owner import layer_owner, linear_kind
 
 # A child of vLLM's logger: vLLM configures "vllm" (handler, level, format) in every process.
@@ -155,7 +156,7 @@ class Fp8Config(QuantizationConfig):
         platform = platform_name()
         return layer_owner(
             linear_kind(prefix), fmt, platform=platform,
-            gpu_kernels=gpu_kernels_from_env() if platform != "cpu" else False,
+            gpu_kernels=settings.gpu_kernels() if platform != "cpu" else False,
         )
 
     def _vllm_linear_method(self, layer: torch.nn.Module, prefix: str, reason: str) -> QuantizeMethodBase:
@@ -252,7 +253,7 @@ class Fp8Config(QuantizationConfig):
             activation=activation,
             has_bias=bool(getattr(moe, "has_bias", False)),
             router_weight_on_input=bool(getattr(layer, "apply_router_weight_on_input", False)),
-            moe_choice=moe_choice_from_env(),
+            moe_choice=settings.moe_choice(),
         )
         if rule.owner == "refuse":
             raise UnsupportedLayerError(f"{prefix}: {rule.reason}")
@@ -368,37 +369,6 @@ def _weight_from_spec(spec: Any, field: str = "linear") -> Granularity:
         f"quantization_config.{field}: fp8-backend supports {sorted(_LINEAR_SPEC_TO_WEIGHT)}, "
         f"found {spec}"
     )
-
-
-#: Environment variables the adapter reads (parsed here only, passed to the pure rule).
-MOE_ENV = "FP8_BACKEND_MOE"
-GPU_KERNELS_ENV = "FP8_BACKEND_GPU_KERNELS"
-
-
-def moe_choice_from_env() -> str | None:
-    """``FP8_BACKEND_MOE``: "plugin" or "vllm" forces who serves FP8 mixture-of-experts layers
-    on CPU where both could; unset or empty: the rule's default."""
-    import os
-
-    from .layer_owner import MOE_CHOICES
-
-    v = os.environ.get(MOE_ENV, "").strip().lower()
-    if not v:
-        return None
-    if v not in MOE_CHOICES:
-        raise ValueError(f"{MOE_ENV}: expected one of {list(MOE_CHOICES)} (or unset), found {v!r}")
-    return v
-
-
-def gpu_kernels_from_env() -> bool:
-    """``FP8_BACKEND_GPU_KERNELS=1``: fp8-backend's own GPU kernels for linear layers on CUDA
-    instead of vLLM's FP8 linear method."""
-    import os
-
-    v = os.environ.get(GPU_KERNELS_ENV, "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"{GPU_KERNELS_ENV}: expected 1, 0 or unset, found {v!r}")
-    return v == "1"
 
 
 def platform_name() -> str:

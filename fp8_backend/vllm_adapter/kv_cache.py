@@ -22,6 +22,7 @@ from ..formats.checkpoint import CheckpointFormatError, KVCacheScheme
 from ..formats.kv_scales import find_kv_scales_file, load_kv_scales_json
 from ..formats.layer_tensors import kv_scale_role, validate_kv_scale
 from ..numerics import KV_CACHE_FP8_DTYPES
+from . import settings
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -151,7 +152,7 @@ class Fp8KVCacheMethod(BaseKVCacheMethod):
 
         cfg = get_current_vllm_config()
         model_dir = getattr(cfg.model_config, "model", None) if cfg.model_config is not None else None
-        path = find_kv_scales_file(model_dir)
+        path = find_kv_scales_file(model_dir, settings.kv_scales_file(), settings.KV_SCALES_ENV)
         if path is None:
             return None
         rank, _ = _tp()

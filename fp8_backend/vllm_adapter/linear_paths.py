@@ -1,5 +1,5 @@
 """Linear-layer policy of the adapter: which kernel serves an FP8 layer (chosen once per layer
-at load time), W8A8 emulation on CPU, and the environment variable that asks for it.
+at load time) and W8A8 emulation on CPU (``FP8_BACKEND_EMULATE_W8A8``, read in settings.py).
 
 - CPU              -> torch.ops.fp8_backend.w8a16_linear (csrc/cpu), weights as loaded;
 - CUDA sm_89+      -> W8A8: activations quantized to FP8, FP8 tensor-core GEMM (Triton);
@@ -14,13 +14,13 @@ decision is unit-tested on CPU; :func:`prepare_layer` applies it to a layer and
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .. import kernels  # noqa: F401  (registers torch.ops.fp8_backend)
 from ..formats.scheme import ActivationQuant, Fp8Scheme
+from . import settings
 
 logger = logging.getLogger("vllm.fp8_backend")
 
@@ -31,19 +31,6 @@ GPU_W8A8 = "gpu_w8a8"
 GPU_MARLIN_W8A16 = "gpu_marlin_w8a16"
 
 _logged: set[str] = set()
-
-#: Set to 1 to emulate W8A8 on CPU: activations are fake-quantized to FP8 the way the GPU's W8A8
-#: path quantizes them (static per-tensor, dynamic per-token or 1x128 groups), so the accuracy of
-#: a GPU deployment can be measured here. Read when layers load (vLLM's child processes inherit it).
-EMULATE_ENV = "FP8_BACKEND_EMULATE_W8A8"
-
-
-def emulate_w8a8_requested() -> bool:
-    value = os.environ.get(EMULATE_ENV, "0").strip().lower()
-    if value not in ("0", "1", "", "false", "true"):
-        raise ValueError(f"{EMULATE_ENV}: expected 0 or 1, found {value!r}")
-    return value in ("1", "true")
-
 
 @dataclass(frozen=True)
 class LinearPath:
@@ -83,7 +70,7 @@ def choose_linear_path(device_type: str, capability: tuple[int, int] | None, sch
 
 def path_for_device(device: torch.device, scheme: Fp8Scheme) -> LinearPath:
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    emulate = device.type == "cpu" and emulate_w8a8_requested()
+    emulate = device.type == "cpu" and settings.emulate_w8a8()
     path = choose_linear_path(device.type, cap, scheme, emulate)
     if path.reason not in _logged:
         _logged.add(path.reason)

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fp8_backend import numerics as nm
-from fp8_backend.vllm_adapter import linear_paths
+from fp8_backend.vllm_adapter import linear_paths, settings
 from schemes import GROUP_128, PER_TOKEN, STATIC, scheme
 
 
@@ -238,10 +238,10 @@ def test_cpu_w8a8_emulation_vs_numerics(strategy, act):
 
 
 def test_emulation_env_is_read_and_validated(monkeypatch):
-    monkeypatch.setenv(linear_paths.EMULATE_ENV, "1")
+    monkeypatch.setenv(settings.EMULATE_ENV, "1")
     assert linear_paths.path_for_device(torch.device("cpu"), scheme("tensor", "static")).act == STATIC
-    monkeypatch.setenv(linear_paths.EMULATE_ENV, "yes please")
-    with pytest.raises(ValueError, match="FP8_BACKEND_EMULATE_W8A8: expected 0 or 1"):
+    monkeypatch.setenv(settings.EMULATE_ENV, "yes please")
+    with pytest.raises(ValueError, match="FP8_BACKEND_EMULATE_W8A8: expected 1, 0 or unset"):
         linear_paths.path_for_device(torch.device("cpu"), scheme("tensor", "static"))
-    monkeypatch.delenv(linear_paths.EMULATE_ENV)
+    monkeypatch.delenv(settings.EMULATE_ENV)
     assert linear_paths.path_for_device(torch.device("cpu"), scheme("tensor", "static")).act is None

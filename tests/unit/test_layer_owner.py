@@ -119,24 +119,6 @@ def test_linear_layers_on_cuda_are_vllms_unless_gpu_kernels_asked(fmt, kind):
     assert layer_owner(kind, fmt, platform="cpu").owner == "plugin"
 
 
-def test_env_choices_are_parsed_in_one_place(monkeypatch):
-    from fp8_backend.vllm_adapter.config import gpu_kernels_from_env, moe_choice_from_env
-
-    monkeypatch.delenv("FP8_BACKEND_MOE", raising=False)
-    monkeypatch.delenv("FP8_BACKEND_GPU_KERNELS", raising=False)
-    assert moe_choice_from_env() is None and gpu_kernels_from_env() is False
-    monkeypatch.setenv("FP8_BACKEND_MOE", "Plugin")
-    assert moe_choice_from_env() == "plugin"
-    monkeypatch.setenv("FP8_BACKEND_MOE", "amx")
-    with pytest.raises(ValueError, match=r"FP8_BACKEND_MOE: expected one of \['plugin', 'vllm'\].*found 'amx'"):
-        moe_choice_from_env()
-    monkeypatch.setenv("FP8_BACKEND_GPU_KERNELS", "1")
-    assert gpu_kernels_from_env() is True
-    monkeypatch.setenv("FP8_BACKEND_GPU_KERNELS", "yes")
-    with pytest.raises(ValueError, match="FP8_BACKEND_GPU_KERNELS: expected 1, 0 or unset, found 'yes'"):
-        gpu_kernels_from_env()
-
-
 def test_owner_is_validated():
     with pytest.raises(ValueError, match="LayerOwner.owner"):
         LayerOwner("maybe", "")
