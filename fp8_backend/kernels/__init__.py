@@ -93,16 +93,9 @@ def _fused_moe_w8a16_fake(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_id
     return x.new_empty((x.shape[0], w2.shape[1]))
 
 
-def fused_moe_w8a16(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w13_scale: torch.Tensor,
-    w2: torch.Tensor,
-    w2_scale: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    block_size: list[int] | None = None,
-) -> torch.Tensor:
+def fused_moe_w8a16(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    block_size: list[int] | None = None) -> torch.Tensor:
     """W8A16 mixture of experts with SiLU-and-mul experts (numerics.fused_moe_w8a16): x [T, H]
     bf16/fp16, w13 [E, 2I, H] (gate rows, then up) and w2 [E, H, I] float8_e4m3fn, fp32 scales
     per channel or per ``block_size`` [bn, bk] block (numerics.moe_scale_shapes), topk_weights /

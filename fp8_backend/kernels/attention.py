@@ -60,20 +60,11 @@ def kv_cache_write(
                                          kv_cache_dtype, _scale(k_scale), _scale(v_scale))
 
 
-def paged_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    softmax_scale: float,
-    kv_cache_dtype: str = "fp8",
-    k_scale: torch.Tensor | float = 1.0,
-    v_scale: torch.Tensor | float = 1.0,
-    sliding_window: int = -1,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                    softmax_scale: float, kv_cache_dtype: str = "fp8", k_scale: torch.Tensor | float = 1.0,
+                    v_scale: torch.Tensor | float = 1.0, sliding_window: int = -1,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention (decode and prefill over a cached prefix, GQA, sliding window),
     reading FP8 blocks directly: numerics.paged_attention. k/v scales apply to FP8 caches only
     (16/32-bit caches hold unscaled values). block_table is int32; returns ``out``

@@ -81,3 +81,17 @@ def cast_out(x, dtype: tl.constexpr):
         b = tl.where(x != x, x.to(tl.int32, bitcast=True), b)
         x = b.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def store_out(acc, y_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_ym, HAS_BIAS: tl.constexpr):
+    """The GEMM epilogue: y[rm, rn] = round(acc + bias) in y's dtype, masked to the matrix."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], cast_out(acc, y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def tile_m(m: int) -> int:
+    """Rows per program: the smallest MMA-friendly tile that holds a decode batch."""
+    return 16 if m <= 16 else (32 if m <= 32 else 64)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_math import cast_out
+from .fp8_math import store_out, tile_m
 
 
 @triton.jit
@@ -53,14 +53,7 @@ def w8a8_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, sa_ptr, sb_ptr, M, N, K,
         sa = tl.load(sa_ptr + rm * stride_sa_m, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptr + rn * stride_sb_n, mask=n_ok, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], cast_out(acc, c_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
-def _tile_m(m: int) -> int:
-    return 16 if m <= 16 else (32 if m <= 32 else 64)
+    store_out(acc, c_ptr, bias_ptr, rm, rn, m_ok, n_ok, stride_cm, HAS_BIAS)
 
 
 def w8a8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -96,7 +89,7 @@ def w8a8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tens
                              f"found {sa.numel()} and {sb.numel()}")
         strides = (0 if sa.numel() == 1 else 1, 0, 0 if sb.numel() == 1 else 1, 0)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    bm, bnt = _tile_m(m), 64
+    bm, bnt = tile_m(m), 64
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bnt))
     if m and n:
         w8a8_gemm_kernel[grid](a, b, c, bias if bias is not None else c, sa, sb, m, n, k,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_math import cast_out, e4m3_to_f16_scaled
+from .fp8_math import e4m3_to_f16_scaled, store_out, tile_m
 from .w8a16_repack import TILE_K, TILE_N, PackedW8A16
 
 
@@ -42,15 +42,7 @@ def w8a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, n_tiles_n, strid
             acc += part
     if GROUP_K == 0:
         acc = acc * tl.load(s_ptr + rn)[None, :]
-    n_ok = rn < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], cast_out(acc, y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
-def _tile_m(m: int) -> int:
-    return 16 if m <= 16 else (32 if m <= 32 else 64)
+    store_out(acc, y_ptr, bias_ptr, rm, rn, m_ok, rn < N, stride_ym, HAS_BIAS)
 
 
 def w8a16_linear(x: torch.Tensor, p: PackedW8A16, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,7 +55,7 @@ def w8a16_linear(x: torch.Tensor, p: PackedW8A16, bias: torch.Tensor | None = No
     m = x2.shape[0]
     y = torch.empty((m, p.n), dtype=x.dtype, device=x.device)
     if m and p.n:
-        bm = _tile_m(m)
+        bm = tile_m(m)
         grid = (triton.cdiv(m, bm), p.tiles.shape[1])
         w8a16_kernel[grid](x2, p.tiles, p.scales, bias if bias is not None else y, y, m, p.n, p.k,
                            p.tiles.shape[1], x2.stride(0), y.stride(0), p.scales.stride(0),
