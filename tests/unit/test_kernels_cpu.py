@@ -103,7 +103,7 @@ def test_every_encoding_in_every_lane(isa):
 @pytest.mark.parametrize("k", [5, 16, 40, 64, 70])
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_nan_encodings_propagate(isa, regime, k, m):
-    """0x7F / 0xFF decode to NaN as in torch (w8a16_prepack refuses them at load time; the op
+    """0x7F / 0xFF decode to NaN as in torch (formats' check_fp8_weight refuses them at load time; the op
     itself must still not turn them into a finite number): the row's output is NaN. Rows 1 and
     3 of a 4-row tile and row 6 (the tail tile) have one, in the first 32-byte block or in the
     row's tail; m = 1 and m > 1 run different GEMV tiles."""
@@ -287,12 +287,8 @@ def test_bad_input_is_refused_with_a_clear_error(make, message):
         kernels.w8a16_linear(*make(q))
 
 
-def test_prepack_refuses_nan_encodings_and_names_the_tensor():
-    q = torch.zeros(4, 6).to(torch.float8_e4m3fn)
-    q.view(torch.uint8)[2, 3] = 0xFF
-    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj\.weight.*NaN.*\(2, 3\)"):
-        kernels.w8a16_prepack(q, "layers.0.mlp.down_proj.weight")
-    with pytest.raises(ValueError, match="expected float8_e4m3fn"):
+def test_prepack_checks_the_op_contract_and_lays_out():
+    with pytest.raises(ValueError, match="w: expected float8_e4m3fn"):
         kernels.w8a16_prepack(torch.zeros(4, 6), "w")
     p = kernels.w8a16_prepack(torch.zeros(6, 4).to(torch.float8_e4m3fn).t())
     assert p.is_contiguous()
