@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import report
 from .run import EngineRunError, EvalConfig, compare, score
+from .simulate import TARGET_PCT
 from .windows import text_windows
+
+SIMULATE_HELP = f"""\
+--simulate (the engine-vs-simulation check): each configuration, the reference included, is also
+scored by a plain transformers model computing what fp8_backend/numerics.py specifies (FP8 weights
+dequantized by numerics; W8A8 emulation's activation fake-quant when FP8_BACKEND_EMULATE_W8A8=1; an
+FP8 KV cache of this plugin's kernels simulated by fp8_backend.eval.kv_sim), on the same windows.
+Like-for-like rule: configurations that round values the engine computes in bf16 to FP8 (FP8 KV
+cache, W8A8 emulation) are simulated in bfloat16, the others in float32. Verdict: the engine agrees
+when |perplexity_engine / perplexity_simulation - 1| <= --sim-target percent (default {TARGET_PCT});
+the table also gives the standard error of that difference over windows and the per-token
+|delta log-prob| between engine and simulation. transformers must be able to load the 16-bit model
+(MODEL, or --reference for an FP8 checkpoint). Exit status 3 when a simulated configuration misses
+the target; FP8 KV on vLLM's own attention kernels (FP8_BACKEND_ATTENTION=vllm) is not simulated."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Score a text file with a 16-bit reference engine and with FP8 configurations, each in "
                     "its own vLLM engine; print perplexities and per-token |delta log-prob| against the "
                     "reference as a Markdown table, and write it, a JSON file and a PNG plot to --out.",
+        epilog=SIMULATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("model", help="model directory (16-bit, or an FP8 checkpoint with --reference)")
     ap.add_argument("--text", required=True, help="UTF-8 text; texts separated by blank lines")
@@ -34,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (default 1)")
     ap.add_argument("--out", default="eval-out", help="directory for eval.md, eval.json, eval_logprob_delta.png")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib not needed)")
+    ap.add_argument("--simulate", action="store_true",
+                    help="also check every configuration against a transformers simulation of numerics.py (below)")
+    ap.add_argument("--sim-target", type=float, default=TARGET_PCT, metavar="PCT",
+                    help=f"--simulate: largest |engine vs simulation perplexity difference| in percent (default {TARGET_PCT})")
     return ap
 
 
@@ -63,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference is None and quant is None:
         quant = "fp8"  # a 16-bit model with no quantization asked: evaluate online FP8
     kv_dtypes = args.kv_cache_dtype or ["auto", "fp8"]
+    if args.simulate:
+        from .simulate import SimulationError, check_loadable
+
+        try:
+            check_loadable(ref_model)
+        except SimulationError as e:
+            print(f"fp8-backend eval: error: --simulate: {e}", file=sys.stderr)
+            return 2
 
     import transformers
 
@@ -90,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fp8-backend eval: error: {e}", file=sys.stderr)
         return 1
     rows = compare(ref, results)
+    if args.simulate:
+        try:
+            simulate_rows(rows, reference, ref, configs, results, windows, args)
+        except Exception as e:  # noqa: BLE001 -- SimulationError, checkpoint format errors, transformers
+            print(f"fp8-backend eval: error: --simulate: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
     table = report.markdown(rows, labels, len(windows), args.window_len)
     print("\n" + table)
     (out / "eval.md").write_text(table + "\n")
@@ -97,4 +131,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         png = report.plot(ref, results, labels, out / "eval_logprob_delta.png")
         print(f"\nwrote {out / 'eval.md'}, {out / 'eval.json'}, {png}")
+    missed = [labels[r["config"]] for r in rows if r.get("simulation", {}).get("within") is False]
+    if missed:
+        print(f"fp8-backend eval: engine vs simulation outside {args.sim_target}%: {'; '.join(missed)}", file=sys.stderr)
+        return 3
     return 0
+
+
+def simulate_rows(rows: list[dict], reference: EvalConfig, ref: dict, configs: dict[str, EvalConfig],
+                  results: dict[str, dict], windows: list[list[int]], args) -> None:
+    """Add to each row of :func:`compare` a "simulation" entry: the SimSpec and the verdict
+    (:func:`fp8_backend.eval.simulate.verdict`), or {"skipped": reason}."""
+    from dataclasses import asdict
+
+    from .simulate import plan, simulate, verdict
+
+    engines = {"reference": (reference, ref), **{k: (configs[k], results[k]) for k in configs}}
+    for row in rows:
+        cfg, res = engines[row["config"]]
+        spec = plan(cfg.model, cfg.quantization, cfg.kv_cache_dtype, reference.model, dict(os.environ),
+                    res.get("attention_own_kernels"))
+        if isinstance(spec, str):
+            row["simulation"] = {"skipped": spec}
+            print(f"simulation: {cfg.label}: not simulated: {spec}", flush=True)
+            continue
+        print(f"simulation ({spec.dtype}): {cfg.label} ...", flush=True)
+        sim = simulate(spec, windows, args.threads)
+        row["simulation"] = {"spec": asdict(spec),
+                             **verdict(res["logprobs"], sim, args.sim_target)}
