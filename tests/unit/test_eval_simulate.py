@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fp8_backend import numerics
-from fp8_backend.eval import report
+from fp8_backend.eval import perplexity, report
 from fp8_backend.eval.simulate import (
     TARGET_PCT,
     SimSpec,
@@ -181,44 +181,84 @@ def test_score_windows_is_next_token_logprob(fp32_model):
     assert got == pytest.approx([lp[i, w[i + 1]].item() for i in range(3)], abs=1e-6)
 
 
-def test_verdict_rule():
-    sim = [[-2.0] * 10, [-3.0] * 10]
+def _shift(lps, per_token, spread=0.0):
+    """``lps`` moved by ``per_token`` nats, plus ``spread`` alternating in sign from window to window."""
+    return [[x + per_token + (spread if i % 2 else -spread) for x in w] for i, w in enumerate(lps)]
+
+
+def test_verdict_direct():
+    sim = [[-2.0] * 10, [-3.0] * 10, [-2.5] * 10, [-1.5] * 10]
     # engine worse by 0.001 nats per token everywhere: perplexity +0.1%, within the 0.2% target
-    eng = [[x - 0.001 for x in w] for w in sim]
-    v = verdict(eng, sim)
+    v = verdict(_shift(sim, -0.001), sim)
     assert v["diff_pct"] == pytest.approx(100 * (math.exp(0.001) - 1))
-    assert v["within"] and v["target_pct"] == TARGET_PCT
+    assert v["verdict"] == "yes" and v["target_pct"] == TARGET_PCT and "rel_pct" not in v
     assert v["mean_abs"] == pytest.approx(0.001) and v["se_pct"] == pytest.approx(0.0, abs=1e-9)
     assert v["ppl_engine"] / v["ppl_sim"] == pytest.approx(math.exp(0.001))
     # 0.003 nats: +0.30%, outside; better by as much is outside too (the rule is |difference|)
-    assert not verdict([[x - 0.003 for x in w] for w in sim], sim)["within"]
-    assert not verdict([[x + 0.003 for x in w] for w in sim], sim)["within"]
-    assert verdict([[x - 0.003 for x in w] for w in sim], sim, target_pct=0.5)["within"]
+    assert verdict(_shift(sim, -0.003), sim)["verdict"] == "no"
+    assert verdict(_shift(sim, 0.003), sim)["verdict"] == "no"
+    assert verdict(_shift(sim, -0.003), sim, target_pct=0.5)["verdict"] == "yes"
     with pytest.raises(ValueError, match="window"):
-        verdict(eng[:1], sim)
+        verdict(sim[:1], sim)
+
+
+def test_verdict_undecided_with_too_little_text():
+    sim = [[-2.0] * 10, [-3.0] * 10, [-2.5] * 10, [-1.5] * 10]
+    # windows disagree by +-0.004 nats around a 0.001 mean: s.e. ~0.2%, two s.e. exceed the target
+    v = verdict(_shift(sim, -0.001, 0.004), sim)
+    assert 2 * v["se_pct"] > TARGET_PCT and v["verdict"] == "undecided"
+    # a miss larger than target + 2 s.e. is a miss even so
+    v = verdict(_shift(sim, -0.02, 0.004), sim)
+    assert abs(v["diff_pct"]) - 2 * v["se_pct"] > TARGET_PCT and v["verdict"] == "no"
+    # one window: no spread over windows is known (NaN s.e.), so nothing is decided
+    assert verdict([sim[0]], [sim[0]])["verdict"] == "undecided"
+
+
+def test_verdict_cancels_the_reference_offset():
+    sim_ref = [[-2.0] * 10, [-3.0] * 10, [-2.5] * 10, [-1.5] * 10]
+    sim = [[x - 0.01 for x in w] for w in sim_ref]  # FP8 costs 0.01 nats per token in the simulation
+    # the 16-bit engine sits 0.004 nats per token below its simulation (bf16 activations: +0.4%),
+    # and the FP8 engine shares that offset: directly it misses, each vs its reference it agrees
+    eng_ref = _shift(sim_ref, -0.004)
+    eng = _shift(sim, -0.004 - 0.0005)
+    v = verdict(eng, sim, TARGET_PCT, eng_ref, sim_ref)
+    assert v["diff_pct"] == pytest.approx(100 * (math.exp(0.0045) - 1))
+    assert v["rel_pct"] == pytest.approx(100 * (math.exp(0.0005) - 1))
+    assert v["rel_pct"] == pytest.approx(100 * ((v["ppl_engine"] / perplexity(eng_ref)) / (v["ppl_sim"] / perplexity(sim_ref)) - 1))
+    assert v["verdict"] == "yes"
+    # an FP8 error the simulation does not have is not cancelled
+    assert verdict(_shift(sim, -0.004 - 0.005), sim, TARGET_PCT, eng_ref, sim_ref)["verdict"] == "no"
 
 
 def test_simulation_table():
+    sim = {"ppl_engine": 10.5, "ppl_sim": 10.4, "diff_pct": 0.96, "se_pct": 0.3, "rel_pct": 0.1, "rel_se_pct": 0.04,
+           "mean_abs": 0.02, "max_abs": 0.2, "target_pct": 0.2}
+    lin = {"bytes": 1 << 20, "n_fp8": 4, "n_linear": 4}
+    agree = {"mean_abs": 0.1, "p99_abs": 0.5, "max_abs": 1.0}
     rows = [
         {"config": "reference", "ppl": 10.0, "linear": {"bytes": 2 << 20, "n_fp8": 0, "n_linear": 4},
          "simulation": {"spec": {"dtype": "float32"}, "ppl_engine": 10.0, "ppl_sim": 9.99, "diff_pct": 0.1,
-                        "se_pct": 0.05, "mean_abs": 0.002, "max_abs": 0.01, "target_pct": 0.2, "within": True}},
-        {"config": "c0", "ppl": 10.5, "ppl_change": 0.05, "linear": {"bytes": 1 << 20, "n_fp8": 4, "n_linear": 4},
-         "agreement": {"mean_abs": 0.1, "p99_abs": 0.5, "max_abs": 1.0},
-         "simulation": {"spec": {"dtype": "bfloat16"}, "ppl_engine": 10.5, "ppl_sim": 10.4, "diff_pct": 0.96,
-                        "se_pct": 0.3, "mean_abs": 0.02, "max_abs": 0.2, "target_pct": 0.2, "within": False}},
-        {"config": "c1", "ppl": 10.6, "ppl_change": 0.06, "linear": {"bytes": 1 << 20, "n_fp8": 4, "n_linear": 4},
-         "agreement": {"mean_abs": 0.1, "p99_abs": 0.5, "max_abs": 1.0},
+                        "se_pct": 0.05, "mean_abs": 0.002, "max_abs": 0.01, "target_pct": 0.2, "verdict": "reference"}},
+        {"config": "c0", "ppl": 10.5, "ppl_change": 0.05, "linear": lin, "agreement": agree,
+         "simulation": {"spec": {"dtype": "bfloat16"}, **sim, "verdict": "yes"}},
+        {"config": "c1", "ppl": 10.6, "ppl_change": 0.06, "linear": lin, "agreement": agree,
          "simulation": {"skipped": "FP8 KV cache on vLLM's attention kernels is not simulated"}},
+        {"config": "c2", "ppl": 10.5, "ppl_change": 0.05, "linear": lin, "agreement": agree,
+         "simulation": {"spec": {"dtype": "float32"}, **sim, "rel_pct": -0.5, "verdict": "no"}},
     ]
-    labels = {"reference": "m: 16-bit", "c0": "m: fp8, fp8 KV", "c1": "m: fp8, fp8 KV (vllm)"}
+    labels = {"reference": "m: 16-bit", "c0": "m: fp8, fp8 KV", "c1": "m: fp8, fp8 KV (vllm)", "c2": "m: fp8"}
     md = report.markdown(rows, labels, 2, 16)
     lines = md.splitlines()
     assert "| configuration | engine perplexity | simulated perplexity | sim. dtype |" in md
     assert "within 0.2% |" in md
-    assert "| m: 16-bit (reference) | 10.000 | 9.990 | float32 | +0.10% +- 0.05% | 0.0020 | 0.010 | yes |" in lines
-    assert "| m: fp8, fp8 KV | 10.500 | 10.400 | bfloat16 | +0.96% +- 0.30% | 0.0200 | 0.200 | no |" in lines
+    assert ("| m: 16-bit (reference) | 10.000 | 9.990 | float32 | +0.10% +- 0.05% |  | 0.0020 | 0.010 | "
+            "(16-bit offset) |") in lines
+    assert "| m: fp8, fp8 KV | 10.500 | 10.400 | bfloat16 | +0.96% +- 0.30% | +0.10% +- 0.04% | 0.0200 | 0.200 | yes |" in lines
+    assert "| m: fp8 | 10.500 | 10.400 | float32 | +0.96% +- 0.30% | -0.50% +- 0.04% | 0.0200 | 0.200 | no |" in lines
     assert any(ln.startswith("| m: fp8, fp8 KV (vllm) | 10.600 | not simulated: FP8 KV") for ln in lines)
+    # every row of the simulation table has the header's number of cells
+    sim_lines = [ln for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("| configuration | engine"))):]]
+    assert len({ln.count("|") for ln in sim_lines}) == 1
     # without --simulate the table is unchanged
     plain = report.markdown([{k: v for k, v in r.items() if k != "simulation"} for r in rows], labels, 2, 16)
     assert "simulated" not in plain
