@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import report
 from .run import EngineRunError, EvalConfig, compare, score
-from .simulate import TARGET_PCT
+from .simulate import TARGET_PCT, quantization_config
 from .windows import text_windows
 
 SIMULATE_HELP = f"""\
@@ -57,16 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--simulate", action="store_true",
                     help="also check every configuration against a transformers simulation of numerics.py (below)")
     ap.add_argument("--sim-target", type=float, default=TARGET_PCT, metavar="PCT",
-                    help=f"--simulate: largest |engine vs simulation perplexity difference| in percent (default {TARGET_PCT})")
+                    help=f"--simulate: the verdict's bound on |engine vs simulation, each vs its reference| in "
+                         f"percent of perplexity (default {TARGET_PCT})")
     return ap
-
-
-def _is_quantized_checkpoint(model: str) -> bool:
-    cfg = Path(model) / "config.json"
-    try:
-        return "quantization_config" in json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.text).is_file():
         print(f"fp8-backend eval: error: --text: file not found: {args.text!r}", file=sys.stderr)
         return 2
-    if args.reference is None and _is_quantized_checkpoint(args.model):
+    if args.reference is None and quantization_config(args.model) is not None:
         print(f"fp8-backend eval: error: --reference: {args.model} is a quantized checkpoint; name the "
               f"16-bit model it was made from", file=sys.stderr)
+        return 2
+    if not args.sim_target > 0:
+        print(f"fp8-backend eval: error: --sim-target: expected a positive percentage, found {args.sim_target}",
+              file=sys.stderr)
         return 2
     ref_model = args.reference or args.model
     quant = args.quantization

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import logprob_agreement, perplexity
+from .simulate import quantization_config
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class EvalConfig:
 
     @property
     def label(self) -> str:
-        w = self.quantization or "16-bit weights"
+        w = self.quantization or ("FP8 checkpoint" if quantization_config(self.model) is not None
+                                     else "16-bit weights")
         kv = "16-bit KV" if self.kv_cache_dtype == "auto" else f"{self.kv_cache_dtype} KV"
         return f"{Path(self.model).name}: {w}, {kv}"
 

@@ -50,6 +50,26 @@ def test_eval_simulate_engine_agrees_with_numerics(tmp_path, tiny_model):
     assert "Engine vs simulation" in md and md.count("| yes |") == 2 and "(16-bit offset)" in md
 
 
+def test_eval_simulate_block_checkpoint(tmp_path, tiny_model):
+    """A producer checkpoint with 128x128 weight blocks (partial last blocks: K = 688) against
+    --reference: the simulation dequantizes the checkpoint's own scales and agrees with the engine."""
+    from fp8_backend.quantize import quantize
+
+    ckpt = tmp_path / "tiny-block"
+    quantize(tiny_model, ckpt, scheme="block", format="autofp8", progress=False)
+    out = tmp_path / "out"
+    text = _text(tmp_path / "t.txt", texts=16, words=200)
+    r = run_eval_cli(ckpt, "--reference", tiny_model, "--text", text, "--windows", "16", "--window-len", "256",
+                     "--kv-cache-dtype", "auto", "--simulate", "--no-plot", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    s = rows[1]["simulation"]
+    assert s["spec"]["checkpoint"] == str(ckpt) and s["spec"]["model"] == str(tiny_model)
+    assert (s["spec"]["dtype"], s["spec"]["activations"], s["spec"]["kv_cache_dtype"]) == ("float32", None, None)
+    assert s["verdict"] == "yes" and abs(s["rel_pct"]) <= TARGET_PCT, s
+    assert rows[1]["linear"]["n_fp8"] == rows[1]["linear"]["n_linear"] > 0
+
+
 def test_eval_simulate_refuses_a_model_transformers_cannot_load(tmp_path, tiny_model):
     bad = tmp_path / "unknown-arch"
     shutil.copytree(tiny_model, bad)
