@@ -269,3 +269,20 @@ def test_table_pads_and_checks_widths():
     assert t.splitlines() == ["|     | a | long header |", "|-----|---|-------------|", "| row | 1 |           2 |"]
     with pytest.raises(ValueError, match="3 cells"):
         report.table([["a", "b", "c"], ["1", "2"]])
+
+
+def test_cli_refuses_bad_simulate_arguments(tmp_path, tiny_model, capsys):
+    """Refused before any engine starts (exit 2, the option and the model named)."""
+    from fp8_backend.eval.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    assert main([str(tiny_model), "--text", str(text), "--simulate", "--sim-target", "0"]) == 2
+    assert "--sim-target: expected a positive percentage, found 0.0" in capsys.readouterr().err
+    bad = tmp_path / "odd-model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    assert main([str(bad), "--text", str(text), "--simulate", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--simulate" in err and "odd-model" in err
+    assert not (tmp_path / "out").exists()
