@@ -4,7 +4,7 @@
     .venv/bin/python scripts/accuracy_report.py [--windows 16 --window-len 512] [--threads 1]
                                                [--model DIR] [--data FILE] [--no-write]
 
-Scores the same token windows (scripts/wiki_ppl.py's windowing: the first --window-len tokens of
+Scores the same token windows (fp8_backend.eval.windows' windowing: the first --window-len tokens of
 each of the first --windows articles that are long enough; every token but each window's first
 is scored) with one vLLM engine per row of ROWS, each in its own process (single-process vLLM,
 enforce_eager): the bf16 model, and FP8 checkpoints made by this project's producer
