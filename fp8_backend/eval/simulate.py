@@ -290,17 +290,30 @@ def simulate(spec: SimSpec, windows: list[list[int]], threads: int = 1) -> list[
         mod.weight.data = w.to(mod.weight.dtype)
         if spec.activations is None:
             continue
-        s_in = None
-        if spec.activations == "static":
-            s_in = tensors.get(f"{name}.input_scale")
-            if s_in is None:
-                raise SimulationError(f"{spec.checkpoint}: W8A8 simulation expected {name}.input_scale, found none")
+        s_in = static_input_scale(tensors, name, spec.checkpoint) if spec.activations == "static" else None
 
         def pre_hook(_mod, args, s=s_in):
             return (fake_quant_activations(args[0], spec.activations, s, group),) + args[1:]
 
         mod.register_forward_pre_hook(pre_hook)
     return score_windows(m, windows)
+
+
+#: layers vLLM fuses into one (q/k/v, gate/up): they read the same activation tensor
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def static_input_scale(tensors: dict, name: str, checkpoint) -> object:
+    """The static input scale the W8A8 emulation uses for linear layer ``name``: its own
+    ``input_scale``, or for a layer vLLM fuses with its siblings (q/k/v, gate/up) the largest of
+    theirs, as the engine keeps one scale per fused layer (one activation tensor, one scale)."""
+    prefix, _, short = name.rpartition(".")
+    names = next((tuple(f"{prefix}.{n}" for n in group) for group in FUSED_SIBLINGS if short in group), (name,))
+    scales = [tensors.get(f"{n}.input_scale") for n in names if f"{n}.weight" in tensors]
+    if not scales or any(s is None for s in scales):
+        raise SimulationError(f"{checkpoint}: W8A8 simulation expected input_scale for {', '.join(names)}, "
+                              "found none for some")
+    return max(s.float().max() for s in scales)
 
 
 def score_windows(model, windows: list[list[int]]) -> list[list[float]]:

@@ -116,6 +116,25 @@ def test_w8a8_static_needs_input_scales(tiny_model, checkpoints):
         simulate(spec, [list(range(3, 20))])
 
 
+def test_static_input_scale_of_fused_siblings():
+    """q/k/v and gate/up share one activation tensor in the engine (fused layers), which keeps the
+    largest of their input scales; other layers keep their own."""
+    from fp8_backend.eval.simulate import static_input_scale
+
+    p = "model.layers.3."
+    t = {f"{p}{n}.weight": torch.zeros(1) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}
+    t.update({f"{p}self_attn.q_proj.input_scale": torch.tensor(0.5), f"{p}self_attn.k_proj.input_scale": torch.tensor(2.0),
+              f"{p}self_attn.v_proj.input_scale": torch.tensor(1.0), f"{p}self_attn.o_proj.input_scale": torch.tensor(0.25),
+              f"{p}mlp.gate_proj.input_scale": torch.tensor([3.0]), f"{p}mlp.up_proj.input_scale": torch.tensor([1.0])})
+    assert static_input_scale(t, p + "self_attn.v_proj", "ck") == 2.0
+    assert static_input_scale(t, p + "self_attn.o_proj", "ck") == 0.25
+    assert static_input_scale(t, p + "mlp.up_proj", "ck") == 3.0
+    del t[f"{p}mlp.gate_proj.input_scale"]
+    with pytest.raises(SimulationError, match=r"ck: W8A8 simulation expected input_scale for .*mlp.gate_proj"):
+        static_input_scale(t, p + "mlp.up_proj", "ck")
+
+
 def test_fake_quant_activations_match_numerics():
     torch.manual_seed(0)
     x = (torch.randn(3, 200) * 3).to(torch.bfloat16)
