@@ -4,7 +4,7 @@
     .venv/bin/python scripts/accuracy_report.py [--windows 16 --window-len 512] [--threads 1]
                                                [--model DIR] [--data FILE] [--no-write]
 
-Scores the same token windows (scripts/wiki_ppl.py's windowing: the first --window-len tokens of
+Scores the same token windows (fp8_backend.eval.windows' windowing: the first --window-len tokens of
 each of the first --windows articles that are long enough; every token but each window's first
 is scored) with one vLLM engine per row of ROWS, each in its own process (single-process vLLM,
 enforce_eager): the bf16 model, and FP8 checkpoints made by this project's producer
@@ -22,7 +22,7 @@ Simulation (no vLLM, no fp8-backend kernel): Hugging Face transformers in --sim-
 default) with each checkpoint's FP8 weights dequantized by fp8_backend/numerics.py (one scale per
 shard, per channel or per 128x128 block as stored), and for the W8A8 row every linear input
 fake-quantized with the checkpoint's static input_scale. FP8 KV rows (this plugin's kernels) are
-simulated by scripts/kv_sim.py: post-RoPE keys and values fake-quantized with numerics.quantize_kv
+simulated by fp8_backend/eval/kv_sim.py: post-RoPE keys and values fake-quantized with numerics.quantize_kv
 and the checkpoint's k/v scales (1.0 for the bf16 model), attention in fp32 as the kernels compute
 it. The rows of BF16_SIMS (bf16, W8A8, the simulated FP8 KV rows) are also simulated in bfloat16 (the
 engine's activation dtype): FP8 rounding of activations or keys/values amplifies bf16-vs-fp32
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -49,13 +48,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from fp8_backend.eval import linear_summary, logprob_agreement
+from fp8_backend.eval import perplexity as ppl
+from fp8_backend.eval.metrics import ppl_diff_se, rel
+from fp8_backend.eval.report import table
+from fp8_backend.eval.report_args import add_common_args
+from fp8_backend.eval.simulate import SimSpec, kv_scales, like_for_like, load_tensors
+from fp8_backend.eval.simulate import simulate as run_simulation
+from fp8_backend.eval.windows import calibration_text, token_windows
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
-
-from demo import DEFAULT_DATA, DEFAULT_MODEL, table, token_windows  # noqa: E402
-
-from fp8_backend.eval import linear_summary, logprob_agreement  # noqa: E402
-from fp8_backend.eval import perplexity as ppl  # noqa: E402
 
 ROWS = [
     # (row name, checkpoint key (None: the bf16 model), kv_cache_dtype, extra env). bf16 KV rows say
@@ -103,15 +106,6 @@ BF16_SIMS = ("bf16", "static, W8A8 emulation", "bf16 + FP8 KV", "dynamic per-ten
              "bf16 + FP8 KV e5m2", "dynamic per-channel + FP8 KV", "static + FP8 KV", "block + FP8 KV")
 
 
-def like_for_like(kv: str, env: dict) -> str:
-    """Simulation dtype that computes what the engine rounds: the engine's activations, keys and
-    values are bf16; the W8A8 emulation rounds bf16 activations and an FP8 KV cache rounds bf16
-    keys/values to FP8, so for those rows only a bfloat16 simulation rounds the same values (3
-    mantissa bits turn the ~2^-9 bf16-vs-fp32 difference into different FP8 values). Other rows:
-    float32, the exact math."""
-    return "bfloat16" if kv.startswith("fp8") or env.get("FP8_BACKEND_EMULATE_W8A8") == "1" else "float32"
-
-
 def _worker(spec_path: str) -> None:
     """One engine: score the windows, write log-probs and the linear-layer summary."""
     spec = json.loads(Path(spec_path).read_text())
@@ -149,27 +143,6 @@ def _worker(spec_path: str) -> None:
     os._exit(0)
 
 
-def calibration_text(model: str, data: str, skip_long: int, window_len: int, max_chars: int = 200_000) -> str:
-    """Articles of ``data`` after the ``skip_long``-th article with >= ``window_len`` tokens (so
-    after every article a scored window can come from), up to ``max_chars`` characters."""
-    import transformers
-    from fp8_backend.eval import load_articles
-
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    arts = load_articles(data)
-    n_long = 0
-    for i, a in enumerate(arts):
-        if len(tok(a, add_special_tokens=False)["input_ids"]) >= window_len:
-            n_long += 1
-            if n_long == skip_long:
-                rest = "\n\n".join(arts[i + 1:])[:max_chars]
-                if len(rest) < 10_000:
-                    raise SystemExit(f"{data}: only {len(rest)} characters after the scored articles; "
-                                     "expected at least 10,000 for calibration")
-                return rest
-    raise SystemExit(f"{data}: expected at least {skip_long} articles of >= {window_len} tokens, found {n_long}")
-
-
 def make_checkpoints(model: str, calib: str, out: Path, num_samples: int, seq_len: int) -> dict[str, Path]:
     """One producer checkpoint per CHECKPOINTS entry (calibrated KV scales in each); one already
     in ``out`` (from an earlier run with --ckpt-dir) is reused."""
@@ -190,87 +163,23 @@ def make_checkpoints(model: str, calib: str, out: Path, num_samples: int, seq_le
     return paths
 
 
-def kv_scales(tensors: dict, n_layers: int) -> tuple[dict[int, object], dict[int, object]]:
-    """Per layer index, the k and v scales a checkpoint stores (self_attn.k_scale / v_scale, or
-    k_proj / v_proj.output_scale, or the deprecated single kv_scale); absent layers are left out
-    (1.0, as the plugin defaults)."""
-    ks, vs = {}, {}
-    for i in range(n_layers):
-        p = f"model.layers.{i}.self_attn"
-        for out, short, proj in ((ks, "k_scale", "k_proj"), (vs, "v_scale", "v_proj")):
-            for name in (f"{p}.{short}", f"{p}.{proj}.output_scale", f"{p}.kv_scale"):
-                if name in tensors:
-                    out[i] = tensors[name].float()
-                    break
-    return ks, vs
-
-
 def simulate(model: str, ckpt: Path | None, windows: list[list[int]], w8a8: bool, threads: int,
              dtype: str, kv_cache_dtype: str | None = None) -> list[list[float]]:
     """Log-probs of ``windows`` from transformers with ``ckpt``'s FP8 weights dequantized by
     numerics.py (the bf16 weights if ckpt is None); ``w8a8``: fake-quantize every quantized
     linear's input with the checkpoint's static input_scale, as the W8A8 path does;
     ``kv_cache_dtype`` ("fp8", "fp8_e5m2"): attention over FP8 fake-quantized post-RoPE keys and
-    values with the checkpoint's k/v scales (1.0 without), as this plugin's kernels (kv_sim.py)."""
-    import torch
-    import transformers
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from fp8_backend import numerics
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(threads)
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
-    tensors = {}
-    if ckpt is not None:
-        for f in sorted(ckpt.glob("*.safetensors")):
-            tensors.update(load_file(f))
-    if kv_cache_dtype is not None:
-        import kv_sim
-
-        n_layers = m.config.num_hidden_layers
-        ks, vs = kv_scales(tensors, n_layers)
-        if ckpt is not None and (len(ks) != n_layers or len(vs) != n_layers):
+    values with the checkpoint's k/v scales (1.0 without), as this plugin's kernels
+    (fp8_backend.eval.simulate; the checkpoints made here must store k/v scales for every layer)."""
+    if ckpt is not None and kv_cache_dtype is not None:
+        n_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+        ks, vs = kv_scales(load_tensors(ckpt), n_layers)
+        if len(ks) != n_layers or len(vs) != n_layers:
             raise SystemExit(f"{ckpt}: FP8 KV simulation expected k/v scales for {n_layers} layers, "
                              f"found {len(ks)} k and {len(vs)} v")
-        kv_sim.install(m, ks, vs, kv_cache_dtype)
-    if ckpt is not None:
-        qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-        block = tuple(qcfg["weight_block_size"]) if qcfg.get("weight_block_size") else None
-        n = 0
-        for name, mod in m.named_modules():
-            q = tensors.get(f"{name}.weight")
-            if not isinstance(mod, torch.nn.Linear) or q is None or q.dtype != torch.float8_e4m3fn:
-                continue
-            scale = tensors.get(f"{name}.weight_scale_inv" if block else f"{name}.weight_scale")
-            if scale is None:
-                raise SystemExit(f"{ckpt}: expected a weight scale for {name}, found none")
-            w = numerics.dequantize(q, scale, block)
-            if tuple(w.shape) != tuple(mod.weight.shape):
-                raise SystemExit(f"{ckpt}: {name}.weight expected shape {tuple(mod.weight.shape)}, found {tuple(w.shape)}")
-            mod.weight.data = w.to(mod.weight.dtype)
-            n += 1
-            if w8a8:
-                s_in = tensors.get(f"{name}.input_scale")
-                if s_in is None:
-                    raise SystemExit(f"{ckpt}: W8A8 simulation expected {name}.input_scale, found none")
-
-                def fake_quant(_mod, args, s=s_in.float()):
-                    x = args[0]
-                    return (numerics.dequantize(numerics.quantize_with_scale(x, s), s).to(x.dtype),) + args[1:]
-
-                mod.register_forward_pre_hook(fake_quant)
-        if n == 0:
-            raise SystemExit(f"{ckpt}: expected FP8 linear weights, found none that match the model")
-    out = []
-    with torch.no_grad():
-        for w in windows:
-            ids = torch.tensor([w])
-            lp = torch.log_softmax(m(ids).logits.float()[0, :-1], -1)
-            out.append(lp.gather(1, ids[0, 1:, None])[:, 0].tolist())
-    return out
+    spec = SimSpec(model, str(ckpt) if ckpt is not None else None, activations="static" if w8a8 else None,
+                   kv_cache_dtype=kv_cache_dtype, dtype=dtype)
+    return run_simulation(spec, windows, threads)
 
 
 def score(name: str, model: str, kv: str, env_extra: dict, windows_path: Path, window_len: int, threads: int,
@@ -296,24 +205,6 @@ def score(name: str, model: str, kv: str, env_extra: dict, windows_path: Path, w
     r["wall_s"] = time.perf_counter() - t0
     r["log_tail"] = log.read_text(errors="replace")[-20000:]
     return r
-
-
-def rel(a: float, b: float) -> str:
-    return f"{100 * (a / b - 1):+.2f}%"
-
-
-def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """Model, text, windows, threads and calibration options, shared with llmcompressor_report.py
-    so that both score the same windows and calibrate on the same held-out text."""
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--window-len", type=int, default=512)
-    ap.add_argument("--per-article", type=int, default=1,
-                    help="up to this many consecutive windows per article (default 1: its first window-len tokens)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows (producer num_samples)")
-    ap.add_argument("--calib-len", type=int, default=256, help="calibration window length (producer seq_len)")
 
 
 def main(argv=None) -> int:
@@ -352,7 +243,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{p} missing: run {what} (or bash scripts/demo.sh) first")
 
     if args.per_article != 1:
-        raise SystemExit(f"--per-article: expected 1 here (scripts/llmcompressor_report.py uses more), found {args.per_article}")
+        raise SystemExit(f"--per-article: expected 1 here (research/llmcompressor/llmcompressor_report.py uses more), found {args.per_article}")
     t_start = time.time()
     skip = max(args.windows, 40)
     if args.load:
@@ -381,7 +272,10 @@ def main(argv=None) -> int:
 def run_all(args, rows_run, sim_jobs, skip: int) -> tuple[dict, dict]:
     """Make the checkpoints, score every row's engine and every simulation."""
     windows = token_windows(args.model, args.data, args.windows, args.window_len)
-    calib_text = calibration_text(args.model, args.data, skip, args.window_len)
+    try:
+        calib_text = calibration_text(args.model, args.data, skip, args.window_len)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     results, sims = {}, {}
     with tempfile.TemporaryDirectory(prefix="accuracy-") as tmp:
         tmp = Path(tmp)
@@ -421,38 +315,6 @@ def run_sims(args, sim_jobs, ckpts: dict | None = None, windows=None) -> dict:
                                      dtype, sim_kv)
         print(f"simulation {name} ({dtype}): ppl {ppl(sims[name, dtype]):.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     return sims
-
-
-def ppl_diff_se(a: list[list[float]], b: list[list[float]], groups: list | None = None) -> tuple[float, float]:
-    """Perplexity of log-probs ``b`` relative to ``a`` in percent, and its standard error from the
-    spread of the per-window mean log-prob differences (windows as independent samples), or, with
-    ``groups`` (one label per window, e.g. its article), of the per-group sums (groups as
-    independent samples: windows of one article are not independent). Ratio estimator: the
-    difference is sum(delta) / tokens, its variance m/(m-1) * sum_g (D_g - d n_g)^2 / tokens^2 over
-    the m groups (D_g, n_g: the group's summed delta and token count); with one window per group of
-    equal length this is stdev(per-window means) / sqrt(windows)."""
-    if len(a) != len(b) or (groups is not None and len(groups) != len(a)):
-        raise ValueError(f"ppl_diff_se: expected equal numbers of windows, found {len(a)}, {len(b)}"
-                         + (f", {len(groups)} groups" if groups is not None else ""))
-    groups = list(range(len(a))) if groups is None else groups
-    dsum, nsum = {}, {}
-    for g, wa, wb in zip(groups, a, b):
-        dsum[g] = dsum.get(g, 0.0) + sum(y - x for x, y in zip(wa, wb, strict=True))
-        nsum[g] = nsum.get(g, 0) + len(wa)
-    n = sum(nsum.values())
-    d = sum(dsum.values()) / n
-    m = len(dsum)
-    se = (m / (m - 1) * sum((dsum[g] - d * nsum[g]) ** 2 for g in dsum)) ** 0.5 / n if m > 1 else float("nan")
-    return 100 * (math.exp(-d) - 1), 100 * se
-
-
-def scored_windows(args) -> tuple[list[list[int]], list[int], int]:
-    """The token windows of --windows / --window-len / --per-article, the article (ordinal among
-    long-enough articles) of each, and how many long articles calibration must skip: every one a
-    window comes from, and at least 40, so that runs with up to 40 windows calibrate identically."""
-    groups: list[int] = []
-    windows = token_windows(args.model, args.data, args.windows, args.window_len, args.per_article, groups)
-    return windows, groups, max(groups[-1] + 1, 40)
 
 
 def w8a8_noise(results: dict, sims: dict, name: str = "static, W8A8 emulation") -> str:
@@ -590,7 +452,7 @@ def report(args, rows_run, results: dict, sims: dict, skip: int, t_start: float)
         f"Simulated: Hugging Face transformers in {args.sim_dtype} on the same windows, no vLLM and no fp8-backend "
         "kernel, with each checkpoint's FP8 weights dequantized by fp8_backend/numerics.py (the W8A8 row also "
         "fake-quantizes every linear input with the checkpoint's input_scale). FP8 KV rows: a transformers "
-        "attention function (scripts/kv_sim.py) fake-quantizes the post-RoPE keys and values with "
+        "attention function (fp8_backend/eval/kv_sim.py) fake-quantizes the post-RoPE keys and values with "
         "numerics.quantize_kv (the checkpoint's k/v scales, 1.0 for the bf16 model; e4m3 or e5m2, round half to "
         "even, saturating) and attends in fp32 as the plugin's kernels do (numerics.paged_attention: q . k and "
         "P @ v in fp32 with the scales folded in; the kernels split bf16 queries and fp32 probabilities into exact "

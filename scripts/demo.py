@@ -36,12 +36,13 @@ import sys
 import time
 from pathlib import Path
 
-from fp8_backend.eval import logprob_agreement, text_windows
+from fp8_backend.eval import logprob_agreement
 from fp8_backend.eval.e2e import run_e2e
+from fp8_backend.eval.report import table
+from fp8_backend.eval.report_args import DEFAULT_DATA, DEFAULT_MODEL
+from fp8_backend.eval.windows import token_windows
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
-DEFAULT_DATA = "data/wiki.txt"
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the ocean.",
@@ -62,25 +63,9 @@ def ensure_inputs(model: str, data: str) -> None:
                    cwd=ROOT, check=True)
 
 
-def token_windows(model: str, data: str, n: int, length: int, per_article: int = 1,
-                  groups: list | None = None) -> list[list[int]]:
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum": we cut windows
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    return text_windows(tok, data, n, length, per_article=per_article, groups=groups)
-
-
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(rows[0]), sep] + [fmt(r) for r in rows[1:]])
-
-
 def comparison_rows(bf16: dict, fp8: dict, agree: dict | None, n_windows: int, window_len: int) -> list[list[str]]:
     def ratio(a, b):
         return f"{b / a:.2f}x" if a and b else "-"

@@ -31,6 +31,36 @@ def logprob_agreement(ref: list[list[float]], other: list[list[float]]) -> dict:
             "max_abs": deltas[-1], "ppl_ref": perplexity(ref), "ppl": perplexity(other)}
 
 
+def ppl_diff_se(a: list[list[float]], b: list[list[float]], groups: list | None = None) -> tuple[float, float]:
+    """Perplexity of log-probs ``b`` relative to ``a`` in percent, and its standard error from the
+    spread of the per-window mean log-prob differences (windows as independent samples), or, with
+    ``groups`` (one label per window, e.g. its article), of the per-group sums (groups as
+    independent samples: windows of one article are not independent). Ratio estimator: the
+    difference is sum(delta) / tokens, its variance m/(m-1) * sum_g (D_g - d n_g)^2 / tokens^2 over
+    the m groups (D_g, n_g: the group's summed delta and token count); with one window per group of
+    equal length this is stdev(per-window means) / sqrt(windows). One group: NaN standard error."""
+    if len(a) != len(b) or (groups is not None and len(groups) != len(a)):
+        raise ValueError(f"ppl_diff_se: expected equal numbers of windows, found {len(a)}, {len(b)}"
+                         + (f", {len(groups)} groups" if groups is not None else ""))
+    groups = list(range(len(a))) if groups is None else groups
+    dsum, nsum = {}, {}
+    for g, wa, wb in zip(groups, a, b):
+        dsum[g] = dsum.get(g, 0.0) + sum(y - x for x, y in zip(wa, wb, strict=True))
+        nsum[g] = nsum.get(g, 0) + len(wa)
+    n = sum(nsum.values())
+    if not n:
+        raise ValueError("ppl_diff_se: no scored tokens")
+    d = sum(dsum.values()) / n
+    m = len(dsum)
+    se = (m / (m - 1) * sum((dsum[g] - d * nsum[g]) ** 2 for g in dsum)) ** 0.5 / n if m > 1 else float("nan")
+    return 100 * (math.exp(-d) - 1), 100 * se
+
+
+def rel(a: float, b: float) -> str:
+    """``a`` relative to ``b`` as a signed percentage with two decimals ("+1.23%")."""
+    return f"{100 * (a / b - 1):+.2f}%"
+
+
 _DTYPE_BYTES = {"torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4, "torch.float8_e4m3fn": 1,
                 "torch.float8_e5m2": 1, "torch.uint8": 1, "torch.int8": 1}
 

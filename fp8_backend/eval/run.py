@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import logprob_agreement, perplexity
+from .simulate import quantization_config
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class EvalConfig:
 
     @property
     def label(self) -> str:
-        w = self.quantization or "16-bit weights"
+        w = self.quantization or ("FP8 checkpoint" if quantization_config(self.model) is not None
+                                     else "16-bit weights")
         kv = "16-bit KV" if self.kv_cache_dtype == "auto" else f"{self.kv_cache_dtype} KV"
         return f"{Path(self.model).name}: {w}, {kv}"
 
@@ -35,9 +37,10 @@ class EngineRunError(RuntimeError):
 
 
 def score(config: EvalConfig, windows: list[list[int]], threads: int = 1, timeout: float = 3600,
-          log: Path | None = None) -> dict:
+          log: Path | None = None, env: dict[str, str | None] | None = None) -> dict:
     """Prompt log-probs of ``windows`` under ``config`` (one fresh single-process engine with
-    ``threads`` OpenMP threads), with the engine's linear-layer summary."""
+    ``threads`` OpenMP threads), with the engine's linear-layer summary. ``env``: variables set
+    for the engine (a None value removes the variable) on top of this process's environment."""
     with tempfile.TemporaryDirectory(prefix="fp8-eval-") as tmp:
         wf = Path(tmp) / "windows.json"
         wf.write_text(json.dumps(windows))
@@ -45,14 +48,19 @@ def score(config: EvalConfig, windows: list[list[int]], threads: int = 1, timeou
                "--kv-cache-dtype", config.kv_cache_dtype, "--windows-file", str(wf)]
         if config.quantization:
             cmd += ["--quantization", config.quantization]
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
-                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        engine_env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads),
+                          TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        for k, v in (env or {}).items():
+            if v is None:
+                engine_env.pop(k, None)
+            else:
+                engine_env[k] = v
         log_path = Path(log) if log else Path(tmp) / "engine.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(log_path, "w") as f:
             try:
-                rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+                rc = subprocess.run(cmd, env=engine_env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = f"timeout after {timeout:.0f} s"
         out = log_path.read_text(errors="replace")

@@ -1,6 +1,6 @@
-"""The accuracy reports' windowing and statistics (scripts/wiki_ppl.py, scripts/accuracy_report.py,
-scripts/llmcompressor_report.py): more windows per article, standard errors over articles, and
-which reference a row is judged against. Pure Python, no model."""
+"""The accuracy reports' windowing and statistics (fp8_backend.eval: windows, metrics, simulate):
+more windows per article, standard errors over articles, and which reference a row is judged
+against. Pure Python, no model."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,9 @@ import statistics
 
 import pytest
 
-from accuracy_report import like_for_like, ppl_diff_se
-from llmcompressor_report import ROWS, needed_keys
 from fp8_backend.eval import make_windows
+from fp8_backend.eval.metrics import ppl_diff_se
+from fp8_backend.eval.simulate import like_for_like
 
 
 def test_make_windows_one_per_article_unchanged():
@@ -76,12 +76,3 @@ def test_like_for_like_reference():
     # no such rounding: the exact (fp32) math
     assert like_for_like("bfloat16", {}) == "float32"
     assert like_for_like("bfloat16", {"FP8_BACKEND_ATTENTION": "vllm"}) == "float32"
-
-
-def test_llmcompressor_rows_have_their_like_for_like_reference():
-    for name, ckpt, kv, env, refs in ROWS:
-        assert refs, name
-        want = like_for_like(kv, env)
-        assert any(k.split("/")[1] == want for k in refs), f"{name}: expected a {want} reference, found {refs}"
-    keys = needed_keys([r for r in ROWS if r[0] == "FP8 + FP8 KV, W8A16"])
-    assert keys == ["FP8_KV/bfloat16/weights", "FP8_KV/float32/weights", "bf16/bfloat16/weights", "bf16/float32/weights"]

@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """llm-compressor checkpoints: perplexity in vLLM with this plugin vs transformers + compressed-tensors.
 
-    bash scripts/setup_llmcompressor.sh     # once: the separate llm-compressor venv (.venv-llmc)
-    .venv/bin/python scripts/llmcompressor_report.py [--windows 16 --window-len 512] [--threads 1]
+    bash research/llmcompressor/setup_llmcompressor.sh     # once: the separate llm-compressor venv (.venv-llmc)
+    .venv/bin/python research/llmcompressor/llmcompressor_report.py [--windows 16 --window-len 512] [--threads 1]
         [--llmc-python .venv-llmc/bin/python] [--ckpt-dir DIR] [--model DIR] [--data FILE] [--no-write]
 
 1. Token windows and calibration text exactly as scripts/accuracy_report.py makes them (same
    windows; calibration from the articles after every article a scored window can come from).
-2. In the llm-compressor venv, scripts/llmcompressor_checkpoints.py makes the presets FP8 (static,
+2. In the llm-compressor venv, research/llmcompressor/llmcompressor_checkpoints.py makes the presets FP8 (static,
    calibrated), FP8_DYNAMIC, FP8_BLOCK (hidden 576: block scales [5, 5] with a partial last block)
    and FP8 + kv_cache_scheme with llm-compressor's own ``oneshot`` + ``QuantizationModifier``, and
    scores them with transformers + compressed-tensors (bf16 and fp32; with compressed-tensors'
    activation fake-quantization, as it runs them, and weights-only in fp32).
-3. Here, one vLLM engine per row (scripts/accuracy_report.py's worker: single process, eager) with
+3. Here, one vLLM engine per row (fp8_backend.eval.run.score: single process, eager) with
    this plugin: W8A16 (the CPU default) and FP8_BACKEND_EMULATE_W8A8=1, bf16 or FP8 KV cache.
 4. Table of engine vs transformers perplexities, written to the 'llmcompressor' section of
    benchmarks/RESULTS.md. Not part of CI (needs the extra venv).
@@ -29,14 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from fp8_backend.eval import logprob_agreement
+from fp8_backend.eval import perplexity as ppl
+from fp8_backend.eval.metrics import ppl_diff_se, rel
+from fp8_backend.eval.report import table
+from fp8_backend.eval.report_args import add_common_args
+from fp8_backend.eval.run import EvalConfig
+from fp8_backend.eval.run import score as score_engine
+from fp8_backend.eval.simulate import like_for_like
+from fp8_backend.eval.windows import calibration_text, scored_windows
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
-
-from accuracy_report import add_common_args, calibration_text, like_for_like, ppl_diff_se, rel, score, scored_windows  # noqa: E402
-from demo import table  # noqa: E402
-
-from fp8_backend.eval import logprob_agreement  # noqa: E402
-from fp8_backend.eval import perplexity as ppl  # noqa: E402
+#: the plugin's switches: a row sets those it needs, the others are removed from its engine's environment
+PLUGIN_ENV = ("FP8_BACKEND_ATTENTION", "FP8_BACKEND_EMULATE_W8A8")
 
 EMU = {"FP8_BACKEND_EMULATE_W8A8": "1"}
 #: engine rows: (row name, checkpoint ("bf16": the model itself), kv_cache_dtype, env, transformers
@@ -67,7 +74,7 @@ def needed_keys(rows) -> list[str]:
 
 def run_llmc(py: str, model: str, calib: Path, out: Path, windows: Path, scores: Path, args,
              keys: list[str] | None = None, resume: bool = False) -> dict:
-    cmd = [py, str(ROOT / "scripts" / "llmcompressor_checkpoints.py"), "--model", model, "--calib", str(calib),
+    cmd = [py, str(HERE / "llmcompressor_checkpoints.py"), "--model", model, "--calib", str(calib),
            "--out", str(out), "--windows", str(windows), "--scores", str(scores),
            "--calib-samples", str(args.calib_samples), "--calib-len", str(args.calib_len),
            "--threads", str(args.threads)]
@@ -81,36 +88,36 @@ def run_llmc(py: str, model: str, calib: Path, out: Path, windows: Path, scores:
     print("llm-compressor venv:", " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if rc != 0 or not scores.is_file():
-        raise SystemExit(f"scripts/llmcompressor_checkpoints.py failed (rc={rc})")
+        raise SystemExit(f"research/llmcompressor/llmcompressor_checkpoints.py failed (rc={rc})")
     return json.loads(scores.read_text())
 
 
 def fakequant_diff(py: str, ckpt: Path, windows: Path, tmp: Path, args) -> dict:
-    """scripts/w8a8_fakequant_diff.py on the first window in bf16 and fp32 (llm-compressor venv):
+    """research/llmcompressor/w8a8_fakequant_diff.py on the first window in bf16 and fp32 (llm-compressor venv):
     compressed-tensors' activation fake-quant vs this plugin's emulation on the same inputs."""
     out = {}
     for dtype in ("bfloat16", "float32"):
         path = tmp / f"fakequant_diff_{dtype}.json"
         if not (args.work_dir and path.is_file()):
-            cmd = [py, str(ROOT / "scripts" / "w8a8_fakequant_diff.py"), "--ckpt", str(ckpt), "--windows", str(windows),
+            cmd = [py, str(HERE / "w8a8_fakequant_diff.py"), "--ckpt", str(ckpt), "--windows", str(windows),
                    "--dtype", dtype, "--threads", str(args.threads), "--json", str(path)]
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
             env.pop("PYTHONPATH", None)
             if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0 or not path.is_file():
-                raise SystemExit(f"scripts/w8a8_fakequant_diff.py failed for {ckpt} in {dtype}")
+                raise SystemExit(f"research/llmcompressor/w8a8_fakequant_diff.py failed for {ckpt} in {dtype}")
         out[dtype] = json.loads(path.read_text())
     return out
 
 
 def layer_check(ckpt: Path, tmp: Path) -> dict:
-    """scripts/engine_layer_check.py on ``ckpt``: the engine's W8A16 layers vs x @ (fp8 x scale)^T."""
+    """research/llmcompressor/engine_layer_check.py on ``ckpt``: the engine's W8A16 layers vs x @ (fp8 x scale)^T."""
     path = tmp / "layer_check.json"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "scripts" / "engine_layer_check.py"), str(ckpt), "--json", str(path)]
+    cmd = [sys.executable, str(HERE / "engine_layer_check.py"), str(ckpt), "--json", str(path)]
     with open(tmp / "layer_check.log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not path.is_file():
-        raise SystemExit(f"scripts/engine_layer_check.py failed for {ckpt} (rc={rc}); see {tmp / 'layer_check.log'}")
+        raise SystemExit(f"research/llmcompressor/engine_layer_check.py failed for {ckpt} (rc={rc}); see {tmp / 'layer_check.log'}")
     return json.loads(path.read_text())
 
 
@@ -120,7 +127,7 @@ def layer_check_text(res: dict) -> str:
         return ""
     eq = [v["frac_eq_bf16_ref"] for v in res.values()]
     bias = [abs(v["bias_rel"]) for v in res.values()]
-    return (" Weight loading itself is exact: scripts/engine_layer_check.py feeds random bf16 inputs through the "
+    return (" Weight loading itself is exact: research/llmcompressor/engine_layer_check.py feeds random bf16 inputs through the "
             f"engine's loaded FP8 layers ({len(res)} fused q/k/v, o, gate/up, down layers of layers 0, 15, 29) and "
             f"{100 * min(eq):.2f}-{100 * max(eq):.2f}% of the outputs equal x @ (fp8 x scale of each shard)^T "
             f"computed in fp32 and rounded to bf16 (mean signed error at most {max(bias):.0e} of mean |output|); "
@@ -139,7 +146,7 @@ def fakequant_text(diff: dict) -> str:
         lo, hi = f"{min(v):{fmt}}", f"{max(v):{fmt}}"
         return lo if lo == hi else f"{lo} to {hi}"
 
-    return ("Cause check (scripts/w8a8_fakequant_diff.py, FP8 checkpoint, first window, every quantized Linear of "
+    return ("Cause check (research/llmcompressor/w8a8_fakequant_diff.py, FP8 checkpoint, first window, every quantized Linear of "
             "the 30 layers): compressed-tensors' input fake-quant and this plugin's emulation applied to the SAME "
             "input tensors. In fp32 the FP8 codes differ for " + rng("float32", "code_diff_frac", 100, ".3f")
             + "% of the elements per layer kind; in bf16 for " + rng("bfloat16", "code_diff_frac", 100, ".2f")
@@ -159,7 +166,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"),
-                    help="python of the llm-compressor venv (scripts/setup_llmcompressor.sh)")
+                    help="python of the llm-compressor venv (research/llmcompressor/setup_llmcompressor.sh)")
     ap.add_argument("--ckpt-dir", help="keep the llm-compressor checkpoints here (made if missing, reused if present)")
     ap.add_argument("--target", type=float, default=0.2, help="engine vs transformers target, percent")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -185,12 +192,12 @@ def main(argv=None) -> int:
         return report(args, rows_run, saved["results"], saved["hf"], saved.get("groups"), saved.get("skip", 40),
                       t_start - saved["elapsed"])
     if not Path(args.llmc_python).is_file():
-        raise SystemExit(f"{args.llmc_python} missing: run `bash scripts/setup_llmcompressor.sh` first")
+        raise SystemExit(f"{args.llmc_python} missing: run `bash research/llmcompressor/setup_llmcompressor.sh` first")
     for p, what in ((Path(args.model) / "config.json", "scripts/get_smollm2.py"), (Path(args.data), "scripts/get_wikitext.py")):
         if not p.is_file():
             raise SystemExit(f"{p} missing: run {what} (or bash scripts/demo.sh) first")
 
-    windows, groups, skip = scored_windows(args)
+    windows, groups, skip = scored_windows(args.model, args.data, args.windows, args.window_len, args.per_article)
     print(f"{len(windows)} windows of {args.window_len} tokens from {groups[-1] + 1} articles; calibration "
           f"after the first {skip} long articles", flush=True)
     results = {}
@@ -217,12 +224,14 @@ def main(argv=None) -> int:
                 r = json.loads(done.read_text())
                 print(f"{name}: reusing {done}", flush=True)
             else:
-                r = score(name, model, kv, env, wpath, args.window_len, args.threads, tmp)
+                tag = "".join(c if c.isalnum() else "_" for c in name)
+                r = score_engine(EvalConfig(model, None, kv), windows, args.threads, log=tmp / f"{tag}.log",
+                                 env={k: env.get(k) for k in PLUGIN_ENV})
                 done.write_text(json.dumps(r))
             results[name] = r
             print(f"{name}: ppl {ppl(r['logprobs']):.4f} ({r['wall_s']:.0f}s; linear layers "
-                  f"{', '.join(r['linear']['quant_methods'])}, scale sizes {r['scale_numels']}; "
-                  f"{r['n_kv_scales']} distinct (k, v) scales)", flush=True)
+                  f"{', '.join(r['linear']['quant_methods'])}; plugin attention kernels: "
+                  f"{r['attention_own_kernels']})", flush=True)
     if args.save:
         Path(args.save).write_text(json.dumps({"results": results, "hf": hf, "elapsed": time.time() - t_start,
                                                "groups": groups, "skip": skip}))
@@ -305,7 +314,7 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
 
     v = hf["versions"]
     default_args = (args.windows, args.window_len, args.calib_samples, args.calib_len, args.per_article) == (16, 512, 16, 256, 1)
-    cmd = ("bash scripts/setup_llmcompressor.sh && .venv/bin/python scripts/llmcompressor_report.py"
+    cmd = ("bash research/llmcompressor/setup_llmcompressor.sh && .venv/bin/python research/llmcompressor/llmcompressor_report.py"
            + ("" if default_args else f" --windows {args.windows} --window-len {args.window_len} --calib-samples "
               f"{args.calib_samples} --calib-len {args.calib_len}")
            + (f" --per-article {args.per_article}" if args.per_article != 1 else "")
@@ -401,7 +410,7 @@ def report(args, rows_run, results: dict, hf: dict, groups: list | None, skip: i
                 ". FP8_BLOCK: compressed-tensors' dynamic 1x128 activation groups need K % 128 == 0 (K = 576 and 1536 "
                 "here) and fail in the forward pass, although llm-compressor wrote the checkpoint with only a warning; "
                 "this plugin's W8A8 emulation handles the partial last group (64). `K padded (shim)` lines give that "
-                "row a reference anyway: scripts/llmcompressor_checkpoints.py's padded_activation_groups zero-pads such "
+                "row a reference anyway: research/llmcompressor/llmcompressor_checkpoints.py's padded_activation_groups zero-pads such "
                 "an input to the next multiple of 128 inside compressed-tensors' own forward_quantize and cuts the "
                 "padding off again, which is exactly a partial last group (zeros never change a group's min/max scale; "
                 "checked before the runs on a real layer: whole groups bit-identical to compressed-tensors, the partial "

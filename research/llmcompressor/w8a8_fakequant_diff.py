@@ -2,11 +2,11 @@
 """Layer by layer: compressed-tensors' activation fake-quant vs this plugin's W8A8 emulation on the
 SAME inputs, to tell a semantic difference (bias) from rounding noise.
 
-Runs in the llm-compressor venv (scripts/setup_llmcompressor.sh; it loads the checkpoint with
+Runs in the llm-compressor venv (research/llmcompressor/setup_llmcompressor.sh; it loads the checkpoint with
 transformers + compressed-tensors) and imports only fp8_backend/numerics.py from this repository
 (torch only, no vLLM):
 
-    .venv-llmc/bin/python scripts/w8a8_fakequant_diff.py --ckpt DIR --windows windows.json \\
+    .venv-llmc/bin/python research/llmcompressor/w8a8_fakequant_diff.py --ckpt DIR --windows windows.json \\
         [--window 0] [--dtype bfloat16] [--json out.json]
 
 One window goes through the checkpoint as compressed-tensors runs it (activation fake-quant on).
@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def load_numerics():

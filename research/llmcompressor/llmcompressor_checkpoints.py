@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Make FP8 checkpoints with llm-compressor and score them with transformers + compressed-tensors.
 
-Runs in the llm-compressor venv (scripts/setup_llmcompressor.sh), not in the vLLM venv:
+Runs in the llm-compressor venv (research/llmcompressor/setup_llmcompressor.sh), not in the vLLM venv:
 
-    .venv-llmc/bin/python scripts/llmcompressor_checkpoints.py --model DIR --calib FILE \\
+    .venv-llmc/bin/python research/llmcompressor/llmcompressor_checkpoints.py --model DIR --calib FILE \\
         --out DIR [--windows windows.json --scores scores.json] [--schemes FP8,FP8_DYNAMIC,...]
 
 Checkpoints (``oneshot`` + ``QuantizationModifier(targets="Linear", ignore=["lm_head"])``,
@@ -15,7 +15,7 @@ saved compressed, i.e. compressed-tensors "float-quantized"), one directory per 
 Calibration: --calib-samples windows of --calib-len tokens cut one after the other from --calib
 (the accuracy report writes text no scored window uses). An existing directory is reused.
 
-With --windows (JSON list of token-id lists, made by scripts/llmcompressor_report.py from the vLLM
+With --windows (JSON list of token-id lists, made by research/llmcompressor/llmcompressor_report.py from the vLLM
 venv's tokenizer, so both venvs score the same tokens), each checkpoint is loaded with
 ``AutoModelForCausalLM.from_pretrained`` (transformers' compressed-tensors integration) in each
 --dtypes, and the log-prob of every window token but the first is written to --scores together

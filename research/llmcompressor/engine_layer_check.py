@@ -5,7 +5,7 @@ per-channel weight scales (AutoFP8 or compressed-tensors); for the fused q/k/v, 
 down layers of three decoder layers, random bf16 inputs go through the loaded vLLM layer and are
 compared with x @ W^T in fp32, W = the checkpoint's FP8 weight x weight_scale of each shard.
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python scripts/engine_layer_check.py CKPT [--json out.json]
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python research/llmcompressor/engine_layer_check.py CKPT [--json out.json]
 
 Reports per layer the relative error (norm), the mean signed error relative to mean |ref| (a
 bias would show here) and the fraction of outputs equal to the reference rounded to bf16 (1.0:

@@ -1,4 +1,4 @@
-"""scripts/kv_sim.py (the accuracy report's FP8 KV simulation) against numerics.py's FP8 cache and
+"""fp8_backend/eval/kv_sim.py (the accuracy report's FP8 KV simulation) against numerics.py's FP8 cache and
 paged attention: the simulation must compute what the plugin's kernels are specified to compute."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fp8_backend import numerics
-from kv_sim import fake_quantize_kv, fp8_kv_attention, install
+from fp8_backend.eval.kv_sim import fake_quantize_kv, fp8_kv_attention, install
 
 
 def test_fake_quantize_kv_edge_values():

