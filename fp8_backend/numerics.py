@@ -180,6 +180,19 @@ def quantize_block(
     return q, scale
 
 
+def fake_quantize(x: torch.Tensor, block_size: tuple[int, int], scale: torch.Tensor | None = None,
+                  dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """``x`` (2-D) rounded to the FP8 grid and scaled back, in fp32: dynamic scales, one per
+    [bn, bk] block (``[1, K]`` per token, ``[1, 128]`` groups, ``[M, K]`` per tensor), or the
+    static ``scale`` (one element) when given. What a W8A8 path's activation quantization
+    does to the values it multiplies."""
+    if scale is not None:
+        full = scale.float().reshape(())
+    else:
+        full = expand_block_scale(compute_scale(block_amax(x, block_size), dtype), tuple(x.shape), block_size)
+    return quantize_with_scale(x, full, dtype).float() * full
+
+
 def quantize_group(x: torch.Tensor, group_size: int = 128, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token groups of ``group_size`` along the last dim (activations of block
     checkpoints); scale shape [..., ceil(K/group_size)]."""

@@ -41,17 +41,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.scheme import PER_ROW, PER_TENSOR, ActivationQuant, Fp8Scheme, Granularity
+from ..vllm_adapter import settings
 from .metrics import logprob_agreement, perplexity, ppl_diff_se
 
 #: engine vs like-for-like simulation: largest |perplexity difference| in percent that passes
 TARGET_PCT = 0.2
 
-#: the environment variables of the plugin that change what an engine computes
-EMULATE_ENV = "FP8_BACKEND_EMULATE_W8A8"
-ATTENTION_ENV = "FP8_BACKEND_ATTENTION"
-
-#: vLLM's online-quantization names that the plugin serves, and their weight strategy
-ONLINE_STRATEGIES = {"fp8": "tensor", "fp8_per_tensor": "tensor", "fp8_per_channel": "channel"}
+#: vLLM's online-quantization names that the plugin serves, and their weight granularity
+ONLINE_WEIGHTS = {"fp8": PER_TENSOR, "fp8_per_tensor": PER_TENSOR, "fp8_per_channel": PER_ROW}
 
 
 class SimulationError(ValueError):
@@ -64,22 +62,21 @@ def like_for_like(kv_cache_dtype: str, env: dict) -> str:
     keys/values to FP8, so for those configurations only a bfloat16 simulation rounds the same
     values (3 mantissa bits turn the ~2^-9 bf16-vs-fp32 difference into different FP8 values).
     Other configurations: float32, the exact math."""
-    emulate = str(env.get(EMULATE_ENV, "0")).strip().lower() in ("1", "true")
-    return "bfloat16" if kv_cache_dtype.startswith("fp8") or emulate else "float32"
+    return "bfloat16" if kv_cache_dtype.startswith("fp8") or settings.emulate_w8a8(env) else "float32"
 
 
 @dataclass(frozen=True)
 class SimSpec:
     """One simulation: ``model`` (16-bit, loaded by transformers) with the FP8 weights of
-    ``checkpoint`` or quantized ``online`` ("tensor" / "channel"); ``activations``: the W8A8
-    emulation's input fake-quantization ("static", "dynamic_token", "group") or None;
+    ``checkpoint`` or quantized ``online`` (a weight Granularity); ``activations``: the W8A8
+    emulation's input fake-quantization (formats.scheme.ActivationQuant) or None;
     ``kv_cache_dtype``: "fp8" / "fp8_e4m3" / "fp8_e5m2" or None (16-bit cache); ``dtype``: the
     compute dtype ("float32" or "bfloat16")."""
 
     model: str
     checkpoint: str | None = None
-    online: str | None = None
-    activations: str | None = None
+    online: Granularity | None = None
+    activations: ActivationQuant | None = None
     kv_cache_dtype: str | None = None
     dtype: str = "float32"
 
@@ -102,25 +99,24 @@ def plan(model: str, quantization: str | None, kv_cache_dtype: str, reference: s
     checkpoints that declare KV scales)."""
     from ..formats.checkpoint import parse_quantization_config
 
-    emulate = str(env.get(EMULATE_ENV, "0")).strip().lower() in ("1", "true")
+    emulate = settings.emulate_w8a8(env)
     qcfg = quantization_config(model)
     checkpoint, online, act = None, None, None
     if qcfg is not None:
         scheme = parse_quantization_config(qcfg)
         checkpoint = str(model)
         if emulate:
-            act = ("group" if scheme.weight_strategy == "block"
-                   else "static" if scheme.activation_scheme == "static" else "dynamic_token")
+            act = scheme.scheme.w8a8_activation()
     elif quantization is not None:
-        if quantization not in ONLINE_STRATEGIES:
-            return f"quantization {quantization!r} is not simulated (expected one of {sorted(ONLINE_STRATEGIES)})"
-        online = ONLINE_STRATEGIES[quantization]
-        act = "dynamic_token" if emulate else None
+        if quantization not in ONLINE_WEIGHTS:
+            return f"quantization {quantization!r} is not simulated (expected one of {sorted(ONLINE_WEIGHTS)})"
+        online = ONLINE_WEIGHTS[quantization]
+        act = Fp8Scheme(PER_TENSOR).w8a8_activation() if emulate else None
     kv = kv_cache_dtype
     if kv in ("auto", "bfloat16", "float16", "float32"):
         kv = "fp8" if engine_own_kv_kernels else None
     elif kv.startswith("fp8"):
-        if env.get(ATTENTION_ENV, "auto") == "vllm" or engine_own_kv_kernels is False:
+        if settings.attention_mode(env) == "vllm" or engine_own_kv_kernels is False:
             return ("FP8 KV cache on vLLM's attention kernels is not simulated (vLLM's FP8 cache write "
                     "rounds toward zero, numerics.py to nearest even)")
     else:
@@ -181,8 +177,8 @@ def checkpoint_weights(model, checkpoint: str | os.PathLike, tensors: dict | Non
         scale = tensors.get(f"{name}.{scheme.weight_scale_name}")
         if scale is None:
             raise SimulationError(f"{checkpoint}: expected {name}.{scheme.weight_scale_name}, found none")
-        block = scheme.block_size if scheme.weight_strategy == "block" else None
-        w = numerics.dequantize(q, scale, block)
+        g = scheme.scheme.weight  # stored scales: the granularity's grid (scalars for one scale)
+        w = numerics.dequantize(q, scale.float().reshape(g.grid(q.shape)), g.block(q.shape))
         if tuple(w.shape) != tuple(mod.weight.shape):
             raise SimulationError(f"{checkpoint}: {name}.weight expected shape {tuple(mod.weight.shape)}, "
                                   f"found {tuple(w.shape)}")
@@ -192,39 +188,35 @@ def checkpoint_weights(model, checkpoint: str | os.PathLike, tensors: dict | Non
     return out
 
 
-def online_weights(model, strategy: str = "tensor") -> dict:
+def online_weights(model, weight: Granularity = PER_TENSOR) -> dict:
     """Linear layer name -> fp32 weight as online FP8 stores it: every nn.Linear but lm_head
-    quantized per tensor (q, k, v, gate and up are separate layers here, so each gets its own
-    scale, as the plugin keeps per shard) or per output channel, then dequantized."""
+    quantized with ``weight``'s scales (per tensor: q, k, v, gate and up are separate layers
+    here, so each gets its own scale, as the plugin keeps per shard), then dequantized."""
     import torch
 
     from .. import numerics
 
-    quant = {"tensor": numerics.quantize_per_tensor, "channel": numerics.quantize_per_channel}[strategy]
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head":
-            q, s = quant(mod.weight.detach())
-            out[name] = numerics.dequantize(q, s)
+            w = mod.weight.detach()
+            q, s = numerics.quantize_block(w, block_size=weight.block(w.shape))
+            out[name] = numerics.dequantize(q, s, weight.block(w.shape))
     return out
 
 
-def fake_quant_activations(x, mode: str, input_scale=None, group_size: int = 128):
-    """What the W8A8 emulation makes of a linear input ``x``: FP8-rounded and scaled back, in
-    ``x.dtype``. ``mode``: "static" (per tensor, ``input_scale``), "dynamic_token" (one scale per
-    row) or "group" (``group_size`` along the last dim, a partial last group)."""
+def fake_quant_activations(x, act: ActivationQuant, input_scale=None):
+    """What the W8A8 emulation makes of a linear input ``x``: FP8-rounded and scaled back
+    (numerics.fake_quantize), in ``x.dtype``: the static ``input_scale``, or dynamic scales by
+    the activation granularity's block shape (per token, 1 x k groups)."""
     from .. import numerics
 
-    if mode == "static":
-        s = input_scale.float().reshape(())
-        return numerics.dequantize(numerics.quantize_with_scale(x, s), s).to(x.dtype)
-    if mode == "dynamic_token":
-        q, s = numerics.quantize_per_token(x)
-        return (q.float() * s).to(x.dtype)
-    if mode == "group":
-        q, s = numerics.quantize_group(x, group_size)
-        return (q.float() * s.repeat_interleave(group_size, -1)[..., :x.shape[-1]]).to(x.dtype)
-    raise ValueError(f"fake_quant_activations: mode: expected 'static', 'dynamic_token' or 'group', found {mode!r}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if act.static:
+        y = numerics.fake_quantize(x2, (1, 1), input_scale)
+    else:
+        y = numerics.fake_quantize(x2, act.granularity.block(x2.shape))
+    return y.to(x.dtype).reshape(x.shape)
 
 
 def check_loadable(model: str) -> None:
@@ -279,21 +271,16 @@ def simulate(spec: SimSpec, windows: list[list[int]], threads: int = 1) -> list[
         weights = checkpoint_weights(m, spec.checkpoint, tensors)
     elif spec.online:
         weights = online_weights(m, spec.online)
-    group = 128
-    if spec.checkpoint and spec.activations == "group":
-        from ..formats.checkpoint import parse_quantization_config
-
-        group = parse_quantization_config(quantization_config(spec.checkpoint)).block_size[1]
     modules = dict(m.named_modules())
     for name, w in weights.items():
         mod = modules[name]
         mod.weight.data = w.to(mod.weight.dtype)
         if spec.activations is None:
             continue
-        s_in = static_input_scale(tensors, name, spec.checkpoint) if spec.activations == "static" else None
+        s_in = static_input_scale(tensors, name, spec.checkpoint) if spec.activations.static else None
 
         def pre_hook(_mod, args, s=s_in):
-            return (fake_quant_activations(args[0], spec.activations, s, group),) + args[1:]
+            return (fake_quant_activations(args[0], spec.activations, s),) + args[1:]
 
         mod.register_forward_pre_hook(pre_hook)
     return score_windows(m, windows)

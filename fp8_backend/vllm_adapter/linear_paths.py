@@ -137,9 +137,7 @@ def fake_quant_activations(x: torch.Tensor, act: ActivationQuant,
         q, s = numerics.quantize_per_tensor(x, scale=input_scale)
         return q.to(x.dtype), s.reshape(1)
     x2 = x.reshape(-1, x.shape[-1])
-    block = act.granularity.block(x2.shape)
-    full = numerics.expand_block_scale(numerics.compute_scale(numerics.block_amax(x2, block)), tuple(x2.shape), block)
-    return numerics.dequantize(numerics.quantize_with_scale(x2, full), full).to(x.dtype).reshape(x.shape), None
+    return numerics.fake_quantize(x2, act.granularity.block(x2.shape)).to(x.dtype).reshape(x.shape), None
 
 
 def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ without vLLM.
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 from .layer_owner import MOE_CHOICES
 
@@ -30,13 +31,14 @@ EMULATE_ENV = "FP8_BACKEND_EMULATE_W8A8"
 KV_SCALES_ENV = "FP8_BACKEND_KV_CACHE_SCALES"
 
 
-def _read(name: str) -> str:
-    return os.environ.get(name, "").strip().lower()
+def _read(name: str, env: Mapping[str, str] | None = None) -> str:
+    return str((os.environ if env is None else env).get(name, "")).strip().lower()
 
 
-def attention_mode() -> str:
-    """``FP8_BACKEND_ATTENTION``: "auto" when unset or empty."""
-    mode = _read(ATTENTION_ENV) or "auto"
+def attention_mode(env: Mapping[str, str] | None = None) -> str:
+    """``FP8_BACKEND_ATTENTION`` (of ``env``, default this process's environment): "auto" when
+    unset or empty."""
+    mode = _read(ATTENTION_ENV, env) or "auto"
     if mode not in ATTENTION_MODES:
         raise ValueError(f"{ATTENTION_ENV}={mode!r}: expected one of {', '.join(ATTENTION_MODES)}")
     return mode
@@ -52,8 +54,8 @@ def moe_choice() -> str | None:
     return v
 
 
-def _flag(name: str, accepted: tuple[str, ...]) -> bool:
-    v = _read(name)
+def _flag(name: str, accepted: tuple[str, ...], env: Mapping[str, str] | None = None) -> bool:
+    v = _read(name, env)
     if v not in accepted:
         raise ValueError(f"{name}: expected 1, 0 or unset, found {v!r}")
     return v in ("1", "true")
@@ -64,9 +66,9 @@ def gpu_kernels() -> bool:
     return _flag(GPU_KERNELS_ENV, ("", "0", "1"))
 
 
-def emulate_w8a8() -> bool:
-    """``FP8_BACKEND_EMULATE_W8A8=1`` (also "true")."""
-    return _flag(EMULATE_ENV, ("", "0", "1", "false", "true"))
+def emulate_w8a8(env: Mapping[str, str] | None = None) -> bool:
+    """``FP8_BACKEND_EMULATE_W8A8=1`` (also "true") in ``env`` (default this process's)."""
+    return _flag(EMULATE_ENV, ("", "0", "1", "false", "true"), env)
 
 
 def kv_scales_file() -> str | None:

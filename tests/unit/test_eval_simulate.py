@@ -11,9 +11,11 @@ import math
 
 import pytest
 import torch
+from schemes import GROUP_128, PER_TOKEN, STATIC, WEIGHTS
 
 from fp8_backend import numerics
 from fp8_backend.eval import perplexity, report
+from fp8_backend.formats.scheme import PER_ROW, PER_TENSOR
 from fp8_backend.eval.simulate import (
     TARGET_PCT,
     SimSpec,
@@ -82,7 +84,7 @@ def test_checkpoint_weights_match_numerics(kind, checkpoints, fp32_model):
 def test_online_weights_per_tensor_and_channel(fp32_model):
     modules = dict(fp32_model.named_modules())
     for strategy in ("tensor", "channel"):
-        got = online_weights(fp32_model, strategy)
+        got = online_weights(fp32_model, WEIGHTS[strategy])
         assert "lm_head" not in got and len(got) == 2 * len(LINEAR)
         for name, w in got.items():
             assert torch.equal(w, _expected(modules[name].weight.detach(), strategy)), name
@@ -93,7 +95,7 @@ def test_simulated_checkpoint_equals_simulated_online(tiny_model, checkpoints):
     their simulations give the same log-probs; the 16-bit model gives different ones."""
     windows = [list(range(3, 40)), list(range(100, 130))]
     a = simulate(SimSpec(str(tiny_model), checkpoint=str(checkpoints["tensor"])), windows)
-    b = simulate(SimSpec(str(tiny_model), online="tensor"), windows)
+    b = simulate(SimSpec(str(tiny_model), online=PER_TENSOR), windows)
     c = simulate(SimSpec(str(tiny_model)), windows)
     assert [len(w) for w in a] == [36, 29]
     assert a == b
@@ -111,7 +113,7 @@ def test_simulated_fp8_kv_changes_logprobs_and_is_deterministic(tiny_model):
 
 
 def test_w8a8_static_needs_input_scales(tiny_model, checkpoints):
-    spec = SimSpec(str(tiny_model), checkpoint=str(checkpoints["tensor"]), activations="static", dtype="bfloat16")
+    spec = SimSpec(str(tiny_model), checkpoint=str(checkpoints["tensor"]), activations=STATIC, dtype="bfloat16")
     with pytest.raises(SimulationError, match=r"input_scale"):
         simulate(spec, [list(range(3, 20))])
 
@@ -140,30 +142,28 @@ def test_fake_quant_activations_match_numerics():
     x = (torch.randn(3, 200) * 3).to(torch.bfloat16)
     x[0, 0], x[1, 5] = 0.0, 1e-30  # zero and an FP8 subnormal after scaling
     s = torch.tensor(0.02)
-    got = fake_quant_activations(x, "static", s)
+    got = fake_quant_activations(x, STATIC, s)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, (numerics.quantize_with_scale(x, s).float() * s).to(torch.bfloat16))
     q, st = numerics.quantize_per_token(x)
-    assert torch.equal(fake_quant_activations(x, "dynamic_token"), (q.float() * st).to(torch.bfloat16))
+    assert torch.equal(fake_quant_activations(x, PER_TOKEN), (q.float() * st).to(torch.bfloat16))
     # groups of 128 along K = 200: one whole group and a partial one of 72, each with its own amax
-    g = fake_quant_activations(x, "group", group_size=128)
+    g = fake_quant_activations(x, GROUP_128)
     for lo, hi in ((0, 128), (128, 200)):
         q, sg = numerics.quantize_per_token(x[:, lo:hi])
         assert torch.equal(g[:, lo:hi], (q.float() * sg).to(torch.bfloat16))
-    with pytest.raises(ValueError, match="mode"):
-        fake_quant_activations(x, "per_block")
 
 
 def test_plan_online(tiny_model):
     m = str(tiny_model)
     assert plan(m, None, "auto", m, {}) == SimSpec(m)  # the 16-bit reference: exact fp32 math
-    assert plan(m, "fp8", "auto", m, {}, engine_own_kv_kernels=False) == SimSpec(m, online="tensor")
-    assert plan(m, "fp8_per_channel", "bfloat16", m, {}) == SimSpec(m, online="channel")
+    assert plan(m, "fp8", "auto", m, {}, engine_own_kv_kernels=False) == SimSpec(m, online=PER_TENSOR)
+    assert plan(m, "fp8_per_channel", "bfloat16", m, {}) == SimSpec(m, online=PER_ROW)
     # FP8 KV on this plugin's kernels rounds bf16 keys/values: like-for-like is bfloat16
-    assert plan(m, "fp8", "fp8", m, {}, True) == SimSpec(m, online="tensor", kv_cache_dtype="fp8", dtype="bfloat16")
+    assert plan(m, "fp8", "fp8", m, {}, True) == SimSpec(m, online=PER_TENSOR, kv_cache_dtype="fp8", dtype="bfloat16")
     assert plan(m, "fp8", "fp8_e5m2", m, {}).kv_cache_dtype == "fp8_e5m2"
     emu = plan(m, "fp8", "auto", m, {"FP8_BACKEND_EMULATE_W8A8": "1"})
-    assert (emu.activations, emu.dtype, emu.kv_cache_dtype) == ("dynamic_token", "bfloat16", None)
+    assert (emu.activations, emu.dtype, emu.kv_cache_dtype) == (PER_TOKEN, "bfloat16", None)
     # not simulated, with the reason
     assert "vLLM's attention" in plan(m, "fp8", "fp8", m, {"FP8_BACKEND_ATTENTION": "vllm"})
     assert "vLLM's attention" in plan(m, "fp8", "fp8", m, {}, engine_own_kv_kernels=False)
@@ -177,8 +177,8 @@ def test_plan_checkpoints(tiny_model, checkpoints):
     # an "auto" cache that the engine ran as FP8 (vLLM's choice for checkpoints declaring KV scales)
     assert plan(c, None, "auto", m, {}, True).kv_cache_dtype == "fp8"
     emu = {"FP8_BACKEND_EMULATE_W8A8": "1"}
-    assert plan(c, None, "auto", m, emu).activations == "dynamic_token"
-    assert plan(str(checkpoints["block"]), None, "auto", m, emu).activations == "group"
+    assert plan(c, None, "auto", m, emu).activations == PER_TOKEN
+    assert plan(str(checkpoints["block"]), None, "auto", m, emu).activations == GROUP_128
 
 
 def test_check_loadable(tiny_model, tmp_path):
