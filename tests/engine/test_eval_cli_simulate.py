@@ -33,7 +33,7 @@ def test_eval_simulate_engine_agrees_with_numerics(tmp_path, tiny_model):
     assert sims["reference"]["spec"] == {"model": str(tiny_model), "checkpoint": None, "online": None,
                                          "activations": None, "kv_cache_dtype": None, "dtype": "float32"}
     assert (sims["c0"]["spec"]["online"], sims["c0"]["spec"]["kv_cache_dtype"], sims["c0"]["spec"]["dtype"]) == \
-        ("tensor", None, "float32")
+        ({"rows": 0, "cols": 0}, None, "float32")  # per-tensor weights (a Granularity)
     assert (sims["c1"]["spec"]["kv_cache_dtype"], sims["c1"]["spec"]["dtype"]) == ("fp8", "bfloat16")
     assert sims["reference"]["verdict"] == "reference" and "rel_pct" not in sims["reference"]
     for name in ("c0", "c1"):
