@@ -282,26 +282,28 @@ def w8a8_linear(
     x: torch.Tensor,
     q: torch.Tensor,
     w_scale: torch.Tensor,
-    act_scheme: str = "dynamic_token",
+    act_block: tuple[int, int] = (1, 0),
     input_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     dtype: torch.dtype = E4M3,
 ) -> torch.Tensor:
-    """Reference W8A8: quantize activations (``static`` per-tensor with ``input_scale``,
-    ``dynamic_tensor`` or ``dynamic_token``), multiply FP8 x FP8 in fp32, apply both scales."""
+    """Reference W8A8 with per-tensor or per-channel weight scales: quantize activations
+    (static per tensor with ``input_scale``; else dynamic, one scale per ``act_block`` of the
+    [M, K] input, 0 = the whole dim: [1, 0] per token, [0, 0] per tensor), multiply FP8 x FP8
+    in fp32, apply both scales to the sums."""
     k = q.shape[1]
     x2 = x.reshape(-1, k)
-    if act_scheme == "static":
-        if input_scale is None:
-            raise ValueError("w8a8_linear: act_scheme 'static' needs input_scale")
+    if input_scale is not None:
         xq, xs = quantize_per_tensor(x2, dtype, input_scale)
-    elif act_scheme == "dynamic_tensor":
-        xq, xs = quantize_per_tensor(x2, dtype)
-    elif act_scheme == "dynamic_token":
-        xq, xs = quantize_per_token(x2, dtype)
+        xs = xs.reshape(1, 1)
     else:
-        raise ValueError(f"w8a8_linear: unknown act_scheme {act_scheme!r}")
-    y = (xq.float() @ q.float().T) * xs.reshape(-1, 1) * w_scale.float().reshape(1, -1)
+        if act_block[1] not in (0, k):
+            raise ValueError(f"w8a8_linear: act_block: expected whole rows [m, 0], found {list(act_block)}")
+        block = (act_block[0] or max(x2.shape[0], 1), k)
+        grid = compute_scale(block_amax(x2, block), dtype)
+        xq = quantize_with_scale(x2, expand_block_scale(grid, tuple(x2.shape), block), dtype)
+        xs = grid.repeat_interleave(block[0], 0)[: x2.shape[0]]
+    y = (xq.float() @ q.float().T) * xs * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])

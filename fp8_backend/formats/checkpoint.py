@@ -20,7 +20,6 @@ what was found. A compressed-tensors config that is valid but not FP8 (int8, int
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping

@@ -105,14 +105,9 @@ def test_gpu_paths_interpreted_vs_numerics(strategy, cap):
         xq, xs = nm.quantize_group(x, 128)
         ref = (xq.float() * xs.repeat_interleave(128, 1)[:, :300]) @ nm.dequantize(q, s, (128, 128)).T + bias
     else:
-        ref = nm.w8a8_linear(x.float(), q, s, _ref_act(path.act), torch.tensor(0.03), bias)
+        ref = nm.w8a8_linear(x.float(), q, s, input_scale=torch.tensor(0.03) if path.act.static else None, bias=bias)
     # fp32 sums in another order, then one bf16 rounding (2^-8 relative) of the result
     assert bool(((y.float() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-3).all())
-
-
-def _ref_act(act) -> str:
-    """numerics.w8a8_linear's name for a non-group activation quantization."""
-    return "static" if act == STATIC else "dynamic_token"
 
 
 def test_gpu_ops_have_fake_impls():
@@ -225,7 +220,7 @@ def test_cpu_w8a8_emulation_vs_numerics(strategy, act):
         xq, xs = nm.quantize_group(x, 128)
         ref = (xq.float() * xs.repeat_interleave(128, 1)[:, :300]) @ nm.dequantize(q, s, (128, 128)).T + bias
     else:
-        ref = nm.w8a8_linear(x.float(), q, s, _ref_act(path.act), torch.tensor(0.03), bias)
+        ref = nm.w8a8_linear(x.float(), q, s, input_scale=torch.tensor(0.03) if path.act.static else None, bias=bias)
     w16 = nm.w8a16_linear(x.float(), q, s, bias, tuple(block) if block else None)
     # Static folds the activation scale into the weight scale: fp32 sums in another order, then one
     # bf16 rounding (2^-8). Per-token / group emulation rounds each dequantized activation to bf16

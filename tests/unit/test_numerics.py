@@ -194,11 +194,15 @@ class TestLinearReference:
         q, s = nx.quantize_per_channel(w)
         x = torch.randn(4, 64)
         exact = x @ nx.dequantize(q, s).T
-        for scheme, kw in [("dynamic_token", {}), ("dynamic_tensor", {}), ("static", {"input_scale": x.abs().max() / 448})]:
-            y = nx.w8a8_linear(x, q, s.reshape(-1), scheme, **kw)
+        for kw in [{"act_block": (1, 0)}, {"act_block": (0, 0)}, {"input_scale": x.abs().max() / 448}]:
+            y = nx.w8a8_linear(x, q, s.reshape(-1), **kw)
             assert (y - exact).abs().max() < 0.1 * exact.abs().max()
-        with pytest.raises(ValueError, match="input_scale"):
-            nx.w8a8_linear(x, q, s, "static")
+        # per token: each row's scale is its own amax / 448, as quantize_per_token's
+        xq, xs = nx.quantize_per_token(x)
+        assert torch.equal(nx.w8a8_linear(x, q, s.reshape(-1)),
+                           (xq.float() @ q.float().T) * xs * s.reshape(1, -1))
+        with pytest.raises(ValueError, match="act_block"):
+            nx.w8a8_linear(x, q, s, (1, 32))
 
 
 class TestFusedMoe:

@@ -138,7 +138,8 @@ def test_w8a8_gemm_interpreted_tensor_channel(act):
     else:
         xq, xs = quant.quantize_per_tensor(x, torch.tensor(0.05))
     y = gemm_w8a8.w8a8_gemm(xq, xs, wq, ws, bias, torch.float32)
-    ref = nm.w8a8_linear(x, wq, ws, act, torch.tensor(0.05), bias)
+    ref = nm.w8a8_linear(x, wq, ws, (0, 0) if act == "dynamic_tensor" else (1, 0),
+                         torch.tensor(0.05) if act == "static" else None, bias)
     # Same FP8 inputs, fp32 sums in another order: relative error ~K * 2^-24 of sum |terms|.
     tol = 1e-5 * ((xq.float().abs() * xs.reshape(-1, 1)) @ (wq.float().abs() * ws.reshape(-1, 1)).T + 1)
     assert bool(((y - ref).abs() <= tol).all())

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ... import numerics
-from .fp8_math import E4M3_MAX, e4m3_encode
+from .fp8_math import e4m3_encode
 
 SCALE_FLOOR = numerics.scale_floor(numerics.E4M3)
 
