@@ -168,7 +168,10 @@ def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block_size: 
             f"block scale: expected shape ({nb}, {kb}) for a [{n}, {k}] tensor with blocks "
             f"{bn}x{bk}, found {tuple(scale.shape)}"
         )
-    return scale.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    s = scale.float()
+    # a block spanning a whole dim is a broadcast view there (per tensor / row: no [N, K] copy)
+    s = s.expand(n, kb) if nb == 1 else s.repeat_interleave(bn, 0)[:n]
+    return s.expand(n, k) if kb == 1 else s.repeat_interleave(bk, 1)[:, :k]
 
 
 def quantize_block(

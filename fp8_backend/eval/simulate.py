@@ -209,14 +209,7 @@ def fake_quant_activations(x, act: ActivationQuant, input_scale=None):
     """What the W8A8 emulation makes of a linear input ``x``: FP8-rounded and scaled back
     (numerics.fake_quantize), in ``x.dtype``: the static ``input_scale``, or dynamic scales by
     the activation granularity's block shape (per token, 1 x k groups)."""
-    from .. import numerics
-
-    x2 = x.reshape(-1, x.shape[-1])
-    if act.static:
-        y = numerics.fake_quantize(x2, (1, 1), input_scale)
-    else:
-        y = numerics.fake_quantize(x2, act.granularity.block(x2.shape))
-    return y.to(x.dtype).reshape(x.shape)
+    return act.fake_quantize(x, input_scale)
 
 
 def check_loadable(model: str) -> None:

@@ -110,8 +110,7 @@ class CheckpointFormat:
                 f"CheckpointFormat.scheme.weight: expected per-tensor, per-channel or blocks "
                 f"{[list(b) for b in SUPPORTED_BLOCK_SIZES]}, found {w}"
             )
-        static = self.scheme.activation is not None and self.scheme.activation.static
-        if (self.input_scale_name is not None) != static:
+        if (self.input_scale_name is not None) != self.scheme.static_activation:
             raise CheckpointFormatError(
                 f"CheckpointFormat.input_scale_name: expected a name exactly when activations are "
                 f"static, found {self.input_scale_name!r}"
@@ -622,7 +621,6 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointFormat:
         )
     g = next(iter(distinct))
     kv_scheme = _parse_ct_kv_cache(kv_raw) if kv_raw is not None else None
-    static = g.activation is not None and g.activation.static
     return CheckpointFormat(
         source="compressed-tensors",
         storage_format=next(iter(formats.values())),  # both store float8_e4m3fn "weight" tensors
@@ -631,7 +629,7 @@ def _parse_compressed_tensors(cfg: Mapping[str, Any]) -> CheckpointFormat:
         targets=tuple(targets),
         kv_cache=kv_scheme,
         weight_scale_name="weight_scale",
-        input_scale_name="input_scale" if static else None,
+        input_scale_name="input_scale" if g.static_activation else None,
         notes=tuple(notes),
     )
 

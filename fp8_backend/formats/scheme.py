@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import numerics
 from ..numerics import E4M3
 
 
@@ -100,6 +101,16 @@ class ActivationQuant:
     def words(self) -> str:
         return f"{'static' if self.static else 'dynamic'} {self.granularity.words('activation')}"
 
+    def fake_quantize(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [..., K] rounded to the FP8 grid as this quantization rounds it and scaled back,
+        in x.dtype (numerics.fake_quantize): the static ``input_scale``, or dynamic scales per
+        block of the granularity."""
+        if self.static and input_scale is None:
+            raise ValueError("ActivationQuant.fake_quantize: static activations need input_scale")
+        x2 = x.reshape(-1, x.shape[-1])
+        y = numerics.fake_quantize(x2, self.granularity.block(x2.shape), input_scale if self.static else None)
+        return y.to(x.dtype).reshape(x.shape)
+
 
 @dataclass(frozen=True)
 class Fp8Scheme:
@@ -126,12 +137,17 @@ class Fp8Scheme:
         if a is not None and a.static and w.cols:
             raise ValueError(f"Fp8Scheme.activation: block weights take dynamic activations, found {a.words()}")
 
+    @property
+    def static_activation(self) -> bool:
+        """Activations quantized with a calibrated scale the checkpoint stores (``input_scale``)."""
+        return self.activation is not None and self.activation.static
+
     def w8a8_activation(self) -> ActivationQuant:
         """How a W8A8 kernel quantizes this layer's input: block weights take 1 x (K block)
         groups, static checkpoints their stored per-tensor scale, the rest per-token scales."""
         if self.weight.cols:
             return ActivationQuant(Granularity(1, self.weight.cols))
-        if self.activation is not None and self.activation.static:
+        if self.static_activation:
             return self.activation
         return ActivationQuant(PER_ROW)
 

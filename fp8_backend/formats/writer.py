@@ -31,7 +31,6 @@ def producer_format(fmt: str, scheme: Fp8Scheme, *, kv_cache: bool = False,
             "weight scales: the 'fp8' format stores one weight scale per tensor or 128x128 "
             "blocks; expected per-tensor or blocks, found per-channel (use compressed-tensors)"
         )
-    static = scheme.activation is not None and scheme.activation.static
     return CheckpointFormat(
         source=source,
         storage_format="fp8" if source == "fp8" else "float-quantized",
@@ -39,7 +38,7 @@ def producer_format(fmt: str, scheme: Fp8Scheme, *, kv_cache: bool = False,
         ignore=tuple(ignore),
         kv_cache=KVCacheScheme("tensor") if kv_cache else None,
         weight_scale_name="weight_scale_inv" if source == "fp8" and scheme.weight.cols else "weight_scale",
-        input_scale_name="input_scale" if static else None,
+        input_scale_name="input_scale" if scheme.static_activation else None,
     )
 
 

@@ -136,8 +136,7 @@ def fake_quant_activations(x: torch.Tensor, act: ActivationQuant,
     if act.static:
         q, s = numerics.quantize_per_tensor(x, scale=input_scale)
         return q.to(x.dtype), s.reshape(1)
-    x2 = x.reshape(-1, x.shape[-1])
-    return numerics.fake_quantize(x2, act.granularity.block(x2.shape)).to(x.dtype).reshape(x.shape), None
+    return act.fake_quantize(x), None
 
 
 def apply_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
